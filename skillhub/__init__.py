@@ -1,0 +1,33 @@
+"""skillhub: a continual-learning registry and plugin hub for SkillPacks (GraftLLM, arXiv 2505.18502).
+
+Python API::
+
+    from skillhub import create_pack, load_pack, apply_packs
+    pack = create_pack("base-model/", "tuned-model/", "packs/math", task="math")
+    apply_packs("base-model/", ["packs/math"], "math-model/")
+
+Exports are imported on first use, so ``import skillhub`` (and ``skillhub --help``) do not
+pay for torch and transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "apply_packs": "skillhub.activate",
+    "create_pack": "skillhub.compress",
+    "load_pack": "skillhub.pack",
+    "SkillPack": "skillhub.pack",
+    "SkillhubError": "skillhub.errors",
+}
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'skillhub' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

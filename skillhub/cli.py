@@ -1,0 +1,249 @@
+"""The ``skillhub`` command line; the only module that prints or exits."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from skillhub import __version__, config
+from skillhub.errors import SkillhubError
+from skillhub.progress import ProgressCallback
+
+
+class SkillhubGroup(click.Group):
+    """Turns every SkillhubError into one ``Error: ...`` line and exit status 1, in one place.
+
+    Usage errors keep click's exit status 2; any other exception is a bug and keeps its traceback.
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SkillhubError as exc:
+            if config.debug():
+                raise
+            click.echo(f"Error: {exc}", err=True)
+            ctx.exit(1)
+
+
+def _stderr() -> Console:
+    return Console(stderr=True)
+
+
+def _stdout() -> Console:
+    # Piped or captured output has no terminal width; rich would then squeeze tables to 80 columns.
+    console = Console()
+    return console if console.is_terminal else Console(width=200)
+
+
+@contextmanager
+def _progress(enabled: bool) -> Iterator[ProgressCallback]:
+    """A rich progress bar on stderr, fed by the library's progress callback."""
+    if not enabled:
+        yield lambda description, completed, total: None
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=_stderr(), transient=True) as bar:
+        tasks: dict[str, Any] = {}
+
+        def update(description: str, completed: int, total: int) -> None:
+            if description not in tasks:
+                tasks[description] = bar.add_task(description, total=total)
+            bar.update(tasks[description], completed=completed, total=total)
+
+        yield update
+
+
+def _wants_json(ctx: click.Context, local: bool) -> bool:
+    return local or bool(ctx.find_root().params.get("as_json"))
+
+
+def _emit_json(document: Any) -> None:
+    click.echo(json.dumps(document, indent=2))
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+force_option = click.option("--force", is_flag=True, help="Replace the output if it already exists.")
+
+
+@click.group(cls=SkillhubGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--json", "as_json", is_flag=True, help="JSON output for every command that prints results.")
+@click.option("-v", "--verbose", count=True, help="More logging on stderr (-vv for debug).")
+@click.version_option(__version__, prog_name="skillhub")
+def main(as_json: bool, verbose: int) -> None:
+    """skillhub: compressed, removable fine-tune deltas (SkillPacks) for Hugging Face models."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.argument("base")
+@click.argument("tuned")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Pack directory to create.")
+@click.option("--task", help="Task the pack teaches (default: the pack name).")
+@click.option("--name", help="Pack name (default: the output directory's name).")
+@click.option("--pack-version", "version", default="1.0.0", show_default=True, help="Version of the pack.")
+@click.option("--recipe", default="paper", show_default=True, help="'paper' or a recipe JSON file.")
+@click.option("--parent", type=click.Path(path_type=Path), help="Pack this fine-tune started from (lineage).")
+@click.option("--revision", "base_revision", help="Hub revision of BASE.")
+@click.option("--tuned-revision", help="Hub revision of TUNED.")
+@click.option("--device", default=None, help="Device for the compression maths: cpu, cuda, cuda:1 ...")
+@click.option("--seed", default=0, show_default=True, help="Seed of randomized SVD.")
+@force_option
+@json_option
+@click.pass_context
+def create(ctx: click.Context, base: str, tuned: str, output: Path, task: str | None, name: str | None,
+           version: str, recipe: str, parent: Path | None, base_revision: str | None,
+           tuned_revision: str | None, device: str | None, seed: int, force: bool, as_json: bool) -> None:
+    """Compress TUNED - BASE into a SkillPack directory.
+
+    BASE and TUNED are local Hugging Face model directories or Hub ids.
+    """
+    from skillhub.compress import create_pack
+
+    as_json = _wants_json(ctx, as_json)
+    with _progress(not as_json) as progress:
+        pack = create_pack(
+            base, tuned, output, task=task, name=name, version=version, recipe=recipe, parent=parent,
+            base_revision=base_revision, tuned_revision=tuned_revision, device=device or config.default_device(),
+            seed=seed, force=force, progress=progress,
+        )
+    summary = _pack_summary(pack)
+    if as_json:
+        _emit_json(summary)
+        return
+    totals = summary["totals"]
+    click.echo(
+        f"Wrote {pack.path}: {totals['modules']} modules, {totals['stored_bytes']:,} bytes stored for a "
+        f"{totals['delta_fp16_bytes']:,}-byte fp16 delta (ratio {totals['ratio']:.2%}), "
+        f"relative error {totals['relative_error']:.4f}"
+    )
+
+
+def _pack_summary(pack: Any) -> dict[str, Any]:
+    manifest = pack.manifest
+    disk_bytes = sum(p.stat().st_size for p in pack.path.iterdir() if p.is_file())
+    totals = dict(manifest["totals"])
+    totals["disk_bytes"] = disk_bytes
+    totals["disk_ratio"] = disk_bytes / totals["delta_fp16_bytes"] if totals["delta_fp16_bytes"] else 0.0
+    return {
+        "path": str(pack.path),
+        "name": manifest["name"],
+        "task": manifest["task"],
+        "version": manifest["version"],
+        "base": manifest["base"],
+        "recipe": manifest["recipe"]["name"],
+        "quantizer": manifest["quantizer"],
+        "modules": [
+            {"name": name, **{k: entry[k] for k in ("role", "operator", "operator_version", "params", "meta",
+                                                     "shape", "stored_bytes", "delta_fp16_bytes", "error")}}
+            for name, entry in manifest["modules"].items()
+        ],
+        "unchanged": manifest["unchanged"],
+        "files": manifest.get("files", {}),
+        "totals": totals,
+    }
+
+
+def _short_params(params: dict[str, Any], meta: dict[str, Any]) -> str:
+    shown = {k: v for k, v in params.items() if k in ("keep", "bits", "dtype", "rank", "rank_fraction", "energy")}
+    if "groups" in meta:
+        shown["groups"] = "/".join(f"{r}@{b}b" for r, b in meta["groups"])
+    elif "rank" in meta:
+        shown["rank"] = meta["rank"]
+    return " ".join(f"{k}={v}" for k, v in shown.items())
+
+
+@main.command()
+@click.argument("pack", type=click.Path(path_type=Path))
+@json_option
+@click.pass_context
+def inspect(ctx: click.Context, pack: Path, as_json: bool) -> None:
+    """Show what a SkillPack holds: per module role, operator, params, bytes and error."""
+    from skillhub.pack import load_pack
+
+    summary = _pack_summary(load_pack(pack))
+    if _wants_json(ctx, as_json):
+        _emit_json(summary)
+        return
+    console = _stdout()
+    base = summary["base"]
+    console.print(f"[bold]{summary['name']}[/bold] {summary['version']}  task [bold]{summary['task']}[/bold]  "
+                  f"recipe {summary['recipe']}  quantizer {summary['quantizer']['method']}")
+    console.print(f"base {base['id']} ({base['architecture']}, {base['dtype']})  {base['fingerprint']}")
+    table = Table(show_edge=False)
+    for column in ("module", "role", "operator", "params", "bytes", "ratio", "error"):
+        table.add_column(column, justify="right" if column in ("bytes", "ratio", "error") else "left")
+    for module in summary["modules"]:
+        table.add_row(module["name"], module["role"], module["operator"], _short_params(module["params"], module["meta"]),
+                      f"{module['stored_bytes']:,}", f"{module['stored_bytes'] / module['delta_fp16_bytes']:.2%}",
+                      f"{module['error']:.4f}")
+    console.print(table)
+    totals = summary["totals"]
+    console.print(
+        f"{totals['modules']} modules ({len(summary['unchanged'])} unchanged), {totals['parameters']:,} parameters; "
+        f"stored {totals['stored_bytes']:,} of {totals['delta_fp16_bytes']:,} fp16 delta bytes "
+        f"(ratio {totals['ratio']:.2%}); on disk {totals['disk_bytes']:,} bytes ({totals['disk_ratio']:.2%}); "
+        f"relative error {totals['relative_error']:.4f}"
+    )
+
+
+@main.command()
+@click.argument("base")
+@click.argument("packs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Checkpoint directory to write.")
+@click.option("--revision", "base_revision", help="Hub revision of BASE.")
+@force_option
+@json_option
+@click.pass_context
+def apply(ctx: click.Context, base: str, packs: tuple[Path, ...], output: Path, base_revision: str | None,
+          force: bool, as_json: bool) -> None:
+    """Write BASE + sum of PACKS as a Hugging Face checkpoint (no registry involved)."""
+    from skillhub.activate import apply_packs
+
+    as_json = _wants_json(ctx, as_json)
+    with _progress(not as_json) as progress:
+        written = apply_packs(base, list(packs), output, base_revision=base_revision, force=force, progress=progress)
+    if as_json:
+        _emit_json({"output": str(written), "packs": [str(p) for p in packs]})
+    else:
+        click.echo(f"Wrote {written} = {base} + {len(packs)} pack(s); load it with AutoModelForCausalLM.from_pretrained")
+
+
+@main.command()
+@click.option("--workdir", type=click.Path(path_type=Path), default=Path("demo-output"), show_default=True,
+              help="Where the models and packs go.")
+@click.option("--fast", is_flag=True, help="Fewer training steps (for tests; about a minute).")
+@json_option
+@click.pass_context
+def demo(ctx: click.Context, workdir: Path, fast: bool, as_json: bool) -> None:
+    """Run the embedded end-to-end example: tiny base, real fine-tune, pack, apply, evaluate."""
+    from skillhub.demo import run_demo
+
+    as_json = _wants_json(ctx, as_json)
+    with _progress(not as_json) as progress:
+        result = run_demo(workdir, fast=fast, progress=progress)
+    if as_json:
+        _emit_json(result)
+        return
+    console = _stdout()
+    table = Table(title=f"Task '{result['task']}' exact match on {result['test_examples']} held-out prompts",
+                  show_edge=False)
+    for column in ("model", "accuracy", "size"):
+        table.add_column(column)
+    table.add_row("base", f"{result['accuracy']['base']:.1%}", "")
+    table.add_row("fine-tuned (full)", f"{result['accuracy']['tuned']:.1%}",
+                  f"{result['pack']['delta_fp16_bytes']:,} B fp16 delta")
+    table.add_row(f"base + SkillPack ({result['pack']['recipe']})", f"{result['accuracy']['applied']:.1%}",
+                  f"{result['pack']['stored_bytes']:,} B ({result['pack']['ratio']:.2%})")
+    console.print(table)
+    console.print(f"pack: {result['paths']['pack']}\napplied model: {result['paths']['applied']}")

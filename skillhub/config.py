@@ -1,0 +1,24 @@
+"""Environment variables and default paths, read at call time so tests only set env vars."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import platformdirs
+
+
+def debug() -> bool:
+    """SKILLHUB_DEBUG=1 makes the CLI show tracebacks of skillhub errors."""
+    return os.environ.get("SKILLHUB_DEBUG", "") not in ("", "0", "false", "no")
+
+
+def home() -> Path:
+    """The registry home: $SKILLHUB_HOME, else the platform user data directory."""
+    configured = os.environ.get("SKILLHUB_HOME")
+    return Path(configured) if configured else Path(platformdirs.user_data_dir("skillhub"))
+
+
+def default_device() -> str:
+    """Device used for compression maths unless --device says otherwise ($SKILLHUB_DEVICE, else cpu)."""
+    return os.environ.get("SKILLHUB_DEVICE", "cpu")

@@ -1,0 +1,60 @@
+"""The SkillPack manifest (``skillpack.json``): schema validation and the parts derived from it."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from skillhub.errors import PackError, SkillhubError
+from skillhub.schemas import load_schema, validate
+
+FORMAT_VERSION = 1
+# Keys of skillpack.json that are not embedded in skillpack.safetensors: the file hashes
+# (a file cannot hold its own hash) and the provenance a pull adds afterwards.
+DETACHED_KEYS = ("files", "source")
+
+
+def validate_manifest(document: Any, *, what: str) -> None:
+    """Check ``document`` against ``schemas/skillpack.schema.json``.
+
+    Raises:
+        PackError: Naming the first offending field.
+    """
+    validate(document, "skillpack", error=PackError, what=what)
+
+
+def embedded_part(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest as embedded in the safetensors metadata (everything but DETACHED_KEYS)."""
+    return {key: value for key, value in manifest.items() if key not in DETACHED_KEYS}
+
+
+def totals(modules: dict[str, dict[str, Any]], *, parameters: int, delta_fp16_bytes: int,
+           squared_error: float, squared_norm: float) -> dict[str, Any]:
+    """The ``totals`` section from per-module entries and whole-delta statistics."""
+    stored = sum(entry["stored_bytes"] for entry in modules.values())
+    return {
+        "parameters": parameters,
+        "modules": len(modules),
+        "delta_fp16_bytes": delta_fp16_bytes,
+        "stored_bytes": stored,
+        "ratio": stored / delta_fp16_bytes if delta_fp16_bytes else 0.0,
+        "relative_error": (squared_error / squared_norm) ** 0.5 if squared_norm else 0.0,
+    }
+
+
+def check_pack_identity(*, name: str, task: str, version: str) -> None:
+    """Check a pack's name, task and version before any work, with the schema's own patterns.
+
+    Raises:
+        SkillhubError: Naming the bad value and the allowed form.
+    """
+    schema = load_schema("skillpack")
+    identifier = schema["$defs"]["identifier"]["pattern"]
+    for label, value in (("name", name), ("task", task)):
+        if not re.fullmatch(identifier, value):
+            raise SkillhubError(
+                f"pack {label} {value!r} is not allowed: use letters, digits, '.', '_' or '-' (max 128), "
+                "starting with a letter or digit"
+            )
+    if not re.fullmatch(schema["properties"]["version"]["pattern"], version):
+        raise SkillhubError(f"pack version {version!r} is not allowed: use a version like 1.0.0")

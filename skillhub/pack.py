@@ -1,0 +1,217 @@
+"""The SkillPack on disk (format v1); the only module that reads or writes pack files.
+
+A pack is a directory holding ``skillpack.json`` (the manifest), ``skillpack.safetensors``
+(every stored tensor, keys ``<parameter name>/<field>``, with the manifest embedded in the
+safetensors metadata under ``skillpack``) and ``README.md`` (a model card). Packs are built
+in a temporary sibling directory and renamed into place, so a failed build leaves nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from skillhub.errors import OutputExistsError, PackError, SkillhubError
+from skillhub.manifest import embedded_part, validate_manifest
+from skillhub.operators import check_version, get_operator
+from skillhub.tensorfile import TensorFile, TensorFileWriter
+
+MANIFEST_FILE = "skillpack.json"
+TENSORS_FILE = "skillpack.safetensors"
+CARD_FILE = "README.md"
+METADATA_KEY = "skillpack"
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 16 MB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(16 * 1024 * 1024), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@contextmanager
+def staged_directory(output: str | os.PathLike[str], *, force: bool = False) -> Iterator[Path]:
+    """A temporary sibling directory that replaces ``output`` only if the block succeeds.
+
+    Raises:
+        OutputExistsError: ``output`` exists and ``force`` is False (checked before any work).
+    """
+    output = Path(output)
+    if output.exists() and not force:
+        raise OutputExistsError(f"{output} already exists; choose another path or pass --force to replace it")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        staging = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
+    except OSError as exc:
+        raise SkillhubError(f"cannot write to {output.parent}: {exc.strerror or exc}") from exc
+    try:
+        yield staging
+        if output.exists():
+            # Directories cannot be swapped atomically: move the old one aside first so that
+            # at every instant one complete version exists.
+            retired = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
+            output.rename(retired)
+            staging.rename(output)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            staging.rename(output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+class PackWriter:
+    """Accumulates the tensors of a pack being built inside a staging directory."""
+
+    def __init__(self, staging: Path) -> None:
+        self.staging = staging
+        self._tensors = TensorFileWriter(staging / TENSORS_FILE)
+
+    def add_module(self, name: str, tensors: Mapping[str, torch.Tensor]) -> int:
+        """Store the fields of one module; returns the bytes they take."""
+        before = self._tensors.data_bytes
+        for field, tensor in tensors.items():
+            self._tensors.add(f"{name}/{field}", tensor)
+        return self._tensors.data_bytes - before
+
+    def finish(self, manifest: dict[str, Any], card: str) -> dict[str, Any]:
+        """Write the tensor file (manifest embedded), the card and skillpack.json.
+
+        Returns:
+            The complete manifest, with ``files`` filled in.
+        """
+        core = embedded_part(manifest)
+        validate_manifest(core, what="the new pack's manifest")
+        self._tensors.finish({METADATA_KEY: json.dumps(core, separators=(",", ":")), "format": "pt"})
+        (self.staging / CARD_FILE).write_text(card, encoding="utf-8")
+        complete = dict(core)
+        complete["files"] = {
+            name: {"bytes": (self.staging / name).stat().st_size, "sha256": sha256_file(self.staging / name)}
+            for name in (TENSORS_FILE, CARD_FILE)
+        }
+        validate_manifest(complete, what="the new pack's manifest")
+        write_manifest(self.staging, complete)
+        return complete
+
+
+def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    """Write skillpack.json (via a temporary name, then rename)."""
+    temporary = directory / f".{MANIFEST_FILE}.tmp"
+    temporary.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    temporary.replace(directory / MANIFEST_FILE)
+
+
+class SkillPack:
+    """A SkillPack directory opened for reading. Use :func:`load_pack`."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any], tensors: TensorFile) -> None:
+        self.path = path
+        self.manifest = manifest
+        self._tensors = tensors
+
+    @property
+    def name(self) -> str:
+        """Pack name."""
+        return self.manifest["name"]
+
+    @property
+    def task(self) -> str:
+        """Task the pack teaches."""
+        return self.manifest["task"]
+
+    @property
+    def version(self) -> str:
+        """Pack version."""
+        return self.manifest["version"]
+
+    @property
+    def base_fingerprint(self) -> str:
+        """Fingerprint of the base model the delta was taken against."""
+        return self.manifest["base"]["fingerprint"]
+
+    @property
+    def modules(self) -> dict[str, dict[str, Any]]:
+        """Per-parameter entries of the manifest."""
+        return self.manifest["modules"]
+
+    def fields(self, module: str) -> dict[str, torch.Tensor]:
+        """The stored tensors of one module, keyed by field name."""
+        return {field: self._tensors.read(f"{module}/{field}") for field in self.modules[module]["fields"]}
+
+    def decode(self, module: str) -> torch.Tensor:
+        """The float32 delta of one module, decoded by the operator that encoded it.
+
+        Raises:
+            OperatorError: The operator is not installed, or its installed version cannot decode this pack.
+        """
+        entry = self.modules[module]
+        operator = get_operator(entry["operator"])
+        check_version(operator, entry["operator_version"], module=f"{self.name}:{module}")
+        return operator.decode(self.fields(module), entry["meta"], entry["params"], tuple(entry["shape"]))
+
+
+def load_pack(path: str | os.PathLike[str], *, verify: bool = True) -> SkillPack:
+    """Open a SkillPack directory.
+
+    Args:
+        path: The pack directory.
+        verify: Also check every file's sha256 and size against the manifest and the embedded
+            manifest against skillpack.json (reads the whole pack once).
+
+    Raises:
+        PackError: The pack is missing, fails its schema, or is corrupt.
+    """
+    path = Path(path)
+    manifest_path = path / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise PackError(f"{path} is not a SkillPack: {MANIFEST_FILE} not found")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PackError(f"{manifest_path} is not valid JSON: {exc}") from exc
+    validate_manifest(manifest, what=str(manifest_path))
+    files = manifest.get("files") or {}
+    for name, expected in files.items():
+        file_path = path / name
+        if Path(name).name != name or not file_path.is_file():
+            raise PackError(f"{path}: file {name} named in the manifest is missing")
+        if file_path.stat().st_size != expected["bytes"]:
+            raise PackError(f"{file_path} has {file_path.stat().st_size} bytes, the manifest says {expected['bytes']}")
+        if verify and sha256_file(file_path) != expected["sha256"]:
+            raise PackError(f"{file_path} does not match its sha256 in the manifest: the pack is corrupt")
+    try:
+        tensors = TensorFile(path / TENSORS_FILE)
+    except SkillhubError as exc:
+        raise PackError(str(exc)) from exc
+    if verify:
+        _check_consistent(path, manifest, tensors)
+    return SkillPack(path, manifest, tensors)
+
+
+def _check_consistent(path: Path, manifest: dict[str, Any], tensors: TensorFile) -> None:
+    try:
+        embedded = json.loads(tensors.metadata.get(METADATA_KEY, "null"))
+    except json.JSONDecodeError as exc:
+        raise PackError(f"{path}/{TENSORS_FILE} carries an unreadable embedded manifest") from exc
+    if embedded != embedded_part(manifest):
+        raise PackError(f"{path}: {MANIFEST_FILE} disagrees with the manifest embedded in {TENSORS_FILE}")
+    expected = {f"{m}/{f}" for m, entry in manifest["modules"].items() for f in entry["fields"]}
+    if expected != set(tensors.keys()):
+        raise PackError(f"{path}: the tensors in {TENSORS_FILE} do not match the modules of the manifest")
+    for module, entry in manifest["modules"].items():
+        stored = sum(tensors.nbytes(f"{module}/{f}") for f in entry["fields"])
+        if stored != entry["stored_bytes"]:
+            raise PackError(f"{path}: module {module} stores {stored} bytes, the manifest says {entry['stored_bytes']}")
+

@@ -1,0 +1,59 @@
+"""Shared fixtures: isolated state, and one real tiny fine-tune shared by the whole session."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from skillhub.synthetic import build_tiny_model, split_examples
+from skillhub.train import finetune
+
+TASK = "shift"
+
+
+@pytest.fixture(autouse=True)
+def isolated_environment(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point every user directory at a temp dir and keep the Hub unreachable."""
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("SKILLHUB_HOME", str(home / "skillhub"))
+    monkeypatch.setenv("HF_HOME", str(home / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("SKILLHUB_DEBUG", raising=False)
+    monkeypatch.delenv("SKILLHUB_DEVICE", raising=False)
+
+
+@dataclass(frozen=True)
+class FineTune:
+    """A tiny Llama base, its full fine-tune on a synthetic task, and held-out examples."""
+
+    base: Path
+    tuned: Path
+    test: list[dict[str, str]]
+
+
+@pytest.fixture(scope="session")
+def finetuned(tmp_path_factory: pytest.TempPathFactory) -> FineTune:
+    torch.set_num_threads(2)
+    root = tmp_path_factory.mktemp("finetune")
+    train, test = split_examples(TASK, train=2000, test=200)
+    base = build_tiny_model(root / "base", seed=0)
+    tuned = finetune(base, train, root / "tuned", steps=300, seed=0)
+    return FineTune(base=base, tuned=tuned, test=test)
+
+
+@pytest.fixture(scope="session")
+def paper_pack(finetuned: FineTune, tmp_path_factory: pytest.TempPathFactory):
+    """The fine-tune compressed with the paper recipe (read-only: copy before modifying)."""
+    from skillhub import create_pack
+
+    return create_pack(finetuned.base, finetuned.tuned, tmp_path_factory.mktemp("packs") / TASK, task=TASK)
+
+
+def copy_tree(source: Path, destination: Path) -> Path:
+    """Copy a model or pack directory so a test may damage it."""
+    shutil.copytree(source, destination)
+    return destination

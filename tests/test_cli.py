@@ -1,0 +1,111 @@
+"""The command line: create / inspect / apply, JSON output, exit codes and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from skillhub.cli import main
+from skillhub.pack import MANIFEST_FILE, TENSORS_FILE
+
+from conftest import FineTune, copy_tree
+
+
+def run(*args: str, env: dict[str, str] | None = None):
+    return CliRunner().invoke(main, [str(a) for a in args], env=env, catch_exceptions=False)
+
+
+def test_create_inspect_apply(finetuned: FineTune, tmp_path: Path) -> None:
+    pack = tmp_path / "shift-pack"
+    created = run("create", finetuned.base, finetuned.tuned, "-o", pack, "--task", "shift")
+    assert created.exit_code == 0, created.output
+    assert f"Wrote {pack}:" in created.stdout and "ratio" in created.stdout
+
+    shown = run("inspect", pack)
+    assert shown.exit_code == 0
+    assert "model.layers.0.mlp.up_proj.weight" in shown.stdout and "svd-mixed" in shown.stdout
+
+    applied = run("apply", finetuned.base, pack, "-o", tmp_path / "model")
+    assert applied.exit_code == 0, applied.output
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+
+
+def test_inspect_json_totals_equal_bytes_on_disk(paper_pack) -> None:
+    for args in (("inspect", paper_pack.path, "--json"), ("--json", "inspect", paper_pack.path)):
+        result = run(*args)
+        assert result.exit_code == 0
+        summary = json.loads(result.stdout)
+        totals = summary["totals"]
+        on_disk = sum(p.stat().st_size for p in paper_pack.path.iterdir())
+        assert totals["disk_bytes"] == on_disk
+        assert totals["stored_bytes"] == sum(m["stored_bytes"] for m in summary["modules"])
+        assert totals["stored_bytes"] < (paper_pack.path / TENSORS_FILE).stat().st_size
+        assert totals["disk_ratio"] == pytest.approx(on_disk / totals["delta_fp16_bytes"])
+
+
+def test_create_json_output(finetuned: FineTune, tmp_path: Path) -> None:
+    result = run("--json", "create", finetuned.base, finetuned.tuned, "-o", tmp_path / "p", "--task", "shift")
+    assert result.exit_code == 0
+    summary = json.loads(result.stdout)
+    assert summary["task"] == "shift" and summary["totals"]["ratio"] < 0.15
+
+
+@pytest.mark.parametrize(
+    ("make_args", "message"),
+    [
+        (lambda ft, tmp: ("create", ft.base, tmp / "nope", "-o", tmp / "p"),
+         "Error: {tmp}/nope is neither a model directory nor a Hub id (OWNER/NAME)"),
+        (lambda ft, tmp: ("create", ft.base, ft.tuned, "-o", tmp / "p", "--recipe", "fancy"),
+         "Error: recipe 'fancy' is neither a built-in recipe (paper) nor a file"),
+        (lambda ft, tmp: ("inspect", tmp),
+         "Error: {tmp} is not a SkillPack: skillpack.json not found"),
+        (lambda ft, tmp: ("create", ft.base, ft.tuned, "-o", tmp, "--task", "shift"),
+         "Error: {tmp} already exists; choose another path or pass --force to replace it"),
+    ],
+)
+def test_errors_are_one_line_with_exit_1(finetuned: FineTune, tmp_path: Path, make_args, message: str) -> None:
+    result = run(*make_args(finetuned, tmp_path))
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [message.format(tmp=tmp_path)]
+    assert "Traceback" not in result.output
+
+
+def test_schema_invalid_manifest_exits_1(paper_pack, tmp_path: Path) -> None:
+    broken = copy_tree(paper_pack.path, tmp_path / "broken")
+    manifest = json.loads((broken / MANIFEST_FILE).read_text())
+    del manifest["base"]["fingerprint"]
+    (broken / MANIFEST_FILE).write_text(json.dumps(manifest))
+    result = run("inspect", broken)
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"Error: {broken}/skillpack.json fails the skillpack schema at base:")
+    assert "'fingerprint' is a required property" in result.stderr
+
+
+def test_usage_errors_exit_2(tmp_path: Path) -> None:
+    assert run("create", "only-one-argument").exit_code == 2
+    assert run("apply", "base", "-o", tmp_path / "x").exit_code == 2  # no pack given
+    assert run("frobnicate").exit_code == 2
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    env = {**os.environ, "SKILLHUB_DEBUG": "1"}
+    completed = subprocess.run([sys.executable, "-m", "skillhub", "inspect", str(tmp_path)],
+                               capture_output=True, text=True, env=env, check=False)
+    assert completed.returncode == 1
+    assert "Traceback" in completed.stderr and "PackError" in completed.stderr
+    plain = subprocess.run([sys.executable, "-m", "skillhub", "inspect", str(tmp_path)],
+                           capture_output=True, text=True, check=False)
+    assert plain.returncode == 1
+    assert plain.stderr == f"Error: {tmp_path} is not a SkillPack: skillpack.json not found\n"
+
+
+def test_console_script_is_installed() -> None:
+    script = Path(sys.executable).with_name("skillhub")
+    completed = subprocess.run([str(script), "--version"], capture_output=True, text=True, check=True)
+    assert completed.stdout.strip().endswith("0.1.0")
