@@ -19,7 +19,7 @@ from skillhub.compress import create_pack
 from skillhub.evaluate import exact_match
 from skillhub.progress import ProgressCallback, no_progress
 from skillhub.synthetic import build_tiny_model, split_examples
-from skillhub.train import finetune
+from skillhub.train import finetune, quiet_transformers
 
 DEMO_TASK = "shift"
 
@@ -43,7 +43,8 @@ def run_demo(
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     accuracy = {}
     for label, directory in (("base", base_dir), ("tuned", tuned_dir), ("applied", applied_dir)):
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+        with quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
         accuracy[label] = exact_match(model, tokenizer, test)
     totals = pack.manifest["totals"]
     return {

@@ -62,11 +62,14 @@ def build_tiny_model(output: str | os.PathLike[str], *, seed: int = 0, **config_
     """
     from transformers import AutoModelForCausalLM
 
+    from skillhub.train import quiet_transformers
+
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_llama_config(vocab_size=64, **config_overrides))
     output = Path(output)
-    model.save_pretrained(output)
+    with quiet_transformers():
+        model.save_pretrained(output)
     tokenizer.save_pretrained(output)
     return output
 

@@ -86,7 +86,12 @@ class TensorFile:
             raise self._broken(f"unreadable header ({exc})") from exc
         if not isinstance(header, dict):
             raise self._broken("header is not a JSON object")
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+        ):
+            raise self._broken("__metadata__ is not a map of strings")
+        self.metadata: dict[str, str] = metadata
         self._data_start = 8 + header_len
         self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
         for name, entry in header.items():
@@ -99,7 +104,7 @@ class TensorFile:
             numel = 1
             for d in shape:
                 numel *= d
-            if end - begin != numel * dtype.itemsize or begin < 0:
+            if any(d < 0 for d in shape) or begin < 0 or end - begin != numel * dtype.itemsize:
                 raise self._broken(f"tensor {name!r} has inconsistent offsets")
             if self._data_start + end > size:
                 raise self._broken(

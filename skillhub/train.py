@@ -8,11 +8,27 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from skillhub.progress import ProgressCallback, no_progress
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' own tqdm bars (library code never prints), restoring the setting after."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def encode_example(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
@@ -54,7 +70,8 @@ def finetune(
     torch.manual_seed(seed)
     rng = random.Random(seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 20) * (1 - step / steps))
@@ -69,6 +86,7 @@ def finetune(
         progress("train", step + 1, steps)
     model.eval()
     output = Path(output)
-    model.save_pretrained(output)
+    with quiet_transformers():
+        model.save_pretrained(output)
     tokenizer.save_pretrained(output)
     return output

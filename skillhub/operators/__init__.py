@@ -134,7 +134,7 @@ def resolve_params(operator: Operator, params: Mapping[str, Any] | None, *, wher
     )
     if problems:
         listed = "; ".join(
-            f"{'/'.join(map(str, p.absolute_path)) or '(params)'}: {p.message}" for p in problems
+            f"{'/'.join(map(str, p.absolute_path)) or '(params)'}: {_explain(p)}" for p in problems
         )
         raise OperatorError(f"{where}: invalid params for operator {operator.name!r}: {listed}")
     resolved = {
@@ -144,6 +144,13 @@ def resolve_params(operator: Operator, params: Mapping[str, Any] | None, *, wher
     }
     resolved.update(given)
     return resolved
+
+
+def _explain(problem: jsonschema.ValidationError) -> str:
+    # "is not valid under any of the given schemas" says nothing; the alternatives' own messages do.
+    if problem.validator in ("oneOf", "anyOf") and problem.context:
+        return "needs one of: " + " | ".join(sorted({sub.message for sub in problem.context}))
+    return problem.message
 
 
 def check_version(operator: Operator, stored_version: str, *, module: str) -> None:

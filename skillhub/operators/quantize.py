@@ -25,15 +25,20 @@ QUANT_BITS = (2, 3, 4, 8)
 def fit_scale_zero(values: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Asymmetric min/max scale and integer zero point for each row of ``values`` (rows, k).
 
-    The scale is rounded to float16 here, so codes are computed with the scale that is stored.
+    The range always includes 0 (as in GPTQ): the zero point is an integer code in
+    ``[0, 2**bits - 1]``, which can only express an offset if 0 lies inside the range. The
+    scale is rounded to float16 here, so codes are computed with the scale that is stored.
     """
     maxq = (1 << bits) - 1
-    low = values.amin(dim=-1)
-    high = values.amax(dim=-1)
+    vmin = values.amin(dim=-1)
+    vmax = values.amax(dim=-1)
+    low = vmin.clamp_max(0)
+    high = vmax.clamp_min(0)
     scale = ((high - low) / maxq).to(torch.float16).to(torch.float32)
-    # A constant group has no range; any positive scale represents it exactly via the zero point.
-    flat = scale == 0
-    scale = torch.where(flat, low.abs().clamp_min(1e-8).to(torch.float16).to(torch.float32), scale)
+    # A constant group has no spread; a scale of |constant| makes it one code away from zero
+    # (exact up to float16 rounding of the scale).
+    constant = vmin == vmax
+    scale = torch.where(constant, vmin.abs().to(torch.float16).to(torch.float32), scale)
     scale = scale.clamp_min(torch.finfo(torch.float16).tiny)
     zero = torch.clamp(torch.round(-low / scale), 0, maxq)
     return scale, zero
