@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from skillhub.synthetic import build_tiny_model, split_examples
+from skillhub.tensorfile import TensorFile
 from skillhub.train import finetune
 
 TASK = "shift"
@@ -57,3 +62,22 @@ def copy_tree(source: Path, destination: Path) -> Path:
     """Copy a model or pack directory so a test may damage it."""
     shutil.copytree(source, destination)
     return destination
+
+
+def edit_tensors(model_dir: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> Path:
+    """Rewrite a single-file checkpoint's weights through ``edit`` (which mutates the dict)."""
+    weights = model_dir / "model.safetensors"
+    source = TensorFile(weights)
+    tensors = {name: source.read(name).clone() for name in source.keys()}
+    edit(tensors)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    return model_dir
+
+
+def edit_config(model_dir: Path, **changes: Any) -> Path:
+    """Overwrite keys of a checkpoint's config.json."""
+    path = model_dir / "config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+    return model_dir

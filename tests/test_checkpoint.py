@@ -15,7 +15,11 @@ from skillhub.models import Checkpoint, fingerprint, open_checkpoint
 from skillhub.synthetic import build_tiny_model
 from skillhub.tensorfile import TensorFile
 
-from conftest import FineTune, copy_tree
+from conftest import FineTune, copy_tree, edit_config, edit_tensors
+
+
+def poison_one_value(tensors: dict[str, torch.Tensor]) -> None:
+    tensors["model.layers.2.self_attn.v_proj.weight"][3, 5] = float("nan")
 
 
 def _shard(source: Path, destination: Path, shards: int) -> Path:
@@ -44,11 +48,10 @@ def test_sharded_checkpoint_reads_the_same_tensors_and_fingerprint(finetuned: Fi
 
 
 def test_fingerprint_changes_when_one_value_changes(finetuned: FineTune, tmp_path: Path) -> None:
-    changed = copy_tree(finetuned.base, tmp_path / "changed")
-    whole = TensorFile(changed / "model.safetensors")
-    tensors = {n: whole.read(n).clone() for n in whole.keys()}
-    tensors["model.norm.weight"][0] += 1e-3
-    save_file(tensors, changed / "model.safetensors", metadata={"format": "pt"})
+    def nudge(tensors: dict[str, torch.Tensor]) -> None:
+        tensors["model.norm.weight"][0] += 1e-3
+
+    changed = edit_tensors(copy_tree(finetuned.base, tmp_path / "changed"), nudge)
     assert fingerprint(Checkpoint(changed)) != fingerprint(Checkpoint(finetuned.base))
 
 
@@ -99,10 +102,8 @@ def test_delta_is_tuned_minus_base_in_float32(finetuned: FineTune) -> None:
 
 
 def test_different_architecture_is_refused(finetuned: FineTune, tmp_path: Path) -> None:
-    other = copy_tree(finetuned.tuned, tmp_path / "other")
-    config = json.loads((other / "config.json").read_text())
-    config["model_type"], config["architectures"] = "mistral", ["MistralForCausalLM"]
-    (other / "config.json").write_text(json.dumps(config))
+    other = edit_config(copy_tree(finetuned.tuned, tmp_path / "other"),
+                        model_type="mistral", architectures=["MistralForCausalLM"])
     with pytest.raises(MismatchError, match="architectures differ: base is LlamaForCausalLM.*tuned is MistralForCausalLM"):
         check_compatible(Checkpoint(finetuned.base), Checkpoint(other))
 
@@ -114,32 +115,21 @@ def test_different_shapes_are_named(finetuned: FineTune, tmp_path: Path) -> None
 
 
 def test_missing_tensor_is_named(finetuned: FineTune, tmp_path: Path) -> None:
-    partial = copy_tree(finetuned.tuned, tmp_path / "partial")
-    whole = TensorFile(partial / "model.safetensors")
-    kept = {n: whole.read(n) for n in whole.keys() if n != "model.layers.1.mlp.up_proj.weight"}
-    save_file(kept, partial / "model.safetensors", metadata={"format": "pt"})
+    partial = edit_tensors(copy_tree(finetuned.tuned, tmp_path / "partial"),
+                           lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
     with pytest.raises(MismatchError, match=r"lacks 1 tensor\(s\) of the base: model\.layers\.1\.mlp\.up_proj\.weight"):
         check_compatible(Checkpoint(finetuned.base), Checkpoint(partial))
 
 
 def test_tied_versus_untied_head_is_explained(finetuned: FineTune, tmp_path: Path) -> None:
-    tied = copy_tree(finetuned.tuned, tmp_path / "tied")
-    whole = TensorFile(tied / "model.safetensors")
-    save_file({n: whole.read(n) for n in whole.keys() if n != "lm_head.weight"}, tied / "model.safetensors",
-              metadata={"format": "pt"})
-    config = json.loads((tied / "config.json").read_text())
-    config["tie_word_embeddings"] = True
-    (tied / "config.json").write_text(json.dumps(config))
+    tied = edit_tensors(copy_tree(finetuned.tuned, tmp_path / "tied"), lambda t: t.pop("lm_head.weight"))
+    edit_config(tied, tie_word_embeddings=True)
     with pytest.raises(MismatchError, match=r"tuned model ties its output head.*base model does not.*lm_head\.weight"):
         check_compatible(Checkpoint(finetuned.base), Checkpoint(tied))
 
 
 def test_nan_in_tuned_weights_names_the_tensor(finetuned: FineTune, tmp_path: Path) -> None:
-    poisoned = copy_tree(finetuned.tuned, tmp_path / "poisoned")
-    whole = TensorFile(poisoned / "model.safetensors")
-    tensors = {n: whole.read(n).clone() for n in whole.keys()}
-    tensors["model.layers.2.self_attn.v_proj.weight"][3, 5] = float("nan")
-    save_file(tensors, poisoned / "model.safetensors", metadata={"format": "pt"})
+    poisoned = edit_tensors(copy_tree(finetuned.tuned, tmp_path / "poisoned"), poison_one_value)
     base, tuned = Checkpoint(finetuned.base), Checkpoint(poisoned)
     with pytest.raises(DeltaError, match=r"model\.layers\.2\.self_attn\.v_proj\.weight has 1 NaN/Inf"):
         for _ in iter_deltas(base, tuned):

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from skillhub.cli import main
 from skillhub.pack import MANIFEST_FILE, TENSORS_FILE
 
-from conftest import FineTune, copy_tree
+from conftest import FineTune, copy_tree, edit_config, edit_tensors
 
 
 def run(*args: str, env: dict[str, str] | None = None):
@@ -109,3 +109,44 @@ def test_console_script_is_installed() -> None:
     script = Path(sys.executable).with_name("skillhub")
     completed = subprocess.run([str(script), "--version"], capture_output=True, text=True, check=True)
     assert completed.stdout.strip().endswith("0.1.0")
+
+
+def _broken_inputs(finetuned: FineTune, tmp: Path) -> dict[str, tuple[list[str], str]]:
+    """Each bad input of the issue, as (create arguments, expected message fragment)."""
+    from test_checkpoint import poison_one_value
+
+    mistral = edit_config(copy_tree(finetuned.tuned, tmp / "mistral"), model_type="mistral",
+                          architectures=["MistralForCausalLM"])
+    partial = edit_tensors(copy_tree(finetuned.tuned, tmp / "partial"), lambda t: t.pop("model.norm.weight"))
+    pickled = tmp / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text("{}")
+    (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    truncated = copy_tree(finetuned.tuned, tmp / "truncated")
+    (truncated / "model.safetensors").write_bytes((truncated / "model.safetensors").read_bytes()[:-64])
+    nan = edit_tensors(copy_tree(finetuned.tuned, tmp / "nan"), poison_one_value)
+    recipe = tmp / "recipe.json"
+    recipe.write_text(json.dumps({"name": "r", "rules": [{"match": {"role": "mlp"}, "operator": "zstd"}]}))
+    base = str(finetuned.base)
+    return {
+        "architecture": ([base, str(mistral)], "architectures differ"),
+        "missing tensor": ([base, str(partial)], "lacks 1 tensor(s) of the base: model.norm.weight"),
+        "pickle": ([base, str(pickled)], "holds only pickle weights (pytorch_model.bin)"),
+        "truncated": ([base, str(truncated)], "truncated download or copy?"),
+        "nan": ([base, str(nan)], "model.layers.2.self_attn.v_proj.weight has 1 NaN/Inf"),
+        "unknown operator": ([base, str(finetuned.tuned), "--recipe", str(recipe)], "unknown operator 'zstd'"),
+    }
+
+
+@pytest.mark.parametrize("case", ["architecture", "missing tensor", "pickle", "truncated", "nan", "unknown operator"])
+def test_bad_inputs_exit_1_with_one_line_and_no_output(finetuned: FineTune, tmp_path: Path, case: str) -> None:
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    args, fragment = _broken_inputs(finetuned, inputs)[case]
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    result = run("create", *args, "-o", out_dir / "pack")
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and fragment in lines[0], result.stderr
+    assert list(out_dir.iterdir()) == []  # no pack, no staging directory
