@@ -93,6 +93,10 @@ def main(as_json: bool, verbose: int) -> None:
 @click.option("--name", help="Pack name (default: the output directory's name).")
 @click.option("--pack-version", "version", default="1.0.0", show_default=True, help="Version of the pack.")
 @click.option("--recipe", default="paper", show_default=True, help="'paper' or a recipe JSON file.")
+@click.option("--ratio", type=float, help="Budget mode: store at most this fraction of the fp16 delta, settings chosen per module.")
+@click.option("--calib", type=click.Path(path_type=Path), help="Calibration text (JSONL with text/prompt, or plain text): GPTQ.")
+@click.option("--calib-samples", default=128, show_default=True, help="Calibration windows.")
+@click.option("--calib-seqlen", default=512, show_default=True, help="Tokens per calibration window.")
 @click.option("--parent", type=click.Path(path_type=Path), help="Pack this fine-tune started from (lineage).")
 @click.option("--revision", "base_revision", help="Hub revision of BASE.")
 @click.option("--tuned-revision", help="Hub revision of TUNED.")
@@ -102,7 +106,8 @@ def main(as_json: bool, verbose: int) -> None:
 @json_option
 @click.pass_context
 def create(ctx: click.Context, base: str, tuned: str, output: Path, task: str | None, name: str | None,
-           version: str, recipe: str, parent: Path | None, base_revision: str | None,
+           version: str, recipe: str, ratio: float | None, calib: Path | None, calib_samples: int,
+           calib_seqlen: int, parent: Path | None, base_revision: str | None,
            tuned_revision: str | None, device: str | None, seed: int, force: bool, as_json: bool) -> None:
     """Compress TUNED - BASE into a SkillPack directory.
 
@@ -113,7 +118,8 @@ def create(ctx: click.Context, base: str, tuned: str, output: Path, task: str | 
     as_json = _wants_json(ctx, as_json)
     with _progress(not as_json) as progress:
         pack = create_pack(
-            base, tuned, output, task=task, name=name, version=version, recipe=recipe, parent=parent,
+            base, tuned, output, task=task, name=name, version=version, recipe=recipe, ratio=ratio, calib=calib,
+            calib_samples=calib_samples, calib_seqlen=calib_seqlen, parent=parent,
             base_revision=base_revision, tuned_revision=tuned_revision, device=device or config.default_device(),
             seed=seed, force=force, progress=progress,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from datetime import datetime, timezone
 from pathlib import Path
@@ -10,6 +11,14 @@ from typing import Any
 import torch
 
 from skillhub import __version__
+from skillhub.budget import BudgetError, budget_recipe, plan_budget
+from skillhub.calibrate import (
+    StatisticsCursor,
+    build_calibration_set,
+    capture_statistics,
+    layer_order,
+    load_for_calibration,
+)
 from skillhub.card import render_card
 from skillhub.delta import check_compatible, iter_deltas
 from skillhub.errors import OperatorError, SkillhubError
@@ -29,6 +38,15 @@ def _parent_reference(parent: str | os.PathLike[str] | None) -> dict[str, str] |
     return {"name": pack.name, "version": pack.version, "sha256": pack.manifest["files"]["skillpack.safetensors"]["sha256"]}
 
 
+def _tokenizer(checkpoint: Checkpoint):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(checkpoint.path)
+    except (OSError, ValueError) as exc:
+        raise SkillhubError(f"{checkpoint.path} has no usable tokenizer for the calibration text: {exc}") from exc
+
+
 def _checkpoint(ref: str | os.PathLike[str] | Checkpoint, revision: str | None) -> Checkpoint:
     return ref if isinstance(ref, Checkpoint) else open_checkpoint(ref, revision=revision)
 
@@ -45,6 +63,10 @@ def create_pack(
     parent: str | os.PathLike[str] | None = None,
     base_revision: str | None = None,
     tuned_revision: str | None = None,
+    ratio: float | None = None,
+    calib: str | os.PathLike[str] | None = None,
+    calib_samples: int = 128,
+    calib_seqlen: int = 512,
     device: str = "cpu",
     seed: int = 0,
     force: bool = False,
@@ -62,10 +84,17 @@ def create_pack(
         task: Task the pack teaches (default: the pack name).
         name: Pack name (default: the output directory's name).
         version: Pack version.
-        recipe: ``"paper"``, a recipe JSON file, or a recipe dict.
+        recipe: ``"paper"``, a recipe JSON file, or a recipe dict (its roles still apply in budget mode).
+        ratio: Budget mode: choose every module's settings so the pack stores at most
+            ``ratio`` x the fp16 delta bytes (see :mod:`skillhub.budget`).
         parent: Pack directory this pack was trained on top of (lineage).
         base_revision: Hub revision of ``base``.
         tuned_revision: Hub revision of ``tuned``.
+        calib: Calibration file (JSONL with ``text`` or ``prompt`` fields, or plain text). With it,
+            SVD factors are quantized with GPTQ against the tuned model's layer inputs;
+            without it, round-to-nearest (recorded in the manifest).
+        calib_samples: Calibration windows.
+        calib_seqlen: Tokens per window.
         device: Where the compression maths runs (``cpu``, ``cuda``...).
         seed: Seed of randomized operators.
         force: Replace ``output`` if it exists.
@@ -95,6 +124,31 @@ def create_pack(
         torch.empty(0, device=torch_device)
     except (RuntimeError, AssertionError) as exc:
         raise SkillhubError(f"device {device!r} is not usable here: {exc}") from exc
+    if ratio is not None and not 0 < ratio <= 1:
+        raise BudgetError(f"--ratio must be in (0, 1], got {ratio}")
+    calibration = model = None
+    if calib is not None:
+        calibration = build_calibration_set(calib, _tokenizer(tuned_ckpt), samples=calib_samples, seqlen=calib_seqlen)
+        quantizer = {"method": "gptq", "calibration": calibration.source}
+        model = load_for_calibration(tuned_ckpt.path, device=device)
+    else:
+        quantizer = {"method": "rtn", "note": "no calibration data: factors quantized by round-to-nearest"}
+
+    def statistics() -> StatisticsCursor | None:
+        return StatisticsCursor(capture_statistics(model, calibration)) if calibration is not None else None
+
+    budget = None
+    if ratio is not None:
+        chosen, budget = plan_budget(
+            iter_deltas(base_ckpt, tuned_ckpt, names=layer_order(list(plans))),
+            roles={n: p.role for n, p in plans.items()},
+            numels={n: math.prod(base_ckpt.shape(n)) for n in plans},
+            ratio=ratio, statistics=statistics(), group_size=128, device=torch_device, seed=seed,
+        )
+        description = f"chosen by budget mode for ratio {ratio} ({budget['weighting']} weighting)"
+        plan_recipe = Recipe(budget_recipe(f"budget-{ratio:g}", chosen, description))
+        plans = {n: plan_recipe.plan(n, model_type=base_ckpt.model_type, ndim=len(base_ckpt.shape(n))) for n in plans}
+    cursor = statistics()
 
     modules: dict[str, dict[str, Any]] = {}
     unchanged: list[str] = []
@@ -103,13 +157,15 @@ def create_pack(
     with staged_directory(output, force=force) as staging:
         writer = PackWriter(staging)
         total = len(plans)
-        for done, item in enumerate(iter_deltas(base_ckpt, tuned_ckpt, fingerprint=fingerprint), start=1):
+        deltas = iter_deltas(base_ckpt, tuned_ckpt, names=layer_order(list(plans)), fingerprint=fingerprint)
+        for done, item in enumerate(deltas, start=1):
             parameters += item.delta.numel()
             if not torch.any(item.delta):
                 unchanged.append(item.name)
             else:
                 plan = plans[item.name]
-                ctx = EncodeContext(name=item.name, role=plan.role, device=torch_device, seed=seed)
+                ctx = EncodeContext(name=item.name, role=plan.role, device=torch_device, seed=seed,
+                                    calibration=cursor.get(item.name) if cursor else None)
                 delta = item.delta.to(torch_device)
                 try:
                     encoded = plan.operator.encode(delta, plan.params, ctx)
@@ -156,7 +212,8 @@ def create_pack(
             },
             "tuned": {"id": tuned_ckpt.ref.id, "revision": tuned_ckpt.ref.revision},
             "recipe": plan_recipe.document,
-            "quantizer": {"method": "rtn", "note": "no calibration data: factors quantized by round-to-nearest"},
+            "quantizer": quantizer,
+            **({"budget": budget} if budget else {}),
             "modules": modules,
             "unchanged": unchanged,
             "totals": totals(

@@ -65,19 +65,20 @@ class TensorDelta:
 
 
 def iter_deltas(
-    base: Checkpoint, tuned: Checkpoint, *, fingerprint: Fingerprint | None = None
+    base: Checkpoint, tuned: Checkpoint, *, names: list[str] | None = None, fingerprint: Fingerprint | None = None
 ) -> Iterator[TensorDelta]:
     """Yield the delta of every parameter, holding two tensors in memory at a time.
 
     Args:
         base: The base checkpoint.
         tuned: Its fine-tune; call :func:`check_compatible` first.
+        names: The parameters to visit, in this order (default: all, sorted).
         fingerprint: Fed with every base tensor on the way, so the base fingerprint costs no extra read.
 
     Raises:
         DeltaError: A delta holds NaN or Inf (naming the tensor).
     """
-    for name in base.names():
+    for name in base.names() if names is None else names:
         base_tensor = base.read(name)
         if fingerprint is not None:
             fingerprint.update(name, base_tensor)

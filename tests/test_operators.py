@@ -534,7 +534,8 @@ def test_elementwise_operators_accept_vectors(name: str) -> None:
     ("magnitude-prune", {"keep": 0.5, "bits": 4, "group_size": 128, "index": "auto"}),
     ("svd", {"energy": 1.0, "dtype": "float16"}),
     ("lowrank", {"rank": 8, "dtype": "float16"}),
-    ("svd-mixed", {"groups": [[4, 8]], "reference_dim": None, "group_size": 128, "quantizer": "rtn"}),
+    ("svd-mixed", {"groups": [[4, 8]], "reference_dim": None, "group_size": 128, "quantizer": "auto",
+                   "act_order": False, "damp": 0.01}),
 ])
 def test_resolve_params_fills_defaults(name: str, expected: dict[str, Any]) -> None:
     given = {k: v for k, v in expected.items() if k in ("rank", "groups")}

@@ -25,6 +25,15 @@ ENTRY_POINT_GROUP = "skillhub.operators"
 
 
 @dataclass(frozen=True)
+class LayerStatistics:
+    """Calibration statistics of one linear layer's input x (see :mod:`skillhub.calibrate`)."""
+
+    hessian: torch.Tensor  # (in_features, in_features) = 2/n X^T X, float64
+    samples: int  # number of input vectors n
+    transposed: bool = False  # the checkpoint stores this weight as (in, out), e.g. GPT-2's Conv1D
+
+
+@dataclass(frozen=True)
 class EncodeContext:
     """What an operator may know about the tensor it encodes besides its values."""
 
@@ -32,8 +41,8 @@ class EncodeContext:
     role: str
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 0
-    # Calibration statistics for this layer (e.g. a Hessian), when the caller has them.
-    calibration: Any = None
+    # Calibration statistics of this parameter's layer input, when the caller has them.
+    calibration: LayerStatistics | None = None
 
     def generator(self) -> torch.Generator:
         """A generator seeded from the context seed and the parameter name, so results are reproducible

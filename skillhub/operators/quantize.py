@@ -26,19 +26,22 @@ def fit_scale_zero(values: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch
     """Asymmetric min/max scale and integer zero point for each row of ``values`` (rows, k).
 
     The range always includes 0 (as in GPTQ): the zero point is an integer code in
-    ``[0, 2**bits - 1]``, which can only express an offset if 0 lies inside the range. The
-    scale is rounded to float16 here, so codes are computed with the scale that is stored.
+    ``[0, 2**bits - 1]``, which can only express an offset if 0 lies inside the range. An
+    all-zero group gets the range [-1, 1], as in the reference GPTQ quantizer. Scales stay
+    float32 while codes are computed and are rounded to float16 only for storage, as in
+    gptqmodel, so codes agree with it exactly.
     """
     maxq = (1 << bits) - 1
-    vmin = values.amin(dim=-1)
-    vmax = values.amax(dim=-1)
-    low = vmin.clamp_max(0)
-    high = vmax.clamp_min(0)
-    scale = ((high - low) / maxq).to(torch.float16).to(torch.float32)
-    # A constant group has no spread; a scale of |constant| makes it one code away from zero
-    # (exact up to float16 rounding of the scale).
-    constant = vmin == vmax
-    scale = torch.where(constant, vmin.abs().to(torch.float16).to(torch.float32), scale)
+    vmin, vmax = values.amin(dim=-1), values.amax(dim=-1)
+    low, high = vmin.clamp_max(0), vmax.clamp_min(0)
+    empty = (low == 0) & (high == 0)
+    low = torch.where(empty, -1.0, low)
+    high = torch.where(empty, 1.0, high)
+    scale = (high - low) / maxq
+    # A nonzero constant group is stored as one code away from the zero point (scale = |c|
+    # still spans a range that includes 0): exact whenever c is a float16 number.
+    constant = (vmin == vmax) & ~empty
+    scale = torch.where(constant, vmin.abs(), scale)
     scale = scale.clamp_min(torch.finfo(torch.float16).tiny)
     zero = torch.clamp(torch.round(-low / scale), 0, maxq)
     return scale, zero

@@ -11,7 +11,8 @@ Error bounds (documented, tested):
   the rank is far below min(rows, cols).
 - ``svd-mixed``: the truncation error of its total rank, plus for each rank group g
   sigma_max(g) * (||U_g - U^_g||_F + ||V_g - V^_g||_F * ||U^_g||_2), where the factor
-  errors are bounded element-wise by one quantization step (see quantize.py).
+  errors are bounded element-wise by one quantization step (see quantize.py) for
+  round-to-nearest; GPTQ trades element-wise error for lower output error on calibration data.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 
 from skillhub.operators import EncodeContext, Encoded
+from skillhub.operators.gptq import DEFAULT_DAMP, gptq_quantize
 from skillhub.operators.quantize import QUANT_BITS, QuantizedMatrix, packed_sizes, quantize_rtn, storage_bits
 from skillhub.operators.rtn import as_matrix
 from skillhub.tensorfile import dtype_from_name
@@ -163,9 +165,12 @@ class SVDMixedOperator:
 
     Each singular vector (a column of U, a row of V^T) is quantized group-wise along its
     length, so scales stay shared over ``group_size`` entries even when a rank group holds a
-    single direction. Singular values are stored in float16. ``quantizer: rtn`` rounds to
-    nearest; calibration-aware quantization (GPTQ, paper Eq. 8) plugs in at
-    :meth:`quantize_group`.
+    single direction. Singular values are stored in float16.
+
+    With calibration statistics (and ``quantizer`` ``auto`` or ``gptq``) each rank group is
+    quantized with GPTQ as in the paper's Eq. 8: first V^T_[r] against the layer input x, then
+    U_[r] against its own input Sigma_[r] V^_[r]^T x, built from the already quantized V. Without
+    calibration (or with ``quantizer: rtn``) factors are rounded to nearest.
     """
 
     name = "svd-mixed"
@@ -188,21 +193,39 @@ class SVDMixedOperator:
                 "description": "Width the ranks were written for; ranks scale with min(rows, cols) / reference_dim.",
             },
             "group_size": {"type": "integer", "minimum": 1, "default": 128},
-            "quantizer": {"enum": ["rtn"], "default": "rtn"},
+            "quantizer": {
+                "enum": ["auto", "rtn", "gptq"], "default": "auto",
+                "description": "auto: GPTQ when calibration statistics are available, else round-to-nearest.",
+            },
+            "act_order": {"type": "boolean", "default": False, "description": "GPTQ visits V columns by decreasing H_jj."},
+            "damp": {"type": "number", "exclusiveMinimum": 0, "default": DEFAULT_DAMP},
         },
     }
 
     def quantize_group(
-        self, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, *, bits: int, group_size: int, ctx: EncodeContext
+        self, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, *, bits: int, params: Mapping[str, Any],
+        hessian: torch.Tensor | None,
     ) -> tuple[QuantizedMatrix, QuantizedMatrix]:
         """Quantize one rank group: returns (U^T quantized, V^T quantized), both rank x length."""
-        return (
-            quantize_rtn(u.T, bits=bits, group_size=group_size),
-            quantize_rtn(vh, bits=bits, group_size=group_size),
-        )
+        group_size = params["group_size"]
+        if hessian is None:
+            return quantize_rtn(u.T, bits=bits, group_size=group_size), quantize_rtn(vh, bits=bits, group_size=group_size)
+        options = {"bits": bits, "group_size": group_size, "damp": params["damp"]}
+        v_quantized = gptq_quantize(vh, hessian, act_order=params["act_order"], **options)
+        # Eq. 8: U's input is Sigma V^T x with the *quantized* V, so U absorbs V's error.
+        projection = s[:, None] * v_quantized.dequantize().to(hessian.device, hessian.dtype)
+        u_hessian = projection @ hessian @ projection.T
+        return gptq_quantize(u, u_hessian, scale_axis="column", **options), v_quantized
 
     def encode(self, delta: torch.Tensor, params: Mapping[str, Any], ctx: EncodeContext) -> Encoded:
         matrix = _matrix(delta, self.name)
+        use_gptq = ctx.calibration is not None and params["quantizer"] != "rtn"
+        if params["quantizer"] == "gptq" and ctx.calibration is None:
+            raise ValueError("quantizer 'gptq' needs calibration data (--calib)")
+        transposed = use_gptq and ctx.calibration.transposed
+        if transposed:  # GPT-2's Conv1D stores (in, out); Eq. 8 needs the (out, in) map of x
+            matrix = matrix.T
+        hessian = ctx.calibration.hessian.to(ctx.device, torch.float32) if use_gptq else None
         groups = resolve_rank_groups(params["groups"], min(matrix.shape), params["reference_dim"])
         rank = sum(r for r, _ in groups)
         u, s, vh = truncated_svd(matrix, rank, generator=ctx.generator())
@@ -210,19 +233,23 @@ class SVDMixedOperator:
         start = 0
         for size, bits in groups:
             block = slice(start, start + size)
-            quantized = self.quantize_group(u[:, block], s[block], vh[block], bits=bits,
-                                            group_size=params["group_size"], ctx=ctx)
+            quantized = self.quantize_group(u[:, block], s[block], vh[block], bits=bits, params=params, hessian=hessian)
             for side, q in zip("UV", quantized):
                 for kind, tensor in zip(("codes", "scales", "zeros"), q.packed()):
                     parts[f"{side}.{kind}"].append(tensor)
             start += size
         tensors = {"S": s.to(torch.float16).cpu()}
         tensors.update({key: torch.cat(chunks) for key, chunks in parts.items()})
-        return Encoded(tensors=tensors, meta={"rank": rank, "groups": [list(g) for g in groups]})
+        meta = {"rank": rank, "groups": [list(g) for g in groups], "quantizer": "gptq" if use_gptq else "rtn"}
+        if transposed:
+            meta["transposed"] = True
+        return Encoded(tensors=tensors, meta=meta)
 
     def decode(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], params: Mapping[str, Any],
                shape: tuple[int, ...]) -> torch.Tensor:
         m, n = as_matrix(shape)
+        if meta.get("transposed"):
+            m, n = n, m
         s = tensors["S"].to(torch.float32)
         out = torch.zeros(m, n, dtype=torch.float32)
         offsets = {key: 0 for key in tensors}
@@ -241,6 +268,8 @@ class SVDMixedOperator:
             u_t, vh = factors
             out += (u_t.T * s[start:start + size]) @ vh
             start += size
+        if meta.get("transposed"):
+            out = out.T
         return out.reshape(shape)
 
 

@@ -1,0 +1,75 @@
+"""GPTQ: equal to round-to-nearest when inputs are white, better than it when they are not."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from skillhub.operators.gptq import gptq_quantize, output_error
+from skillhub.operators.quantize import QUANT_BITS, quantize_rtn
+
+
+def _problem(rows: int = 48, cols: int = 160, samples: int = 600, seed: int = 0):
+    """A weight matrix and correlated calibration inputs (a few strong input directions)."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, cols, generator=gen)
+    mixing = torch.randn(cols, cols, generator=gen) * torch.logspace(0, -2, cols)
+    inputs = mixing @ torch.randn(cols, samples, generator=gen)
+    return weight, 2 * inputs @ inputs.T
+
+
+@pytest.mark.parametrize("bits", QUANT_BITS)
+@pytest.mark.parametrize("group_size", [32, 50, 1000])
+def test_identity_hessian_gives_round_to_nearest_exactly(bits: int, group_size: int) -> None:
+    weight, _ = _problem()
+    gptq = gptq_quantize(weight, torch.eye(weight.shape[1]), bits=bits, group_size=group_size)
+    rtn = quantize_rtn(weight, bits=bits, group_size=group_size)
+    assert torch.equal(gptq.codes, rtn.codes)
+    assert torch.equal(gptq.scales, rtn.scales) and torch.equal(gptq.zeros, rtn.zeros)
+
+
+@pytest.mark.parametrize("bits", QUANT_BITS)
+def test_identity_hessian_column_layout_equals_rtn_of_the_transpose(bits: int) -> None:
+    weight, _ = _problem(rows=200, cols=12)
+    gptq = gptq_quantize(weight, torch.eye(12), bits=bits, group_size=64, scale_axis="column")
+    rtn = quantize_rtn(weight.T, bits=bits, group_size=64)
+    assert torch.equal(gptq.codes, rtn.codes) and torch.equal(gptq.scales, rtn.scales)
+
+
+@pytest.mark.parametrize("bits", QUANT_BITS)
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_beats_round_to_nearest_on_calibration_error(bits: int, act_order: bool) -> None:
+    weight, hessian = _problem()
+    gptq = gptq_quantize(weight, hessian, bits=bits, group_size=32, act_order=act_order)
+    rtn = quantize_rtn(weight, bits=bits, group_size=32)
+    assert gptq.codes.min() >= 0 and gptq.codes.max() <= 2**bits - 1
+    assert gptq.zeros.max() <= 2**bits - 1
+    assert output_error(weight, gptq.dequantize(), hessian) < output_error(weight, rtn.dequantize(), hessian)
+
+
+@pytest.mark.parametrize("bits", QUANT_BITS)
+def test_column_layout_beats_round_to_nearest(bits: int) -> None:
+    weight, hessian = _problem(rows=256, cols=24)
+    gptq = gptq_quantize(weight, hessian, bits=bits, group_size=64, scale_axis="column")
+    rtn = quantize_rtn(weight.T, bits=bits, group_size=64)
+    assert output_error(weight, gptq.dequantize().T, hessian) < output_error(weight, rtn.dequantize().T, hessian)
+
+
+def test_dead_inputs_are_zeroed_and_singular_hessians_are_damped() -> None:
+    weight, hessian = _problem(cols=64)
+    hessian[5, :] = 0
+    hessian[:, 5] = 0
+    quantized = gptq_quantize(weight, hessian, bits=4, group_size=16)
+    assert torch.all(quantized.dequantize()[:, 5] == 0)
+    low_rank = torch.ones(64, 64)  # rank one: positive semi-definite only
+    assert gptq_quantize(weight, low_rank, bits=4, group_size=16).codes.shape == weight.shape
+
+
+def test_bad_arguments_are_refused() -> None:
+    weight, hessian = _problem(cols=64)
+    with pytest.raises(ValueError, match="does not fit"):
+        gptq_quantize(weight, hessian[:10, :10], bits=4, group_size=16)
+    with pytest.raises(ValueError, match="bits"):
+        gptq_quantize(weight, hessian, bits=5, group_size=16)
+    with pytest.raises(ValueError, match="not positive definite"):
+        gptq_quantize(weight, -torch.eye(64), bits=4, group_size=16)
