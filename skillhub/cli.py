@@ -47,12 +47,17 @@ def _stdout() -> Console:
 
 @contextmanager
 def _progress(enabled: bool) -> Iterator[ProgressCallback]:
-    """A rich progress bar on stderr, fed by the library's progress callback."""
-    if not enabled:
+    """A rich progress bar on stderr, fed by the library's progress callback.
+
+    Only on a terminal: piped or captured stderr gets no bar (and no stray newline before an
+    ``Error:`` line).
+    """
+    console = _stderr()
+    if not enabled or not console.is_terminal:
         yield lambda description, completed, total: None
         return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=_stderr(), transient=True) as bar:
+    with Progress(*columns, console=console, transient=True) as bar:
         tasks: dict[str, Any] = {}
 
         def update(description: str, completed: int, total: int) -> None:
@@ -253,3 +258,57 @@ def demo(ctx: click.Context, workdir: Path, fast: bool, as_json: bool) -> None:
                   f"{result['pack']['stored_bytes']:,} B ({result['pack']['ratio']:.2%})")
     console.print(table)
     console.print(f"pack: {result['paths']['pack']}\napplied model: {result['paths']['applied']}")
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks to run on your own checkpoints."""
+
+
+@bench.command("compress")
+@click.argument("base")
+@click.argument("tuned")
+@click.option("--ratio", type=float, default=1 / 16, show_default=True, help="Byte budget as a fraction of the fp16 delta.")
+@click.option("--calib", type=click.Path(path_type=Path), help="Calibration text: half fits GPTQ, half is held out.")
+@click.option("--calib-samples", default=64, show_default=True, help="Calibration windows (split in two halves).")
+@click.option("--calib-seqlen", default=256, show_default=True, help="Tokens per calibration window.")
+@click.option("--eval", "eval_file", type=click.Path(path_type=Path), help="JSONL prompt/answer set: accuracy retention.")
+@click.option("--device", default=None, help="Device for the compression maths.")
+@json_option
+@click.pass_context
+def bench_compress(ctx: click.Context, base: str, tuned: str, ratio: float, calib: Path | None, calib_samples: int,
+                   calib_seqlen: int, eval_file: Path | None, device: str | None, as_json: bool) -> None:
+    """Compare the paper recipe, budget mode and baselines at equal bytes on TUNED - BASE."""
+    from skillhub.benchmark import compare_compression
+
+    as_json = _wants_json(ctx, as_json)
+    with _progress(not as_json) as progress:
+        report = compare_compression(base, tuned, ratio=ratio, calib=calib, calib_samples=calib_samples,
+                                     calib_seqlen=calib_seqlen, eval_file=eval_file,
+                                     device=device or config.default_device(), progress=progress)
+    if as_json:
+        _emit_json(report)
+        return
+    click.echo(format_compress_report(report))
+
+
+def format_compress_report(report: dict[str, Any]) -> str:
+    """The benchmark as a Markdown table (what the README shows)."""
+    with_accuracy = "tuned_accuracy" in report
+    header = "| method | bytes | ratio | held-out relative output error |" + (" accuracy | retention |" if with_accuracy else "")
+    rule = "|---|---:|---:|---:|" + ("---:|---:|" if with_accuracy else "")
+    lines = [
+        f"{report['matrices']} attention/MLP matrices, {report['delta_fp16_bytes']:,} fp16 delta bytes, "
+        f"budget ratio {report['ratio']:.4f}; error on {report['error_measure']}; quantizer {report['quantizer']}",
+        "",
+        header,
+        rule,
+    ]
+    for row in report["methods"]:
+        line = (f"| {row['method']} | {row['bytes']:,} | {row['ratio']:.2%} | {row['heldout_relative_error']:.4f} |")
+        if with_accuracy:
+            line += f" {row['accuracy']:.1%} | {row['retention']:.1%} |"
+        lines.append(line)
+    if with_accuracy:
+        lines.append(f"\nfine-tuned model (uncompressed delta): {report['tuned_accuracy']:.1%}")
+    return "\n".join(lines)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from skillhub.synthetic import build_tiny_model, split_examples
+from skillhub.synthetic import build_tiny_model, split_examples, write_jsonl
 from skillhub.tensorfile import TensorFile
 from skillhub.train import finetune
 
@@ -38,6 +38,8 @@ class FineTune:
     base: Path
     tuned: Path
     test: list[dict[str, str]]
+    calib: Path  # JSONL of training prompts/answers, for calibration
+    heldout: Path  # JSONL of the held-out test prompts/answers
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +49,8 @@ def finetuned(tmp_path_factory: pytest.TempPathFactory) -> FineTune:
     train, test = split_examples(TASK, train=2000, test=200)
     base = build_tiny_model(root / "base", seed=0)
     tuned = finetune(base, train, root / "tuned", steps=300, seed=0)
-    return FineTune(base=base, tuned=tuned, test=test)
+    return FineTune(base=base, tuned=tuned, test=test, calib=write_jsonl(train[:600], root / "calib.jsonl"),
+                    heldout=write_jsonl(test, root / "heldout.jsonl"))
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,7 @@ from skillhub.operators import (
     resolve_params,
 )
 from skillhub.operators.quantize import QuantizedMatrix, num_groups, packed_sizes
-from skillhub.operators.svd import resolve_rank_groups, svd_mixed_bits
+from skillhub.operators.svd import resolve_rank_groups, svd_mixed_bytes
 
 BUILTINS = ["raw", "rtn", "magnitude-prune", "svd", "lowrank", "svd-mixed"]
 ROWS, COLS = 96, 160
@@ -452,9 +452,7 @@ def test_svd_mixed_stored_bytes(delta: torch.Tensor, groups: list[list[int]], gr
         "svd-mixed", delta, {"groups": groups, "group_size": group_size, "reference_dim": reference_dim})
     resolved = [tuple(g) for g in encoded.meta["groups"]]
     assert resolved == resolve_rank_groups(groups, min(ROWS, COLS), reference_dim)
-    bits = svd_mixed_bits(ROWS, COLS, resolved, group_size)
-    assert bits % 8 == 0
-    assert stored_bytes(encoded) == bits // 8
+    assert stored_bytes(encoded) == svd_mixed_bytes(ROWS, COLS, resolved, group_size)
     # ...and the same number from the per-tensor packed sizes, rounded per group and side.
     expected = 2 * sum(r for r, _ in resolved)  # float16 singular values
     for rank, b in resolved:

@@ -24,7 +24,7 @@ import torch
 
 from skillhub.operators import EncodeContext, Encoded
 from skillhub.operators.gptq import DEFAULT_DAMP, gptq_quantize
-from skillhub.operators.quantize import QUANT_BITS, QuantizedMatrix, packed_sizes, quantize_rtn, storage_bits
+from skillhub.operators.quantize import QUANT_BITS, QuantizedMatrix, packed_sizes, quantize_rtn
 from skillhub.operators.rtn import as_matrix
 from skillhub.tensorfile import dtype_from_name
 
@@ -273,10 +273,11 @@ class SVDMixedOperator:
         return out.reshape(shape)
 
 
-def svd_mixed_bits(rows: int, cols: int, groups: list[tuple[int, int]], group_size: int) -> int:
-    """Bits ``svd-mixed`` stores for a (rows, cols) matrix with the given concrete rank groups."""
-    total = 16 * sum(r for r, _ in groups)
+def svd_mixed_bytes(rows: int, cols: int, groups: list[tuple[int, int]], group_size: int) -> int:
+    """Exact bytes ``svd-mixed`` stores for a (rows, cols) matrix with the given concrete rank groups."""
+    total = 2 * sum(rank for rank, _ in groups)  # singular values in float16
     for rank, bits in groups:
-        total += storage_bits(rank, rows, bits, group_size) + storage_bits(rank, cols, bits, group_size)
+        for length in (rows, cols):
+            code_bytes, scales, zero_bytes = packed_sizes(rank, length, bits, group_size)
+            total += code_bytes + 2 * scales + zero_bytes
     return total
-
