@@ -26,6 +26,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_create.py
+	$(PY) bench/bench_compress.py
+	$(PY) bench/bench_accuracy.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

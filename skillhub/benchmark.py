@@ -44,11 +44,12 @@ from skillhub.calibrate import (
 )
 from skillhub.delta import check_compatible, iter_deltas
 from skillhub.errors import SkillhubError
+from skillhub.evaluate import exact_match, load_eval_examples
 from skillhub.models import Checkpoint, open_checkpoint
 from skillhub.operators import EncodeContext, LayerStatistics, get_operator, resolve_params
 from skillhub.operators.bitpack import packed_nbytes
 from skillhub.operators.svd import resolve_rank_groups, svd_mixed_bytes
-from skillhub.progress import ProgressCallback, no_progress
+from skillhub.progress import ProgressCallback, no_progress, quiet_transformers
 from skillhub.recipe import PAPER_RECIPE, Recipe
 
 METHODS = ("paper", "budget", "svd-mixed-rtn", "lowrank-fp16", "prune-fp16", "bitdelta")
@@ -157,7 +158,7 @@ def compare_compression(
               if len(base_ckpt.shape(n)) == 2
               and roles.role(n, model_type=base_ckpt.model_type, ndim=2) in ("attention", "mlp")]
     role_of = {n: roles.role(n, model_type=base_ckpt.model_type, ndim=2) for n in linear}
-    examples = _load_eval(eval_file) if eval_file is not None else None
+    examples = load_eval_examples(eval_file) if eval_file is not None else None
 
     fit = heldout = model = None
     if calib is not None:
@@ -228,29 +229,10 @@ def compare_compression(
     return report
 
 
-def _load_eval(path: str | os.PathLike[str]) -> list[dict[str, str]]:
-    import json
-
-    examples = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            if not isinstance(record, dict) or not {"prompt", "answer"} <= record.keys():
-                raise SkillhubError(f"eval file {path} line {number} needs 'prompt' and 'answer' fields")
-            examples.append({"prompt": str(record["prompt"]), "answer": str(record["answer"])})
-    if not examples:
-        raise SkillhubError(f"eval file {path} holds no examples")
-    return examples
-
-
 def _accuracies(tuned: Checkpoint, examples: list[dict[str, str]], patches: dict[str, dict[str, torch.Tensor]],
                 rows: list[dict[str, Any]]) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from skillhub.evaluate import exact_match
-    from skillhub.train import quiet_transformers
 
     tokenizer = AutoTokenizer.from_pretrained(tuned.path)
     with quiet_transformers():

@@ -7,9 +7,9 @@ bit widths by hand; here they are chosen per module:
   hold even them, that is an error);
 - embeddings and the output head: the paper's ``magnitude-prune`` keep 0.5 at 4 bits (their
   deltas are sparse and the head is what turns hidden states into answers: squeezing them to
-  R of their size cost 28 points of accuracy on the test fine-tunes while the linear layers'
-  output error was already below the paper recipe's). Only when the budget cannot hold
-  that are they pruned to the largest keep ratio that fits R of their own fp16 size;
+  R of their size cost 28 points of accuracy on a `reverse` fine-tune while the linear
+  layers' output error was already below the paper recipe's). Only when the budget cannot
+  hold that are they pruned to the largest keep ratio that fits R of their own fp16 size;
 - attention and MLP matrices share the rest through a greedy marginal-gain search over
   singular directions and bit widths. For direction i of a module (singular value s_i,
   right vector v_i, calibration Hessian H of the layer input) the output error of dropping
@@ -18,7 +18,8 @@ bit widths by hand; here they are chosen per module:
   rounding u_i and v_i at each width. Each module's errors are divided by its own output
   energy tr(delta H delta^T), so the search minimises the sum of *relative* output errors:
   with absolute errors, layers with large activations starve the others, and task accuracy
-  follows the worst layers (measured: half the mean error, but 65% instead of 98% accuracy). Storage is per singular vector in svd-mixed, so each
+  follows the worst layers (on a `reverse` fine-tune: half the mean error of the paper
+  recipe, but 65% instead of 98% accuracy). Storage is per singular vector in svd-mixed, so each
   direction's cost is exact and additive. Bits stay non-increasing along the spectrum (a
   staircase of rank groups at 8/4/3/2 bits): each step either adds the next direction at 2
   bits or raises the first direction of a lower step to the next width, whichever buys the

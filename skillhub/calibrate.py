@@ -23,6 +23,7 @@ import torch
 
 from skillhub.errors import SkillhubError
 from skillhub.operators import LayerStatistics
+from skillhub.progress import quiet_transformers
 from skillhub.roles import is_transposed
 
 _LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
@@ -229,7 +230,6 @@ def load_for_calibration(model_dir: str | os.PathLike[str], *, device: str) -> t
     """The tuned model in float32 on ``device``, for :func:`capture_statistics`."""
     from transformers import AutoModelForCausalLM
 
-    from skillhub.train import quiet_transformers
 
     with quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)

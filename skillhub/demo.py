@@ -17,9 +17,9 @@ import torch
 from skillhub.activate import apply_packs
 from skillhub.compress import create_pack
 from skillhub.evaluate import exact_match
-from skillhub.progress import ProgressCallback, no_progress
+from skillhub.progress import ProgressCallback, no_progress, quiet_transformers
 from skillhub.synthetic import build_tiny_model, split_examples
-from skillhub.train import finetune, quiet_transformers
+from skillhub.train import finetune
 
 DEMO_TASK = "shift"
 

@@ -2,9 +2,39 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import torch
 
+from skillhub.errors import SkillhubError
 from skillhub.train import collate
+
+
+def load_eval_examples(path: str | os.PathLike[str]) -> list[dict[str, str]]:
+    """Prompt/answer pairs of a JSONL eval file.
+
+    Raises:
+        SkillhubError: The file is unreadable, a line is not JSON or lacks a field, or it holds no example.
+    """
+    examples = []
+    try:
+        lines = open(path, encoding="utf-8").read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SkillhubError(f"cannot read eval file {path}: {exc}") from exc
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise SkillhubError(f"eval file {path} line {number} is not valid JSON: {exc.msg}") from exc
+        if not isinstance(record, dict) or not {"prompt", "answer"} <= record.keys():
+            raise SkillhubError(f"eval file {path} line {number} needs 'prompt' and 'answer' fields")
+        examples.append({"prompt": str(record["prompt"]), "answer": str(record["answer"])})
+    if not examples:
+        raise SkillhubError(f"eval file {path} holds no examples")
+    return examples
 
 
 @torch.no_grad()

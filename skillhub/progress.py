@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 # progress(description, completed, total): called after each unit of work.
 ProgressCallback = Callable[[str, int, int], None]
@@ -10,3 +11,17 @@ ProgressCallback = Callable[[str, int, int], None]
 
 def no_progress(description: str, completed: int, total: int) -> None:
     """The default callback: report nothing."""
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' own tqdm bars (library code never prints), restoring the setting after."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from skillhub.progress import quiet_transformers
+
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789 =+-><:|,."
 
@@ -61,8 +63,6 @@ def build_tiny_model(output: str | os.PathLike[str], *, seed: int = 0, **config_
         **config_overrides: ``layers``, ``hidden``, ``intermediate`` for :func:`tiny_llama_config`.
     """
     from transformers import AutoModelForCausalLM
-
-    from skillhub.train import quiet_transformers
 
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)

@@ -8,27 +8,11 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from skillhub.progress import ProgressCallback, no_progress
-
-
-@contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """Silence transformers' own tqdm bars (library code never prints), restoring the setting after."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
+from skillhub.progress import ProgressCallback, no_progress, quiet_transformers
 
 
 def encode_example(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:

@@ -127,18 +127,28 @@ def _broken_inputs(finetuned: FineTune, tmp: Path) -> dict[str, tuple[list[str],
     nan = edit_tensors(copy_tree(finetuned.tuned, tmp / "nan"), poison_one_value)
     recipe = tmp / "recipe.json"
     recipe.write_text(json.dumps({"name": "r", "rules": [{"match": {"role": "mlp"}, "operator": "zstd"}]}))
+    empty_calib = tmp / "empty.jsonl"
+    empty_calib.write_text("\n")
+    fieldless_calib = tmp / "fieldless.jsonl"
+    fieldless_calib.write_text('{"question": "2+2"}\n')
     base = str(finetuned.base)
+    tuned = str(finetuned.tuned)
     return {
         "architecture": ([base, str(mistral)], "architectures differ"),
         "missing tensor": ([base, str(partial)], "lacks 1 tensor(s) of the base: model.norm.weight"),
         "pickle": ([base, str(pickled)], "holds only pickle weights (pytorch_model.bin)"),
         "truncated": ([base, str(truncated)], "truncated download or copy?"),
         "nan": ([base, str(nan)], "model.layers.2.self_attn.v_proj.weight has 1 NaN/Inf"),
-        "unknown operator": ([base, str(finetuned.tuned), "--recipe", str(recipe)], "unknown operator 'zstd'"),
+        "unknown operator": ([base, tuned, "--recipe", str(recipe)], "unknown operator 'zstd'"),
+        "empty calibration": ([base, tuned, "--calib", str(empty_calib)], "is empty"),
+        "calibration without text": ([base, tuned, "--calib", str(fieldless_calib)],
+                                     "line 1 has no usable 'text' or 'prompt' field"),
+        "calibration too short": ([base, tuned, "--calib", str(finetuned.calib)], "need 65536"),
     }
 
 
-@pytest.mark.parametrize("case", ["architecture", "missing tensor", "pickle", "truncated", "nan", "unknown operator"])
+@pytest.mark.parametrize("case", ["architecture", "missing tensor", "pickle", "truncated", "nan", "unknown operator",
+                                  "empty calibration", "calibration without text", "calibration too short"])
 def test_bad_inputs_exit_1_with_one_line_and_no_output(finetuned: FineTune, tmp_path: Path, case: str) -> None:
     inputs = tmp_path / "inputs"
     inputs.mkdir()
