@@ -18,7 +18,7 @@ import torch
 from skillhub.errors import MismatchError
 from skillhub.models import INDEX_FILE, SINGLE_FILE, Checkpoint, Fingerprint, open_checkpoint
 from skillhub.pack import SkillPack, load_pack, staged_directory
-from skillhub.progress import ProgressCallback, no_progress
+from skillhub.progress import ProgressCallback, no_progress, reporting
 from skillhub.tensorfile import TensorFileWriter
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # what transformers' save_pretrained uses
@@ -99,7 +99,7 @@ def apply_packs(
         writers: dict[str, TensorFileWriter] = {}
         metadata = {"format": "pt", "skillhub_packs": json.dumps([f"{p.name}@{p.version}" for p in opened])}
         try:
-            for done, name in enumerate(names, start=1):
+            for name in reporting(names, progress, "apply", len(names)):
                 base_tensor = base_ckpt.read(name)
                 fingerprint.update(name, base_tensor)
                 touching = [p for p in opened if name in p.modules]
@@ -112,7 +112,6 @@ def apply_packs(
                 if shard not in writers:
                     writers[shard] = TensorFileWriter(staging / shard)
                 writers[shard].add(name, base_tensor)
-                progress("apply", done, len(names))
             actual = fingerprint.hexdigest()
             for pack in opened:
                 if pack.base_fingerprint != actual:

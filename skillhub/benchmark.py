@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from skillhub.budget import plan_budget
+from skillhub.budget import GROUP_SIZE, check_ratio, plan_budget
 from skillhub.calibrate import (
     CalibrationSet,
     StatisticsCursor,
@@ -49,12 +49,11 @@ from skillhub.models import Checkpoint, open_checkpoint
 from skillhub.operators import EncodeContext, LayerStatistics, get_operator, resolve_params
 from skillhub.operators.bitpack import packed_nbytes
 from skillhub.operators.svd import resolve_rank_groups, svd_mixed_bytes
-from skillhub.progress import ProgressCallback, no_progress, quiet_transformers
+from skillhub.progress import ProgressCallback, no_progress, quiet_transformers, reporting
 from skillhub.recipe import PAPER_RECIPE, Recipe
 
 METHODS = ("paper", "budget", "svd-mixed-rtn", "lowrank-fp16", "prune-fp16", "bitdelta")
 DEFAULT_RATIO = 1 / 16
-GROUP_SIZE = 128
 PAPER_GROUPS = {rule["match"]["role"]: rule["params"]["groups"]
                 for rule in PAPER_RECIPE["rules"] if rule["operator"] == "svd-mixed"}
 
@@ -149,8 +148,7 @@ def compare_compression(
     Raises:
         SkillhubError: Bad inputs (ratio outside (0, 1], calibration file too short, ...).
     """
-    if not 0 < ratio <= 1:
-        raise SkillhubError(f"--ratio must be in (0, 1], got {ratio}")
+    check_ratio(ratio)
     base_ckpt, tuned_ckpt = open_checkpoint(base), open_checkpoint(tuned)
     check_compatible(base_ckpt, tuned_ckpt)
     roles = Recipe("paper")
@@ -180,13 +178,13 @@ def compare_compression(
     budget_plans, _ = plan_budget(
         iter_deltas(base_ckpt, tuned_ckpt, names=linear), roles=role_of,
         numels={n: math.prod(base_ckpt.shape(n)) for n in linear}, ratio=ratio, statistics=cursor(fit),
-        group_size=GROUP_SIZE, device=torch_device, seed=seed,
+        device=torch_device, seed=seed,
     )
     fit_cursor, heldout_cursor = cursor(fit), cursor(heldout)
     stored = {m: 0 for m in METHODS}
     errors: dict[str, list[float]] = {m: [] for m in METHODS}
     patches: dict[str, dict[str, torch.Tensor]] = {m: {} for m in METHODS}
-    for done, item in enumerate(iter_deltas(base_ckpt, tuned_ckpt, names=linear), start=1):
+    for item in reporting(iter_deltas(base_ckpt, tuned_ckpt, names=linear), progress, "bench", len(linear)):
         delta, name = item.delta, item.name
         fit_stats = fit_cursor.get(name) if fit_cursor else None
         heldout_stats = heldout_cursor.get(name) if heldout_cursor else None
@@ -207,7 +205,6 @@ def compare_compression(
             errors[method].append(_relative_error(delta, approximation, heldout_stats))
             if examples is not None:
                 patches[method][name] = base_ckpt.read(name).float() + approximation
-        progress("bench", done, len(linear))
 
     delta_bytes = 2 * sum(math.prod(base_ckpt.shape(n)) for n in linear)
     rows = [{

@@ -43,12 +43,19 @@ from skillhub.operators.quantize import quantize_rtn, storage_bits
 from skillhub.operators.svd import truncated_svd
 
 LEVELS = (2, 3, 4, 8)  # bit widths of the staircase, lowest first
+GROUP_SIZE = 128  # quantization group size of the svd-mixed modules budget mode writes
 EMBEDDING_BITS = 4
 PAPER_KEEP = 0.5  # the paper's embedding/head keep ratio (Table 14)
 
 
 class BudgetError(SkillhubError):
     """The byte budget is invalid or too small."""
+
+
+def check_ratio(ratio: float) -> None:
+    """Refuse a budget ratio outside (0, 1] before any work starts."""
+    if not 0 < ratio <= 1:
+        raise BudgetError(f"--ratio must be in (0, 1], got {ratio}")
 
 
 @dataclass
@@ -200,7 +207,6 @@ def plan_budget(
     numels: dict[str, int],
     ratio: float,
     statistics: Any,
-    group_size: int,
     device: torch.device,
     seed: int,
 ) -> tuple[dict[str, tuple[str, dict[str, Any]]], dict[str, Any]]:
@@ -212,7 +218,6 @@ def plan_budget(
         numels: Element count of every parameter.
         ratio: Budget as a fraction of the fp16 delta bytes, in (0, 1].
         statistics: A StatisticsCursor, or None for identity weighting.
-        group_size: Quantization group size for svd-mixed.
         device: Where SVDs run.
         seed: Seed for randomized SVD.
 
@@ -222,8 +227,7 @@ def plan_budget(
     Raises:
         BudgetError: The budget cannot hold the fixed parts (norms, biases) or a minimal pack.
     """
-    if not 0 < ratio <= 1:
-        raise BudgetError(f"--ratio must be in (0, 1], got {ratio}")
+    check_ratio(ratio)
     delta_bytes = 2 * sum(numels.values())
     budget_bits = int(ratio * delta_bytes * 8)
     plans: dict[str, tuple[str, dict[str, Any]]] = {}
@@ -251,10 +255,10 @@ def plan_budget(
             layer_stats = statistics.get(name) if statistics is not None else None
             m, n = item.delta.shape[0], item.delta.numel() // item.delta.shape[0]
             share_bits = ratio * 16 * m * n
-            two_bit_cost = storage_bits(1, m, 2, group_size) + storage_bits(1, n, 2, group_size) + 16
+            two_bit_cost = storage_bits(1, m, 2, GROUP_SIZE) + storage_bits(1, n, 2, GROUP_SIZE) + 16
             max_rank = max(1, min(min(m, n), math.ceil(4 * share_bits / two_bit_cost)))
             profiles.append(direction_profile(name, item.delta, layer_stats, max_rank=max_rank,
-                                              group_size=group_size, ctx=ctx))
+                                              group_size=GROUP_SIZE, ctx=ctx))
             plans[name] = ("svd-mixed", {})  # filled in after allocation
             fixed_bits += _ROUNDING_BITS_PER_MODULE
     minimum = sum(p.cost[LEVELS[0]] for p in profiles)
@@ -286,7 +290,7 @@ def plan_budget(
         profile.counts[0] = 1
     spent = allocate(profiles, available) + minimum
     for profile in profiles:
-        plans[profile.name] = ("svd-mixed", {"groups": profile.groups(), "group_size": group_size})
+        plans[profile.name] = ("svd-mixed", {"groups": profile.groups(), "group_size": GROUP_SIZE})
     summary = {
         "ratio": ratio,
         "target_bytes": budget_bits // 8,

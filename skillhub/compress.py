@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from skillhub import __version__
-from skillhub.budget import BudgetError, budget_recipe, plan_budget
+from skillhub.budget import budget_recipe, check_ratio, plan_budget
 from skillhub.calibrate import (
     StatisticsCursor,
     build_calibration_set,
@@ -26,8 +26,8 @@ from skillhub.manifest import FORMAT_VERSION, check_pack_identity, totals
 from skillhub.models import Checkpoint, Fingerprint, open_checkpoint
 from skillhub.operators import EncodeContext
 from skillhub.pack import PackWriter, SkillPack, load_pack, staged_directory
-from skillhub.progress import ProgressCallback, no_progress
-from skillhub.recipe import Recipe
+from skillhub.progress import ProgressCallback, no_progress, reporting
+from skillhub.recipe import ModulePlan, Recipe
 from skillhub.tensorfile import dtype_name
 
 
@@ -36,6 +36,10 @@ def _parent_reference(parent: str | os.PathLike[str] | None) -> dict[str, str] |
         return None
     pack = load_pack(parent)
     return {"name": pack.name, "version": pack.version, "sha256": pack.manifest["files"]["skillpack.safetensors"]["sha256"]}
+
+
+def _plan_every_parameter(recipe: Recipe, checkpoint: Checkpoint) -> dict[str, ModulePlan]:
+    return {n: recipe.plan(n, model_type=checkpoint.model_type, ndim=len(checkpoint.shape(n))) for n in checkpoint.names()}
 
 
 def _tokenizer(checkpoint: Checkpoint):
@@ -110,22 +114,19 @@ def create_pack(
     name = name or output.name
     task = task or name
     check_pack_identity(name=name, task=task, version=version)
+    if ratio is not None:
+        check_ratio(ratio)
     plan_recipe = Recipe(recipe)
     base_ckpt = _checkpoint(base, base_revision)
     tuned_ckpt = _checkpoint(tuned, tuned_revision)
     check_compatible(base_ckpt, tuned_ckpt)
-    plans = {
-        n: plan_recipe.plan(n, model_type=base_ckpt.model_type, ndim=len(base_ckpt.shape(n)))
-        for n in base_ckpt.names()
-    }
+    plans = _plan_every_parameter(plan_recipe, base_ckpt)
     parent_ref = _parent_reference(parent)
     try:
         torch_device = torch.device(device)
         torch.empty(0, device=torch_device)
     except (RuntimeError, AssertionError) as exc:
         raise SkillhubError(f"device {device!r} is not usable here: {exc}") from exc
-    if ratio is not None and not 0 < ratio <= 1:
-        raise BudgetError(f"--ratio must be in (0, 1], got {ratio}")
     calibration = model = None
     if calib is not None:
         calibration = build_calibration_set(calib, _tokenizer(tuned_ckpt), samples=calib_samples, seqlen=calib_seqlen)
@@ -139,15 +140,16 @@ def create_pack(
 
     budget = None
     if ratio is not None:
+        planning = iter_deltas(base_ckpt, tuned_ckpt, names=layer_order(list(plans)))
         chosen, budget = plan_budget(
-            iter_deltas(base_ckpt, tuned_ckpt, names=layer_order(list(plans))),
+            reporting(planning, progress, "plan", len(plans)),
             roles={n: p.role for n, p in plans.items()},
             numels={n: math.prod(base_ckpt.shape(n)) for n in plans},
-            ratio=ratio, statistics=statistics(), group_size=128, device=torch_device, seed=seed,
+            ratio=ratio, statistics=statistics(), device=torch_device, seed=seed,
         )
         description = f"chosen by budget mode for ratio {ratio} ({budget['weighting']} weighting)"
         plan_recipe = Recipe(budget_recipe(f"budget-{ratio:g}", chosen, description))
-        plans = {n: plan_recipe.plan(n, model_type=base_ckpt.model_type, ndim=len(base_ckpt.shape(n))) for n in plans}
+        plans = _plan_every_parameter(plan_recipe, base_ckpt)
     cursor = statistics()
 
     modules: dict[str, dict[str, Any]] = {}
@@ -156,9 +158,8 @@ def create_pack(
     parameters = squared_error = squared_norm = 0.0
     with staged_directory(output, force=force) as staging:
         writer = PackWriter(staging)
-        total = len(plans)
         deltas = iter_deltas(base_ckpt, tuned_ckpt, names=layer_order(list(plans)), fingerprint=fingerprint)
-        for done, item in enumerate(deltas, start=1):
+        for item in reporting(deltas, progress, "compress", len(plans)):
             parameters += item.delta.numel()
             if not torch.any(item.delta):
                 unchanged.append(item.name)
@@ -191,7 +192,6 @@ def create_pack(
                     "delta_fp16_bytes": 2 * item.delta.numel(),
                     "error": error / norm,
                 }
-            progress("compress", done, total)
         manifest: dict[str, Any] = {
             "format": "skillpack",
             "format_version": FORMAT_VERSION,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 from contextlib import contextmanager
 
 # progress(description, completed, total): called after each unit of work.
@@ -11,6 +12,16 @@ ProgressCallback = Callable[[str, int, int], None]
 
 def no_progress(description: str, completed: int, total: int) -> None:
     """The default callback: report nothing."""
+
+
+Item = TypeVar("Item")
+
+
+def reporting(items: Iterable[Item], progress: ProgressCallback, description: str, total: int) -> Iterator[Item]:
+    """Yield ``items`` unchanged, calling ``progress(description, n, total)`` after each."""
+    for done, item in enumerate(items, start=1):
+        yield item
+        progress(description, done, total)
 
 
 @contextmanager
