@@ -6,6 +6,12 @@ Python API::
     pack = create_pack("base-model/", "tuned-model/", "packs/math", task="math")
     apply_packs("base-model/", ["packs/math"], "math-model/")
 
+    from skillhub import Registry
+    registry = Registry()                      # $SKILLHUB_HOME, or a directory, or a SQLAlchemy URL
+    registry.add("packs/math", task="math")
+    with registry.activated(model, task="math"):   # patched in place, exact bits restored after
+        ...
+
 Exports are imported on first use, so ``import skillhub`` (and ``skillhub --help``) do not
 pay for torch and transformers.
 """
@@ -21,6 +27,7 @@ _EXPORTS = {
     "apply_packs": "skillhub.activate",
     "create_pack": "skillhub.compress",
     "load_pack": "skillhub.pack",
+    "Registry": "skillhub.registry",
     "SkillPack": "skillhub.pack",
     "SkillhubError": "skillhub.errors",
 }

@@ -198,6 +198,8 @@ def capture_statistics(
         caught.append((args, kwargs))
         raise _StopForward
 
+    # Grad mode is process state: a generator suspended inside `with torch.no_grad()` would
+    # leave autograd off for its caller, so no-grad scopes never span a yield.
     with torch.no_grad():
         head_hooks = _HessianHooks(outside)
         for batch in batches:
@@ -214,15 +216,16 @@ def capture_statistics(
         finally:
             handle.remove()
 
-        for index, layer in enumerate(layers):
-            hooks = _HessianHooks(_linear_modules(layer, f"{layer_prefix}{index}."))
-            outputs = []
+    for index, layer in enumerate(layers):
+        hooks = _HessianHooks(_linear_modules(layer, f"{layer_prefix}{index}."))
+        outputs = []
+        with torch.no_grad():
             for args, kwargs in caught:
                 result = layer(*args, **kwargs)
                 hidden = result[0] if isinstance(result, tuple) else result
                 outputs.append(((hidden, *args[1:]), kwargs))
-            caught = outputs
-            yield index, hooks.close(model_type=model_type)
+        caught = outputs
+        yield index, hooks.close(model_type=model_type)
     yield None, head_statistics
 
 

@@ -22,7 +22,7 @@ from skillhub.calibrate import (
 from skillhub.card import render_card
 from skillhub.delta import check_compatible, iter_deltas
 from skillhub.errors import OperatorError, SkillhubError
-from skillhub.manifest import FORMAT_VERSION, check_pack_identity, totals
+from skillhub.manifest import FORMAT_VERSION, TENSORS_FILE, check_pack_identity, totals
 from skillhub.models import Checkpoint, Fingerprint, open_checkpoint
 from skillhub.operators import EncodeContext
 from skillhub.pack import PackWriter, SkillPack, load_pack, staged_directory
@@ -35,7 +35,7 @@ def _parent_reference(parent: str | os.PathLike[str] | None) -> dict[str, str] |
     if parent is None:
         return None
     pack = load_pack(parent)
-    return {"name": pack.name, "version": pack.version, "sha256": pack.manifest["files"]["skillpack.safetensors"]["sha256"]}
+    return {"name": pack.name, "version": pack.version, "sha256": pack.manifest["files"][TENSORS_FILE]["sha256"]}
 
 
 def _plan_every_parameter(recipe: Recipe, checkpoint: Checkpoint) -> dict[str, ModulePlan]:

@@ -6,9 +6,13 @@ import re
 from typing import Any
 
 from skillhub.errors import PackError, SkillhubError
-from skillhub.schemas import load_schema, validate
 
 FORMAT_VERSION = 1
+# The files of a pack directory (see skillhub.pack). Kept here, away from torch, so that
+# registry listings can name them without loading the tensor machinery.
+MANIFEST_FILE = "skillpack.json"
+TENSORS_FILE = "skillpack.safetensors"
+CARD_FILE = "README.md"
 # Keys of skillpack.json that are not embedded in skillpack.safetensors: the file hashes
 # (a file cannot hold its own hash) and the provenance a pull adds afterwards.
 DETACHED_KEYS = ("files", "source")
@@ -20,6 +24,8 @@ def validate_manifest(document: Any, *, what: str) -> None:
     Raises:
         PackError: Naming the first offending field.
     """
+    from skillhub.schemas import validate  # jsonschema: only where a manifest is validated
+
     validate(document, "skillpack", error=PackError, what=what)
 
 
@@ -48,6 +54,8 @@ def check_pack_identity(*, name: str, task: str, version: str) -> None:
     Raises:
         SkillhubError: Naming the bad value and the allowed form.
     """
+    from skillhub.schemas import load_schema
+
     schema = load_schema("skillpack")
     identifier = schema["$defs"]["identifier"]["pattern"]
     for label, value in (("name", name), ("task", task)):

@@ -21,13 +21,10 @@ from typing import Any
 import torch
 
 from skillhub.errors import OutputExistsError, PackError, SkillhubError
-from skillhub.manifest import embedded_part, validate_manifest
+from skillhub.manifest import CARD_FILE, MANIFEST_FILE, TENSORS_FILE, embedded_part, validate_manifest
 from skillhub.operators import check_version, get_operator
 from skillhub.tensorfile import TensorFile, TensorFileWriter
 
-MANIFEST_FILE = "skillpack.json"
-TENSORS_FILE = "skillpack.safetensors"
-CARD_FILE = "README.md"
 METADATA_KEY = "skillpack"
 
 

@@ -84,3 +84,63 @@ def edit_config(model_dir: Path, **changes: Any) -> Path:
     config.update(changes)
     path.write_text(json.dumps(config))
     return model_dir
+
+
+@pytest.fixture(scope="session")
+def three_packs(finetuned: FineTune, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Packs of three real fine-tunes of the same base (shift, reverse, sort), paper recipe."""
+    from skillhub import create_pack
+
+    root = tmp_path_factory.mktemp("three")
+    packs = {}
+    for task in ("shift", "reverse", "sort"):
+        if task == "shift":
+            tuned = finetuned.tuned
+        else:
+            train, _ = split_examples(task, train=1000, test=10)
+            tuned = finetune(finetuned.base, train, root / f"tuned-{task}", steps=60, seed=0)
+        packs[task] = create_pack(finetuned.base, tuned, root / task, task=task).path
+    return packs
+
+
+def _postgres_admin_url() -> str | None:
+    import os
+
+    return os.environ.get("SKILLHUB_TEST_POSTGRES_URL", "postgresql+psycopg://postgres:skillhub-ci@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def registry_factory(request: pytest.FixtureRequest, tmp_path: Path):
+    """Makes fresh, independent registries on the backend under test (PostgreSQL skips if no server answers)."""
+    from skillhub.registry import Registry
+
+    if request.param == "sqlite":
+        counter = iter(range(100))
+        yield lambda: Registry(tmp_path / f"registry-{next(counter)}")
+        return
+    import uuid
+
+    import sqlalchemy as sa
+
+    admin = sa.create_engine(_postgres_admin_url(), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.execute(sa.text("select 1"))
+    except Exception:  # noqa: BLE001 - any failure to connect means no server here
+        admin.dispose()
+        pytest.skip("no PostgreSQL server answers at SKILLHUB_TEST_POSTGRES_URL")
+    created: list[str] = []
+
+    def make() -> Registry:
+        name = f"skillhub_test_{uuid.uuid4().hex[:12]}"
+        with admin.connect() as connection:
+            connection.execute(sa.text(f"CREATE DATABASE {name}"))
+        created.append(name)
+        url = admin.url.set(database=name).render_as_string(hide_password=False)
+        return Registry(url, store=tmp_path / f"store-{name}")
+
+    yield make
+    with admin.connect() as connection:
+        for name in created:
+            connection.execute(sa.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    admin.dispose()

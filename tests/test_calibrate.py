@@ -147,3 +147,13 @@ def test_bad_calibration_writes_nothing(finetuned: FineTune, tmp_path: Path) -> 
     with pytest.raises(CalibrationError, match="is empty"):
         create_pack(finetuned.base, finetuned.tuned, tmp_path / "pack", calib=empty)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl"]
+
+
+def test_an_abandoned_capture_leaves_autograd_on(finetuned: FineTune) -> None:
+    """Grad mode is process state: stopping halfway through the layers must not leave it off."""
+    model = load_for_calibration(finetuned.tuned, device="cpu")
+    statistics = capture_statistics(model, _calibration(finetuned))
+    next(statistics)
+    assert torch.is_grad_enabled()
+    statistics.close()
+    assert torch.is_grad_enabled()

@@ -1,4 +1,4 @@
-"""The built wheel carries schemas/ and the operator entry points, not only the checkout."""
+"""The built wheel carries schemas/, registry/ migrations and the operator entry points, not only the checkout."""
 
 from __future__ import annotations
 
@@ -21,7 +21,9 @@ assert skillhub.__file__.startswith(sys.argv[1]), skillhub.__file__
 manifest = json.loads(open(sys.argv[2]).read())
 validate(manifest, "skillpack", error=PackError, what="probe")
 names = sorted(ep.name for ep in metadata.entry_points(group="skillhub.operators"))
-print(json.dumps({"schemas": [load_schema(n)["title"] for n in ("skillpack", "recipe")], "operators": names}))
+from skillhub.migrations import migration_names
+print(json.dumps({"schemas": [load_schema(n)["title"] for n in ("skillpack", "recipe")], "operators": names,
+                  "migrations": migration_names()}))
 """
 
 
@@ -47,3 +49,4 @@ def test_wheel_installs_schemas_and_entry_points(tmp_path: Path, paper_pack) -> 
     found = json.loads(probe.stdout)
     assert found["schemas"] == ["SkillPack manifest (format version 1)", "skillhub compression recipe"]
     assert found["operators"] == ["lowrank", "magnitude-prune", "raw", "rtn", "svd", "svd-mixed"]
+    assert found["migrations"] == ["m0001_initial", "m0002_evaluation"]

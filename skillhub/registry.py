@@ -1,0 +1,509 @@
+"""The registry: per base model, the lineage of SkillPacks, task activation sets, unlearning by removal.
+
+Metadata lives in a SQL database: by default ``<home>/registry.db`` (SQLite in WAL mode,
+write transactions taken with ``BEGIN IMMEDIATE`` and a busy timeout, so concurrent
+``skillhub add`` processes queue instead of failing), or any SQLAlchemy URL (PostgreSQL for a
+shared team registry). Pack files live in a content-addressed :class:`PackStore`.
+
+Adding a pack writes its files to the store first and then, in one transaction, its row and
+its lineage event, so an interrupted ``add`` leaves either nothing or at worst an unreferenced
+stored copy that ``doctor`` reports and a retry reuses. Activation (paper Eq. 10) always
+starts from the pristine base: theta_t = theta_base + sum of the packs in S_t, summed in the
+order they were added, so removing a pack yields exactly the weights of a registry that
+never had it.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import shutil
+import socket
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from typing import TYPE_CHECKING
+
+from sqlalchemy import Engine, create_engine, event, func, select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlmodel import Session
+
+from skillhub import config
+from skillhub.errors import MismatchError, PackError, SkillhubError
+from skillhub.manifest import TENSORS_FILE
+from skillhub.migrations import lock_registry, migrate
+from skillhub.progress import ProgressCallback, no_progress
+from skillhub.store import PackStore
+from skillhub.tables import BaseModelRow, EventRow, PackRow, TaskPackRow, TaskRow
+
+if TYPE_CHECKING:  # torch and the pack machinery load only for commands that touch weights
+    import torch
+
+    from skillhub.pack import SkillPack
+
+DATABASE_FILE = "registry.db"
+STORE_DIR = "packs"
+
+
+class RegistryError(SkillhubError):
+    """The registry cannot be opened or a registry operation is invalid."""
+
+
+class NotFoundError(RegistryError):
+    """A pack, task or base model named by the user does not exist."""
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _actor() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()} pid {os.getpid()}"
+
+
+def _sqlite_engine(path: Path) -> Engine:
+    engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": 60})
+
+    @event.listens_for(engine, "connect")
+    def _configure(dbapi_connection, _record) -> None:
+        # Let SQLAlchemy's "begin" below open transactions, as BEGIN IMMEDIATE: a writer takes
+        # the write lock up front and waits for it (busy timeout) instead of failing mid-way.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=60000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+class Registry:
+    """A SkillPack registry.
+
+    Args:
+        location: A registry directory, or an SQLAlchemy URL for the metadata
+            (default: ``$SKILLHUB_HOME``, else the platform user data dir).
+        store: Directory of pack files (default: ``<location>/packs``, or ``<home>/packs`` for a URL).
+
+    Raises:
+        RegistryError: The directory is not writable or the database cannot be reached.
+    """
+
+    def __init__(self, location: str | os.PathLike[str] | None = None, *, store: str | os.PathLike[str] | None = None):
+        where = str(location) if location is not None else str(config.home())
+        try:
+            if "://" in where:
+                self.url = where
+                self.engine = create_engine(where)
+                store_root = Path(store) if store else config.home() / STORE_DIR
+            else:
+                directory = Path(where)
+                directory.mkdir(parents=True, exist_ok=True)
+                if not os.access(directory, os.W_OK):
+                    raise RegistryError(f"registry directory {directory} is not writable")
+                self.url = str(directory)
+                self.engine = _sqlite_engine(directory / DATABASE_FILE)
+                store_root = Path(store) if store else directory / STORE_DIR
+            migrate(self.engine)
+        except OSError as exc:
+            raise RegistryError(f"cannot use registry {where}: {exc.strerror or exc}") from exc
+        except SQLAlchemyError as exc:
+            raise RegistryError(f"cannot open registry {where}: {exc.orig if hasattr(exc, 'orig') else exc}") from exc
+        self.store = PackStore(store_root)
+
+    # ------------------------------------------------------------------ sessions and lookups
+
+    @contextmanager
+    def _session(self, *, write: bool = False) -> Iterator[Session]:
+        """One transaction: committed on success, rolled back on any error; ``write`` serializes writers."""
+        try:
+            with Session(self.engine, expire_on_commit=False) as session, session.begin():
+                if write:
+                    lock_registry(session.connection())
+                yield session
+        except SQLAlchemyError as exc:
+            raise RegistryError(f"registry database error: {exc.orig if hasattr(exc, 'orig') else exc}") from exc
+
+    def _base(self, session: Session, base: str | None) -> BaseModelRow:
+        bases = list(session.scalars(select(BaseModelRow)))
+        if base is not None:
+            for row in bases:
+                if base in (row.name, row.fingerprint, row.location):
+                    return row
+            raise NotFoundError(f"no base model {base!r} in the registry; known: {', '.join(b.name for b in bases) or 'none'}")
+        if len(bases) == 1:
+            return bases[0]
+        if not bases:
+            raise NotFoundError("the registry has no base model yet: `skillhub add` a pack first")
+        raise RegistryError(f"the registry holds several base models ({', '.join(b.name for b in bases)}): pass --base")
+
+    def _pack(self, session: Session, pack_id: str) -> PackRow:
+        matches = list(session.scalars(select(PackRow).where(PackRow.id.startswith(pack_id)))) if pack_id else []
+        if len(matches) == 1:
+            return matches[0]
+        if not matches:
+            raise NotFoundError(f"no pack {pack_id!r} in the registry; `skillhub list` shows the pack ids")
+        raise RegistryError(f"pack id {pack_id!r} is ambiguous ({len(matches)} packs): give more characters")
+
+    def _log(self, session: Session, base: BaseModelRow, kind: str, *, pack: str | None = None,
+             task: str | None = None, **detail: Any) -> None:
+        session.add(EventRow(base_id=base.id, kind=kind, pack_id=pack, task=task, detail=json.dumps(detail),
+                             actor=_actor(), at=_now()))
+
+    # ------------------------------------------------------------------ adding
+
+    def add(self, pack: str | os.PathLike[str] | SkillPack, *, task: str | None = None, base: str | None = None,
+            new_base: bool = False, base_location: str | None = None) -> dict[str, Any]:
+        """Add a pack (verified, stored by content) to the lineage of its base model.
+
+        Args:
+            pack: A pack directory or an opened pack.
+            task: The task it teaches (default: the task in its manifest).
+            base: Name of the registered base it must belong to (default: found by fingerprint).
+            new_base: Register the pack's base model if the registry does not know it yet,
+                even though other bases are registered.
+            base_location: Where the base's weights are (local dir or Hub id) for later activation
+                (default: the base id recorded in the pack).
+
+        Returns:
+            The pack's registry entry.
+
+        Raises:
+            MismatchError: The pack was made for a base other than the registered one.
+            PackError: The pack is corrupt or fails its schema.
+        """
+        from skillhub.pack import SkillPack, load_pack
+
+        opened = pack if isinstance(pack, SkillPack) else load_pack(pack)
+        recorded = opened.manifest["base"]
+        with self._session() as session:  # check the base before copying any file
+            bases = list(session.scalars(select(BaseModelRow)))
+            self._match_base(bases, recorded, base=base, new_base=new_base)
+        sha256 = self.store.put(opened)
+        with self._session(write=True) as session:
+            bases = list(session.scalars(select(BaseModelRow)))
+            base_row = self._match_base(bases, recorded, base=base, new_base=new_base)
+            if base_row is None:
+                base_row = BaseModelRow(
+                    name=base or recorded["id"], location=base_location or recorded["id"], revision=recorded["revision"],
+                    architecture=recorded["architecture"], model_type=recorded["model_type"],
+                    fingerprint=recorded["fingerprint"], registered_at=_now(),
+                )
+                session.add(base_row)
+                session.flush()
+                self._log(session, base_row, "base", name=base_row.name, fingerprint=base_row.fingerprint)
+            existing = session.scalars(select(PackRow).where(PackRow.sha256 == sha256)).first()
+            if existing is not None and existing.state == "active":
+                raise RegistryError(f"pack {existing.id} ({existing.name} {existing.version}) is already in the registry")
+            position = (session.scalar(select(func.max(PackRow.position))) or 0) + 1
+            task_name = task or opened.task
+            if existing is not None:  # re-adding a removed pack starts it over at the end of the lineage
+                row = existing
+                row.state, row.purged, row.position, row.task, row.added_at = "active", False, position, task_name, _now()
+            else:
+                row = PackRow(
+                    id=sha256[:12], base_id=base_row.id, name=opened.name, task=task_name, version=opened.version,
+                    sha256=sha256, bytes=opened.manifest["totals"]["stored_bytes"],
+                    ratio=opened.manifest["totals"]["ratio"], parent_id=self._parent_id(session, opened),
+                    state="active", purged=False, position=position, added_at=_now(),
+                    manifest=json.dumps(opened.manifest),
+                )
+                session.add(row)
+            self._ensure_task(session, base_row, task_name)
+            session.flush()
+            self._log(session, base_row, "add", pack=row.id, task=task_name, name=row.name, version=row.version,
+                      sha256=sha256)
+            return self._describe(row, base_row)
+
+    @staticmethod
+    def _match_base(bases: list[BaseModelRow], recorded: dict[str, Any], *, base: str | None,
+                    new_base: bool) -> BaseModelRow | None:
+        fingerprint = recorded["fingerprint"]
+        if base is not None:
+            named = next((b for b in bases if b.name == base), None)
+            if named is not None and named.fingerprint != fingerprint:
+                raise MismatchError(
+                    f"the pack was made for base {recorded['id']} ({fingerprint[:19]}...), not for the registered base "
+                    f"{named.name} ({named.fingerprint[:19]}...): the weights differ"
+                )
+            if named is not None:
+                return named
+        same = next((b for b in bases if b.fingerprint == fingerprint), None)
+        if same is not None or not bases or new_base or base is not None:
+            return same
+        known = ", ".join(f"{b.name} ({b.fingerprint[:19]}...)" for b in bases)
+        raise MismatchError(
+            f"the pack was made for base {recorded['id']} ({fingerprint[:19]}...), which differs from the registered "
+            f"base model(s) {known}; pass --new-base to start a lineage for it"
+        )
+
+    def _parent_id(self, session: Session, pack: SkillPack) -> str | None:
+        parent = pack.manifest.get("parent")
+        if not parent:
+            return None
+        row = session.scalars(select(PackRow).where(PackRow.sha256 == parent["sha256"])).first()
+        return row.id if row else None
+
+    def _ensure_task(self, session: Session, base: BaseModelRow, name: str) -> TaskRow:
+        row = session.scalars(select(TaskRow).where(TaskRow.base_id == base.id, TaskRow.name == name)).first()
+        if row is None:
+            row = TaskRow(base_id=base.id, name=name, explicit=False)
+            session.add(row)
+            session.flush()
+        return row
+
+    # ------------------------------------------------------------------ reading
+
+    @staticmethod
+    def _describe(row: PackRow, base: BaseModelRow | None = None) -> dict[str, Any]:
+        described = {
+            "id": row.id, "name": row.name, "task": row.task, "version": row.version, "sha256": row.sha256,
+            "bytes": row.bytes, "ratio": row.ratio, "parent": row.parent_id, "state": row.state,
+            "purged": row.purged, "position": row.position, "added_at": row.added_at,
+        }
+        if base is not None:
+            described["base"] = base.name
+        return described
+
+    _LISTED = (PackRow.id, PackRow.name, PackRow.task, PackRow.version, PackRow.sha256, PackRow.bytes,
+               PackRow.ratio, PackRow.parent_id, PackRow.state, PackRow.purged, PackRow.position, PackRow.added_at,
+               BaseModelRow.name)
+
+    def list_packs(self, *, base: str | None = None, include_removed: bool = False) -> list[dict[str, Any]]:
+        """Packs in lineage order (oldest first)."""
+        with self._session() as session:
+            # Plain column rows: building an ORM object per pack costs more than the query itself.
+            query = select(*self._LISTED).join(BaseModelRow, PackRow.base_id == BaseModelRow.id)
+            if base is not None:
+                query = query.where(PackRow.base_id == self._base(session, base).id)
+            if not include_removed:
+                query = query.where(PackRow.state == "active")
+            keys = ("id", "name", "task", "version", "sha256", "bytes", "ratio", "parent", "state", "purged",
+                    "position", "added_at", "base")
+            return [dict(zip(keys, row)) for row in session.execute(query.order_by(PackRow.position))]
+
+    def show(self, pack_id: str) -> dict[str, Any]:
+        """One pack's entry, with its manifest and the tasks whose activation set holds it."""
+        with self._session() as session:
+            row = self._pack(session, pack_id)
+            base = session.get(BaseModelRow, row.base_id)
+            described = self._describe(row, base)
+            described["manifest"] = json.loads(row.manifest)
+            described["in_tasks"] = [t["name"] for t in self._tasks(session, base) if row.id in t["packs"]]
+            described["path"] = str(self.store.path(row.sha256)) if not row.purged else None
+            return described
+
+    def log(self, *, base: str | None = None) -> list[dict[str, Any]]:
+        """The lineage event log, oldest first."""
+        with self._session() as session:
+            query = select(EventRow.id, BaseModelRow.name, EventRow.kind, EventRow.pack_id, EventRow.task,
+                           EventRow.detail, EventRow.actor, EventRow.at).join(
+                BaseModelRow, EventRow.base_id == BaseModelRow.id)
+            if base is not None:
+                query = query.where(EventRow.base_id == self._base(session, base).id)
+            return [
+                {"id": id_, "base": base_name, "kind": kind, "pack": pack, "task": task, "detail": json.loads(detail),
+                 "actor": actor, "at": at}
+                for id_, base_name, kind, pack, task, detail, actor, at in session.execute(query.order_by(EventRow.id))
+            ]
+
+    def _tasks(self, session: Session, base: BaseModelRow) -> list[dict[str, Any]]:
+        active = list(session.scalars(
+            select(PackRow).where(PackRow.base_id == base.id, PackRow.state == "active").order_by(PackRow.position)))
+        members: dict[int, set[str]] = {}
+        for link in session.scalars(select(TaskPackRow)):
+            members.setdefault(link.task_id, set()).add(link.pack_id)
+        tasks = []
+        for task in session.scalars(select(TaskRow).where(TaskRow.base_id == base.id).order_by(TaskRow.name)):
+            chosen = members.get(task.id, set()) if task.explicit else {p.id for p in active if p.task == task.name}
+            tasks.append({"name": task.name, "explicit": task.explicit,
+                          "packs": [p.id for p in active if p.id in chosen]})
+        return tasks
+
+    def tasks(self, *, base: str | None = None) -> list[dict[str, Any]]:
+        """Every task of a base with its activation set S_t (pack ids in lineage order)."""
+        with self._session() as session:
+            return self._tasks(session, self._base(session, base))
+
+    def set_task(self, task: str, pack_ids: Sequence[str], *, base: str | None = None) -> dict[str, Any]:
+        """Make S_t exactly ``pack_ids`` (an empty list: the base model alone)."""
+        with self._session(write=True) as session:
+            base_row = self._base(session, base)
+            packs = [self._pack(session, p) for p in pack_ids]
+            for pack in packs:
+                if pack.state != "active" or pack.base_id != base_row.id:
+                    raise RegistryError(f"pack {pack.id} is not an active pack of base {base_row.name}")
+            row = self._ensure_task(session, base_row, task)
+            row.explicit = True
+            for link in session.scalars(select(TaskPackRow).where(TaskPackRow.task_id == row.id)):
+                session.delete(link)
+            session.flush()
+            for pack in packs:
+                session.add(TaskPackRow(task_id=row.id, pack_id=pack.id))
+            self._log(session, base_row, "task-set", task=task, packs=[p.id for p in packs])
+            return next(t for t in self._tasks(session, base_row) if t["name"] == task)
+
+    # ------------------------------------------------------------------ activation and removal
+
+    def activation_set(self, *, task: str | None = None, packs: Sequence[str] | None = None,
+                       base: str | None = None) -> tuple[dict[str, Any], list[SkillPack]]:
+        """The base entry and the opened packs of S_t (or of an explicit list), in lineage order."""
+        if (task is None) == (packs is None):
+            raise RegistryError("give exactly one of a task or a list of packs")
+        with self._session() as session:
+            base_row = self._base(session, base)
+            if task is not None:
+                found = next((t for t in self._tasks(session, base_row) if t["name"] == task), None)
+                if found is None:
+                    known = ", ".join(t["name"] for t in self._tasks(session, base_row)) or "none"
+                    raise NotFoundError(f"no task {task!r} for base {base_row.name}; known tasks: {known}")
+                ids = found["packs"]
+            else:
+                ids = [self._pack(session, p).id for p in packs]
+            rows = sorted((self._pack(session, i) for i in ids), key=lambda r: r.position)
+            for row in rows:
+                if row.state != "active" or row.base_id != base_row.id:
+                    raise RegistryError(f"pack {row.id} is not an active pack of base {base_row.name}")
+            base_entry = {"name": base_row.name, "location": base_row.location, "fingerprint": base_row.fingerprint}
+            shas = [r.sha256 for r in rows]
+        return base_entry, [self.store.open(sha) for sha in shas]
+
+    def activate(self, output: str | os.PathLike[str], *, task: str | None = None, packs: Sequence[str] | None = None,
+                 base: str | None = None, base_location: str | None = None, force: bool = False,
+                 progress: ProgressCallback = no_progress) -> Path:
+        """Write theta_base + sum of S_t as a Hugging Face checkpoint directory (paper Eq. 10)."""
+        from skillhub.activate import apply_packs
+
+        base_entry, opened = self.activation_set(task=task, packs=packs, base=base)
+        return apply_packs(base_location or base_entry["location"], opened, output, force=force, progress=progress)
+
+    @contextmanager
+    def activated(self, model: torch.nn.Module, *, task: str | None = None, packs: Sequence[str] | None = None,
+                  base: str | None = None, verify: bool = True) -> Iterator[torch.nn.Module]:
+        """Patch a loaded ``transformers`` model with S_t in place; restore its exact bits on exit.
+
+        Each patched weight is computed from a saved copy of the original, so switching from one
+        task to another never accumulates error.
+
+        Raises:
+            MismatchError: ``verify`` and the model's weights are not the registered base.
+        """
+        import torch
+
+        base_entry, opened = self.activation_set(task=task, packs=packs, base=base)
+        parameters = dict(model.named_parameters())
+        if verify:
+            self._check_model_is_base(model, base_entry)
+        touched = sorted({name for pack in opened for name in pack.modules})
+        missing = [n for n in touched if n not in parameters]
+        if missing:
+            raise MismatchError(f"the model has no parameter(s) {', '.join(missing[:5])} that the packs change")
+        originals = {name: parameters[name].detach().clone() for name in touched}
+        try:
+            with torch.no_grad():
+                for name in touched:
+                    weight = originals[name].to(torch.float32)
+                    for pack in opened:
+                        if name in pack.modules:
+                            weight = weight + pack.decode(name).to(weight.device)
+                    parameters[name].copy_(weight.to(originals[name].dtype))
+            yield model
+        finally:
+            with torch.no_grad():
+                for name, original in originals.items():
+                    parameters[name].copy_(original)
+
+    @staticmethod
+    def _check_model_is_base(model: torch.nn.Module, base_entry: dict[str, Any]) -> None:
+        from skillhub.models import Fingerprint
+
+        state = model.state_dict()
+        if getattr(model.config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)  # tied: not a tensor of its own in the checkpoint
+        fingerprint = Fingerprint()
+        for name, tensor in state.items():
+            fingerprint.update(name, tensor)
+        if fingerprint.hexdigest() != base_entry["fingerprint"]:
+            raise MismatchError(
+                f"the model's weights are not the registered base {base_entry['name']}: load it unchanged, in its "
+                "stored dtype (or pass verify=False)"
+            )
+
+    def remove(self, pack_id: str, *, purge: bool = False) -> dict[str, Any]:
+        """Unlearn a pack: drop it from the lineage's active packs and every activation set.
+
+        With ``purge`` its files are deleted from the store as well.
+        """
+        with self._session(write=True) as session:
+            row = self._pack(session, pack_id)
+            base = session.get(BaseModelRow, row.base_id)
+            if row.state == "removed" and (row.purged or not purge):
+                raise RegistryError(f"pack {row.id} was already removed")
+            was_active = row.state == "active"
+            row.state = "removed"
+            for link in session.scalars(select(TaskPackRow).where(TaskPackRow.pack_id == row.id)):
+                session.delete(link)
+            if was_active:
+                self._log(session, base, "remove", pack=row.id, task=row.task, name=row.name, version=row.version)
+            if purge:
+                row.purged = True
+                self._log(session, base, "purge", pack=row.id, task=row.task, sha256=row.sha256)
+            described = self._describe(row, base)
+        if purge:
+            self.store.delete(described["sha256"])
+        return described
+
+    # ------------------------------------------------------------------ consistency
+
+    def doctor(self, *, repair: bool = False) -> dict[str, Any]:
+        """Check every stored pack against the database.
+
+        Problems (the registry is inconsistent): a pack row whose files are missing, or whose files
+        fail their sha256. Leftovers (harmless, removed by ``repair``): stored packs no row refers to,
+        and incoming directories of interrupted writes.
+        """
+        with self._session() as session:
+            rows = list(session.scalars(select(PackRow)))
+        problems, checked = [], 0
+        for row in rows:
+            if row.purged:
+                continue
+            checked += 1
+            try:
+                pack = self.store.open(row.sha256)
+                if pack.manifest["files"][TENSORS_FILE]["sha256"] != row.sha256:
+                    raise PackError("stored under the wrong address")
+            except PackError as exc:
+                problems.append({"pack": row.id, "problem": str(exc)})
+        referenced = {row.sha256 for row in rows if not row.purged}
+        orphans = sorted(set(self.store.addresses()) - referenced)
+        leftovers = [str(p) for p in self.store.leftovers()]
+        repaired = []
+        if repair:
+            for sha in orphans:
+                self.store.delete(sha)
+                repaired.append(f"deleted unreferenced stored pack {sha[:12]}")
+            for leftover in self.store.leftovers():
+                shutil.rmtree(leftover, ignore_errors=True)
+                repaired.append(f"deleted interrupted write {leftover.name}")
+        return {
+            "consistent": not problems,
+            "checked": checked,
+            "problems": problems,
+            "orphans": [] if repair else orphans,
+            "leftovers": [] if repair else leftovers,
+            "repaired": repaired,
+        }
