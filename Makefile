@@ -13,7 +13,7 @@ $(PY):
 # torch first and pinned: a plain requirement would pull several GB of CUDA wheels.
 $(STAMP): $(PY) pyproject.toml constraints.txt
 	$(PIP) install --disable-pip-version-check -q torch==2.13.0
-	$(PIP) install --disable-pip-version-check -q -c constraints.txt -e '.[test]'
+	$(PIP) install --disable-pip-version-check -q -c constraints.txt -e '.[test,plot]'
 	touch $(STAMP)
 
 install: $(STAMP)

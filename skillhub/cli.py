@@ -252,12 +252,12 @@ def apply(ctx: click.Context, base: str, packs: tuple[Path, ...], output: Path, 
 
 @main.command()
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path("demo-output"), show_default=True,
-              help="Where the models and packs go.")
-@click.option("--fast", is_flag=True, help="Fewer training steps (for tests; about a minute).")
+              help="Where the models, packs and registry go (replaced).")
+@click.option("--fast", is_flag=True, help="Fewer training steps and test prompts (about a minute; for tests).")
 @json_option
 @click.pass_context
 def demo(ctx: click.Context, workdir: Path, fast: bool, as_json: bool) -> None:
-    """Run the embedded end-to-end example: tiny base, real fine-tune, pack, apply, evaluate."""
+    """The embedded end to end: three tasks in sequence, forgetting of fine-tuning vs skillhub, unlearning."""
     from skillhub.demo import run_demo
 
     as_json = _wants_json(ctx, as_json)
@@ -266,18 +266,34 @@ def demo(ctx: click.Context, workdir: Path, fast: bool, as_json: bool) -> None:
     if as_json:
         _emit_json(result)
         return
-    console = _stdout()
-    table = _table(title=f"Task '{result['task']}' exact match on {result['test_examples']} held-out prompts",
-                  show_edge=False)
-    for column in ("model", "accuracy", "size"):
-        table.add_column(column)
-    table.add_row("base", f"{result['accuracy']['base']:.1%}", "")
-    table.add_row("fine-tuned (full)", f"{result['accuracy']['tuned']:.1%}",
-                  f"{result['pack']['delta_fp16_bytes']:,} B fp16 delta")
-    table.add_row(f"base + SkillPack ({result['pack']['recipe']})", f"{result['accuracy']['applied']:.1%}",
-                  f"{result['pack']['stored_bytes']:,} B ({result['pack']['ratio']:.2%})")
-    console.print(table)
-    console.print(f"pack: {result['paths']['pack']}\napplied model: {result['paths']['applied']}")
+    click.echo(format_demo(result))
+
+
+def format_demo(result: dict[str, Any]) -> str:
+    """The demo's report: forgetting tables side by side, unlearning, where things are."""
+    matrices = result["matrices"]
+    removal = result["removal"]
+    lines = [
+        f"Tasks learned in sequence: {', '.join(result['tasks'])} "
+        f"({result['train_steps']} fine-tuning steps each, exact match on {result['test_examples']} held-out prompts)",
+        "",
+        format_forgetting(matrices),
+        "",
+        f"Unlearning: removed the pack of task {removal['task']} ({removal['pack']}); scores under each task's own set:",
+        "| task | before | after | base |",
+        "|---|---:|---:|---:|",
+    ]
+    base_of = dict(zip(matrices["tasks"], matrices["base"]))
+    for task in result["tasks"]:
+        lines.append(f"| {task} | {removal['before'][task]:.2f} | {removal['after'][task]:.2f} | {base_of[task]:.2f} |")
+    lines += [
+        "",
+        "Packs: " + ", ".join(f"{t} {p['id']} ({p['ratio']:.2%} of its fp16 delta)" for t, p in result["packs"].items()),
+        f"Registry: {result['paths']['registry']}  (try: skillhub --registry {result['paths']['registry']} log)",
+        f"Packs: {result['paths']['packs']}",
+        f"Plot: {result['paths']['plot'] or 'not written (pip install matplotlib)'}",
+    ]
+    return "\n".join(lines)
 
 
 @main.group()
@@ -374,18 +390,26 @@ def init(ctx: click.Context, as_json: bool) -> None:
 @click.option("--calib", type=click.Path(path_type=Path), help="With --from: calibration text for GPTQ.")
 @click.option("--calib-samples", default=128, show_default=True)
 @click.option("--calib-seqlen", default=512, show_default=True)
+@click.option("--eval", "eval_file", type=click.Path(path_type=Path), help="Eval set of the task (as `task add`).")
+@click.option("--metric", type=click.Choice(["exact_match", "perplexity"]), default="exact_match", show_default=True)
+@click.option("--no-eval", is_flag=True, help="Do not score the registered tasks after adding.")
 @json_option
 @click.pass_context
 def add(ctx: click.Context, pack: Path | None, from_models: tuple[str, str] | None, task: str, base: str | None,
         new_base: bool, base_location: str | None, recipe: str, ratio: float | None, calib: Path | None,
-        calib_samples: int, calib_seqlen: int, as_json: bool) -> None:
-    """Add PACK (or a pack made --from BASE TUNED) to the registry as task T."""
+        calib_samples: int, calib_seqlen: int, eval_file: Path | None, metric: str, no_eval: bool,
+        as_json: bool) -> None:
+    """Add PACK (or a pack made --from BASE TUNED) to the registry as task T, then score every task."""
     import tempfile
 
     if (pack is None) == (from_models is None):
         raise click.UsageError("give either PACK or --from BASE TUNED")
     registry = _registry(ctx)
     as_json = _wants_json(ctx, as_json)
+    if eval_file is not None:
+        from skillhub.evaluate import load_eval_set
+
+        load_eval_set(eval_file, metric)  # a bad eval file stops the add before anything is written
     if from_models is not None:
         from skillhub.compress import create_pack
 
@@ -396,11 +420,29 @@ def add(ctx: click.Context, pack: Path | None, from_models: tuple[str, str] | No
                                  base_location=base_location or from_models[0])
     else:
         entry = registry.add(pack, task=task, base=base, new_base=new_base, base_location=base_location)
+    if eval_file is not None:
+        registry.add_task(task, eval_file, metric=metric, base=entry["base"])
+    if not no_eval:
+        from skillhub.forgetting import evaluate_tasks
+
+        with _progress(not as_json) as progress:
+            entry["scores"] = evaluate_tasks(registry, base=entry["base"], step=entry["event"], progress=progress)
     if as_json:
         _emit_json(entry)
-    else:
-        click.echo(f"Added pack {entry['id']} ({entry['name']} {entry['version']}) for task {entry['task']} "
-                   f"of base {entry['base']}")
+        return
+    click.echo(f"Added pack {entry['id']} ({entry['name']} {entry['version']}) for task {entry['task']} "
+               f"of base {entry['base']}")
+    if entry.get("scores"):
+        _print_scores(entry["scores"])
+
+
+def _print_scores(records: list[dict[str, Any]]) -> None:
+    by_task: dict[str, dict[str, float]] = {}
+    for record in records:
+        by_task.setdefault(record["task"], {})[record["policy"]] = record["score"]
+    _print_table(["task", "own set (Eq. 10)", "all packs fused", "base"],
+                 [[t, *(f"{s[p]:.3f}" if p in s else "-" for p in ("subset", "fused", "base"))]
+                  for t, s in by_task.items()])
 
 
 @main.command("list")
@@ -468,6 +510,23 @@ def task_list(ctx: click.Context, base: str | None, as_json: bool) -> None:
     _print_table(["task", "activation set", "chosen"],
                  [[t["name"], ", ".join(t["packs"]) or "(base only)", "explicit" if t["explicit"] else "default"]
                   for t in tasks])
+
+
+@task.command("add")
+@click.argument("name")
+@click.option("--eval", "eval_file", required=True, type=click.Path(path_type=Path),
+              help="JSONL eval set: {prompt, answer} for exact_match, {text} for perplexity.")
+@click.option("--metric", type=click.Choice(["exact_match", "perplexity"]), default="exact_match", show_default=True)
+@click.option("--base", help="Base model (needed when the registry holds several).")
+@json_option
+@click.pass_context
+def task_add(ctx: click.Context, name: str, eval_file: Path, metric: str, base: str | None, as_json: bool) -> None:
+    """Give task NAME an eval set, scored at every later addition."""
+    result = _registry(ctx).add_task(name, eval_file, metric=metric, base=base)
+    if _wants_json(ctx, as_json):
+        _emit_json(result)
+    else:
+        click.echo(f"Task {name}: eval set {result['eval']} ({result['metric']}, sha256 {result['sha256'][:12]})")
 
 
 @task.command("set")
@@ -546,3 +605,76 @@ def doctor(ctx: click.Context, repair: bool, as_json: bool) -> None:
             click.echo(f"  repaired: {done}")
     if not report["consistent"]:
         ctx.exit(1)
+
+
+@main.command("eval")
+@click.option("--task", "task_name", help="Only this task (default: every task with an eval set).")
+@click.option("--base", help="Base model (needed when the registry holds several).")
+@click.option("--base-path", help="Where the base weights are (default: the location recorded at add).")
+@json_option
+@click.pass_context
+def eval_command(ctx: click.Context, task_name: str | None, base: str | None, base_path: str | None,
+                 as_json: bool) -> None:
+    """Score tasks now under their own set, all packs fused, and the base; record the scores."""
+    from skillhub.forgetting import evaluate_tasks
+
+    as_json = _wants_json(ctx, as_json)
+    with _progress(not as_json) as progress:
+        records = evaluate_tasks(_registry(ctx), base=base, task=task_name, base_location=base_path,
+                                 progress=progress)
+    if as_json:
+        _emit_json(records)
+    elif records:
+        _print_scores(records)
+    else:
+        click.echo("No task has an eval set yet: `skillhub task add T --eval FILE`")
+
+
+@main.command()
+@click.option("--base", help="Base model (needed when the registry holds several).")
+@click.option("--plot", type=click.Path(path_type=Path), help="Also write heatmaps of R to this PNG (matplotlib).")
+@json_option
+@click.pass_context
+def metrics(ctx: click.Context, base: str | None, plot: Path | None, as_json: bool) -> None:
+    """The accuracy matrix R[k][j] per policy, with ACC, BWT, FWT and average forgetting."""
+    from skillhub.forgetting import accuracy_matrices, plot_matrices
+
+    if plot is not None and not plot.parent.is_dir():
+        raise SkillhubError(f"cannot write the plot to {plot}: directory {plot.parent} does not exist")
+    result = accuracy_matrices(_registry(ctx), base=base)
+    if plot is not None:
+        plot_matrices(result, str(plot))
+    if _wants_json(ctx, as_json):
+        _emit_json(result)
+        return
+    click.echo(format_forgetting(result))
+    if plot is not None:
+        click.echo(f"\nPlot written to {plot}")
+
+
+def format_forgetting(result: dict[str, Any]) -> str:
+    """The accuracy matrices and metrics as Markdown (policies side by side, definitions below)."""
+    tasks = result["tasks"]
+    labels = {"subset": "skillhub, each task's own activation set (Eq. 10)", "fused": "skillhub, all packs merged (Eq. 9)"}
+    policies = {labels.get(name, name): data for name, data in result["policies"].items()}
+    lines = [f"R[k][j]: score on task j (columns) after learning task k (rows); base b = "
+             + ", ".join(f"{t} {'-' if b is None else f'{b:.2f}'}" for t, b in zip(tasks, result["base"])), ""]
+    for label, data in policies.items():
+        lines.append(f"{label}:")
+        lines.append("| after \\ task | " + " | ".join(tasks) + " |")
+        lines.append("|---|" + "---:|" * len(tasks))
+        for task, row in zip(tasks, data["R"]):
+            lines.append(f"| {task} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in row) + " |")
+        lines.append("")
+    names = ["ACC", "BWT", "FWT", "forgetting"]
+    lines.append("| policy | " + " | ".join(names) + " |")
+    lines.append("|---|" + "---:|" * len(names))
+    for label, data in policies.items():
+        if data["metrics"] is None:
+            lines.append(f"| {label} | " + " | ".join("-" for _ in names) + " |")
+            continue
+        values = [data["metrics"][n] for n in names]
+        lines.append(f"| {label} | " + " | ".join("-" if v is None else f"{v:+.3f}" for v in values) + " |")
+    lines.append("")
+    lines.extend(f"- {name}: {definition}" for name, definition in result["definitions"].items())
+    return "\n".join(lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import torch
@@ -11,12 +12,18 @@ from skillhub.errors import SkillhubError
 from skillhub.train import collate
 
 
-def load_eval_examples(path: str | os.PathLike[str]) -> list[dict[str, str]]:
-    """Prompt/answer pairs of a JSONL eval file.
+METRICS = {"exact_match": ("prompt", "answer"), "perplexity": ("text",)}
+
+
+def load_eval_set(path: str | os.PathLike[str], metric: str = "exact_match") -> list[dict[str, str]]:
+    """Examples of a JSONL eval file: ``{"prompt", "answer"}`` for exact_match, ``{"text"}`` for perplexity.
 
     Raises:
-        SkillhubError: The file is unreadable, a line is not JSON or lacks a field, or it holds no example.
+        SkillhubError: Unknown metric, unreadable file, a line that is not JSON or lacks a field, no example.
     """
+    if metric not in METRICS:
+        raise SkillhubError(f"unknown metric {metric!r}: use one of {', '.join(METRICS)}")
+    fields = METRICS[metric]
     examples = []
     try:
         lines = open(path, encoding="utf-8").read().splitlines()
@@ -29,12 +36,39 @@ def load_eval_examples(path: str | os.PathLike[str]) -> list[dict[str, str]]:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise SkillhubError(f"eval file {path} line {number} is not valid JSON: {exc.msg}") from exc
-        if not isinstance(record, dict) or not {"prompt", "answer"} <= record.keys():
-            raise SkillhubError(f"eval file {path} line {number} needs 'prompt' and 'answer' fields")
-        examples.append({"prompt": str(record["prompt"]), "answer": str(record["answer"])})
+        if not isinstance(record, dict) or not set(fields) <= record.keys():
+            wanted = " and ".join(repr(f) for f in fields)
+            raise SkillhubError(f"eval file {path} line {number} needs {wanted} for metric {metric}")
+        examples.append({field: str(record[field]) for field in fields})
     if not examples:
         raise SkillhubError(f"eval file {path} holds no examples")
     return examples
+
+
+def load_eval_examples(path: str | os.PathLike[str]) -> list[dict[str, str]]:
+    """Prompt/answer pairs of a JSONL eval file (exact match)."""
+    return load_eval_set(path, "exact_match")
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, examples: list[dict[str, str]], *, batch_size: int = 32) -> float:
+    """exp(mean negative log-likelihood per token) of ``<s> text </s>`` over every example."""
+    model.eval()
+    total_loss, total_tokens = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = collate(tokenizer, [{"prompt": "", "answer": e["text"]} for e in examples[start : start + batch_size]])
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        targets = batch["labels"][:, 1:]
+        losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100,
+                                                   reduction="sum")
+        total_loss += float(losses)
+        total_tokens += int((targets != -100).sum())
+    return math.exp(total_loss / total_tokens)
+
+
+def score(model, tokenizer, examples: list[dict[str, str]], metric: str) -> float:
+    """The task score under ``metric`` (exact match in [0, 1], or perplexity)."""
+    return exact_match(model, tokenizer, examples) if metric == "exact_match" else perplexity(model, tokenizer, examples)
 
 
 @torch.no_grad()

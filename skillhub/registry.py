@@ -38,7 +38,7 @@ from skillhub.manifest import TENSORS_FILE
 from skillhub.migrations import lock_registry, migrate
 from skillhub.progress import ProgressCallback, no_progress
 from skillhub.store import PackStore
-from skillhub.tables import BaseModelRow, EventRow, PackRow, TaskPackRow, TaskRow
+from skillhub.tables import BaseModelRow, EvalRecordRow, EventRow, PackRow, TaskPackRow, TaskRow
 
 if TYPE_CHECKING:  # torch and the pack machinery load only for commands that touch weights
     import torch
@@ -159,9 +159,11 @@ class Registry:
         raise RegistryError(f"pack id {pack_id!r} is ambiguous ({len(matches)} packs): give more characters")
 
     def _log(self, session: Session, base: BaseModelRow, kind: str, *, pack: str | None = None,
-             task: str | None = None, **detail: Any) -> None:
-        session.add(EventRow(base_id=base.id, kind=kind, pack_id=pack, task=task, detail=json.dumps(detail),
-                             actor=_actor(), at=_now()))
+             task: str | None = None, **detail: Any) -> EventRow:
+        row = EventRow(base_id=base.id, kind=kind, pack_id=pack, task=task, detail=json.dumps(detail),
+                       actor=_actor(), at=_now())
+        session.add(row)
+        return row
 
     # ------------------------------------------------------------------ adding
 
@@ -223,10 +225,10 @@ class Registry:
                 )
                 session.add(row)
             self._ensure_task(session, base_row, task_name)
+            event = self._log(session, base_row, "add", pack=row.id, task=task_name, name=row.name,
+                              version=row.version, sha256=sha256)
             session.flush()
-            self._log(session, base_row, "add", pack=row.id, task=task_name, name=row.name, version=row.version,
-                      sha256=sha256)
-            return self._describe(row, base_row)
+            return {**self._describe(row, base_row), "event": event.id}
 
     @staticmethod
     def _match_base(bases: list[BaseModelRow], recorded: dict[str, Any], *, base: str | None,
@@ -355,6 +357,84 @@ class Registry:
                 session.add(TaskPackRow(task_id=row.id, pack_id=pack.id))
             self._log(session, base_row, "task-set", task=task, packs=[p.id for p in packs])
             return next(t for t in self._tasks(session, base_row) if t["name"] == task)
+
+    # ------------------------------------------------------------------ evaluation
+
+    def add_task(self, name: str, eval_path: str | os.PathLike[str], *, metric: str = "exact_match",
+                 base: str | None = None) -> dict[str, Any]:
+        """Give task ``name`` an eval set (its sha256 is kept, so a changed file is noticed).
+
+        Raises:
+            SkillhubError: The eval file is unusable for ``metric`` (nothing is recorded then).
+        """
+        from skillhub.evaluate import load_eval_set
+        from skillhub.pack import sha256_file
+
+        path = Path(eval_path).resolve()
+        load_eval_set(path, metric)  # refuse a bad file before touching the database
+        digest = sha256_file(path)
+        with self._session(write=True) as session:
+            base_row = self._base(session, base)
+            row = self._ensure_task(session, base_row, name)
+            row.eval_path, row.eval_sha256, row.metric = str(path), digest, metric
+            self._log(session, base_row, "task-add", task=name, eval=str(path), sha256=digest, metric=metric)
+            return {"name": name, "eval": str(path), "sha256": digest, "metric": metric}
+
+    def eval_sets(self, *, base: str | None = None, task: str | None = None) -> list[dict[str, Any]]:
+        """Tasks with an eval set, checked against the sha256 recorded when they were added.
+
+        Raises:
+            NotFoundError: ``task`` does not exist or has no eval set.
+            RegistryError: An eval file changed or vanished since ``task add``.
+        """
+        from skillhub.pack import sha256_file
+
+        with self._session() as session:
+            base_row = self._base(session, base)
+            rows = list(session.scalars(select(TaskRow).where(TaskRow.base_id == base_row.id,
+                                                              TaskRow.eval_path.is_not(None)).order_by(TaskRow.id)))
+        if task is not None:
+            rows = [r for r in rows if r.name == task]
+            if not rows:
+                raise NotFoundError(f"no task {task!r} with an eval set; add one with `skillhub task add {task} --eval FILE`")
+        sets = []
+        for row in rows:
+            path = Path(row.eval_path)
+            if not path.is_file() or sha256_file(path) != row.eval_sha256:
+                raise RegistryError(
+                    f"the eval file of task {row.name} ({path}) changed or vanished since it was added; "
+                    f"register it again with `skillhub task add {row.name} --eval FILE`"
+                )
+            sets.append({"name": row.name, "path": path, "metric": row.metric})
+        return sets
+
+    def record_scores(self, records: list[dict[str, Any]], *, base: str | None = None, step: int | None = None) -> int:
+        """Store evaluation records at lineage step ``step`` (default: a new ``eval`` event); returns the step."""
+        with self._session(write=True) as session:
+            base_row = self._base(session, base)
+            if step is None:
+                self._log(session, base_row, "eval", tasks=sorted({r["task"] for r in records}))
+                session.flush()
+                step = session.scalar(select(func.max(EventRow.id)))
+            for record in records:
+                session.add(EvalRecordRow(base_id=base_row.id, step=step, at=_now(), **record))
+            return step
+
+    def scores(self, *, base: str | None = None) -> list[dict[str, Any]]:
+        """Every evaluation record with the event it belongs to, oldest first."""
+        with self._session() as session:
+            base_row = self._base(session, base)
+            query = (select(EvalRecordRow, EventRow).join(EventRow, EvalRecordRow.step == EventRow.id)
+                     .where(EvalRecordRow.base_id == base_row.id).order_by(EvalRecordRow.step, EvalRecordRow.id))
+            return [{"step": r.step, "event": e.kind, "event_task": e.task, "task": r.task, "policy": r.policy,
+                     "metric": r.metric, "score": r.score} for r, e in session.execute(query)]
+
+    def last_event(self, *, base: str | None = None) -> dict[str, Any]:
+        """The newest lineage event of a base."""
+        events = self.log(base=base)
+        if not events:
+            raise NotFoundError("the lineage is empty")
+        return events[-1]
 
     # ------------------------------------------------------------------ activation and removal
 
