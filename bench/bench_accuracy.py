@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_compress import build_finetune  # noqa: E402
 
 from skillhub import apply_packs, create_pack  # noqa: E402
-from skillhub.evaluate import exact_match, load_eval_examples  # noqa: E402
+from skillhub.evaluate import exact_match, load_eval_set  # noqa: E402
 from skillhub.progress import quiet_transformers  # noqa: E402
 
 
@@ -45,7 +45,7 @@ def main() -> None:
         for task in args.tasks:
             root = Path(tmp) / task
             base, tuned, calib, eval_file = build_finetune(root, task)
-            examples = load_eval_examples(eval_file)
+            examples = load_eval_set(eval_file)
             calibration = {"calib": calib, "calib_samples": 64, "calib_seqlen": 64}
             paper_rtn = create_pack(base, tuned, root / "rtn", task=task)
             ratio = paper_rtn.manifest["totals"]["ratio"]

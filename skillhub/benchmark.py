@@ -44,7 +44,7 @@ from skillhub.calibrate import (
 )
 from skillhub.delta import check_compatible, iter_deltas
 from skillhub.errors import SkillhubError
-from skillhub.evaluate import exact_match, load_eval_examples
+from skillhub.evaluate import exact_match, load_eval_set
 from skillhub.models import Checkpoint, open_checkpoint
 from skillhub.operators import EncodeContext, LayerStatistics, get_operator, resolve_params
 from skillhub.operators.bitpack import packed_nbytes
@@ -156,7 +156,7 @@ def compare_compression(
               if len(base_ckpt.shape(n)) == 2
               and roles.role(n, model_type=base_ckpt.model_type, ndim=2) in ("attention", "mlp")]
     role_of = {n: roles.role(n, model_type=base_ckpt.model_type, ndim=2) for n in linear}
-    examples = load_eval_examples(eval_file) if eval_file is not None else None
+    examples = load_eval_set(eval_file) if eval_file is not None else None
 
     fit = heldout = model = None
     if calib is not None:

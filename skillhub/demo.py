@@ -53,7 +53,6 @@ def run_demo(
     workdir = Path(workdir)
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
-    torch.set_num_threads(min(2, torch.get_num_threads()))
     steps = 150 if fast else 500
     test_size = 100 if fast else 200
     data = {t: split_examples(t, train=2000, test=test_size) for t in DEMO_TASKS}

@@ -45,11 +45,6 @@ def load_eval_set(path: str | os.PathLike[str], metric: str = "exact_match") -> 
     return examples
 
 
-def load_eval_examples(path: str | os.PathLike[str]) -> list[dict[str, str]]:
-    """Prompt/answer pairs of a JSONL eval file (exact match)."""
-    return load_eval_set(path, "exact_match")
-
-
 @torch.no_grad()
 def perplexity(model, tokenizer, examples: list[dict[str, str]], *, batch_size: int = 32) -> float:
     """exp(mean negative log-likelihood per token) of ``<s> text </s>`` over every example."""

@@ -51,8 +51,7 @@ def evaluate_tasks(registry: Registry, *, base: str | None = None, task: str | N
     with quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(location, dtype="auto")
         tokenizer = AutoTokenizer.from_pretrained(location)
-    with registry.activated(model, packs=[], base=base):  # checks once that these are the base weights
-        pass
+    registry.verify_base_model(model, base=base)  # once; the patching below skips the check
     records = []
     total, done = 3 * len(sets), 0
 

@@ -506,6 +506,15 @@ class Registry:
                 for name, original in originals.items():
                     parameters[name].copy_(original)
 
+    def verify_base_model(self, model: torch.nn.Module, *, base: str | None = None) -> None:
+        """Check that a loaded model holds exactly the registered base weights.
+
+        Raises:
+            MismatchError: It does not (another model, or loaded in another dtype).
+        """
+        base_entry, _ = self.activation_set(packs=[], base=base)
+        self._check_model_is_base(model, base_entry)
+
     @staticmethod
     def _check_model_is_base(model: torch.nn.Module, base_entry: dict[str, Any]) -> None:
         from skillhub.models import Fingerprint
