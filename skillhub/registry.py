@@ -269,32 +269,31 @@ class Registry:
 
     # ------------------------------------------------------------------ reading
 
-    @staticmethod
-    def _describe(row: PackRow, base: BaseModelRow | None = None) -> dict[str, Any]:
-        described = {
-            "id": row.id, "name": row.name, "task": row.task, "version": row.version, "sha256": row.sha256,
-            "bytes": row.bytes, "ratio": row.ratio, "parent": row.parent_id, "state": row.state,
-            "purged": row.purged, "position": row.position, "added_at": row.added_at,
-        }
+    # A pack's public fields and the columns they come from: one table for entries and listings.
+    _PACK_FIELDS = {
+        "id": PackRow.id, "name": PackRow.name, "task": PackRow.task, "version": PackRow.version,
+        "sha256": PackRow.sha256, "bytes": PackRow.bytes, "ratio": PackRow.ratio, "parent": PackRow.parent_id,
+        "state": PackRow.state, "purged": PackRow.purged, "position": PackRow.position, "added_at": PackRow.added_at,
+    }
+
+    @classmethod
+    def _describe(cls, row: PackRow, base: BaseModelRow | None = None) -> dict[str, Any]:
+        described = {field: getattr(row, column.key) for field, column in cls._PACK_FIELDS.items()}
         if base is not None:
             described["base"] = base.name
         return described
-
-    _LISTED = (PackRow.id, PackRow.name, PackRow.task, PackRow.version, PackRow.sha256, PackRow.bytes,
-               PackRow.ratio, PackRow.parent_id, PackRow.state, PackRow.purged, PackRow.position, PackRow.added_at,
-               BaseModelRow.name)
 
     def list_packs(self, *, base: str | None = None, include_removed: bool = False) -> list[dict[str, Any]]:
         """Packs in lineage order (oldest first)."""
         with self._session() as session:
             # Plain column rows: building an ORM object per pack costs more than the query itself.
-            query = select(*self._LISTED).join(BaseModelRow, PackRow.base_id == BaseModelRow.id)
+            query = select(*self._PACK_FIELDS.values(), BaseModelRow.name).join(
+                BaseModelRow, PackRow.base_id == BaseModelRow.id)
             if base is not None:
                 query = query.where(PackRow.base_id == self._base(session, base).id)
             if not include_removed:
                 query = query.where(PackRow.state == "active")
-            keys = ("id", "name", "task", "version", "sha256", "bytes", "ratio", "parent", "state", "purged",
-                    "position", "added_at", "base")
+            keys = (*self._PACK_FIELDS, "base")
             return [dict(zip(keys, row)) for row in session.execute(query.order_by(PackRow.position))]
 
     def show(self, pack_id: str) -> dict[str, Any]:
@@ -428,13 +427,6 @@ class Registry:
                      .where(EvalRecordRow.base_id == base_row.id).order_by(EvalRecordRow.step, EvalRecordRow.id))
             return [{"step": r.step, "event": e.kind, "event_task": e.task, "task": r.task, "policy": r.policy,
                      "metric": r.metric, "score": r.score} for r, e in session.execute(query)]
-
-    def last_event(self, *, base: str | None = None) -> dict[str, Any]:
-        """The newest lineage event of a base."""
-        events = self.log(base=base)
-        if not events:
-            raise NotFoundError("the lineage is empty")
-        return events[-1]
 
     # ------------------------------------------------------------------ activation and removal
 
