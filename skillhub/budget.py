@@ -233,13 +233,15 @@ def plan_budget(
     plans: dict[str, tuple[str, dict[str, Any]]] = {}
     fixed_bits = 0
     profiles: list[_Module] = []
-    embeddings: list[str] = []
-    delta_cache: dict[str, torch.Tensor] = {}  # embedding/head deltas wait until the rest is sized
+    held: dict[str, torch.Tensor] = {}  # embedding/head deltas wait until the rest is sized
+
+    def context(name: str) -> EncodeContext:
+        return EncodeContext(name=name, role=roles[name], device=device, seed=seed)
+
     for item in deltas:
         name, role = item.name, roles[item.name]
         if not torch.any(item.delta):
             continue
-        ctx = EncodeContext(name=name, role=role, device=device, seed=seed)
         if item.delta.dim() < 2 or role not in ("embedding", "head", "attention", "mlp"):
             plans[name] = ("raw", {"dtype": "float16"})
             fixed_bits += 16 * item.delta.numel()
@@ -249,8 +251,7 @@ def plan_budget(
                     f"biases stored raw ({fixed_bits // 8:,}+ bytes): raise --ratio"
                 )
         elif role in ("embedding", "head"):
-            embeddings.append(item.name)
-            delta_cache[item.name] = item.delta
+            held[name] = item.delta
         else:
             layer_stats = statistics.get(name) if statistics is not None else None
             m, n = item.delta.shape[0], item.delta.numel() // item.delta.shape[0]
@@ -258,27 +259,23 @@ def plan_budget(
             two_bit_cost = storage_bits(1, m, 2, GROUP_SIZE) + storage_bits(1, n, 2, GROUP_SIZE) + 16
             max_rank = max(1, min(min(m, n), math.ceil(4 * share_bits / two_bit_cost)))
             profiles.append(direction_profile(name, item.delta, layer_stats, max_rank=max_rank,
-                                              group_size=GROUP_SIZE, ctx=ctx))
+                                              group_size=GROUP_SIZE, ctx=context(name)))
             plans[name] = ("svd-mixed", {})  # filled in after allocation
             fixed_bits += _ROUNDING_BITS_PER_MODULE
     minimum = sum(p.cost[LEVELS[0]] for p in profiles)
-    paper_bits = {}
-    for name in embeddings:
-        ctx = EncodeContext(name=name, role=roles[name], device=device, seed=seed)
-        paper_bits[name] = 8 * prune_size(delta_cache[name], PAPER_KEEP, ctx=ctx)
+    paper_bits = {name: 8 * prune_size(delta, PAPER_KEEP, ctx=context(name)) for name, delta in held.items()}
     roomy = fixed_bits + minimum + sum(paper_bits.values()) <= budget_bits
-    for name in embeddings:
+    for name, delta in held.items():
         if roomy:
             plans[name] = ("magnitude-prune", {"keep": PAPER_KEEP, "bits": EMBEDDING_BITS})
             fixed_bits += paper_bits[name]
             continue
-        ctx = EncodeContext(name=name, role=roles[name], device=device, seed=seed)
-        chosen = prune_keep_for(delta_cache.pop(name), int(ratio * 2 * numels[name]), ctx=ctx)
+        chosen = prune_keep_for(delta, int(ratio * 2 * numels[name]), ctx=context(name))
         if chosen is None:
             raise BudgetError(f"a ratio of {ratio} leaves no room to store any of {name}: raise --ratio")
         plans[name] = ("magnitude-prune", {"keep": chosen[0], "bits": EMBEDDING_BITS})
         fixed_bits += 8 * chosen[1]
-    delta_cache.clear()
+    held.clear()
     # Every matrix keeps at least its top direction at 2 bits; the greedy search spends the rest.
     available = budget_bits - fixed_bits - minimum
     if available < 0:
