@@ -10,10 +10,16 @@ STAMP  := $(VENV)/.installed
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
+# The plugin distributions under plugins/ are installed the way users install them (built
+# and installed as wheels, not editable), so the suite tests what pip actually ships.
+PLUGINS       := plugins/skillhub-dare plugins/skillhub-bitdelta
+PLUGIN_FILES  := $(foreach p,$(PLUGINS),$(p)/pyproject.toml $(wildcard $(p)/src/*/*.py))
+
 # torch first and pinned: a plain requirement would pull several GB of CUDA wheels.
-$(STAMP): $(PY) pyproject.toml constraints.txt
+$(STAMP): $(PY) pyproject.toml constraints.txt $(PLUGIN_FILES)
 	$(PIP) install --disable-pip-version-check -q torch==2.13.0
 	$(PIP) install --disable-pip-version-check -q -c constraints.txt -e '.[test,plot]'
+	$(PIP) install --disable-pip-version-check -q -c constraints.txt --force-reinstall --no-deps $(PLUGINS)
 	touch $(STAMP)
 
 install: $(STAMP)

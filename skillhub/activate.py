@@ -27,6 +27,7 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # what transformers' save_pretrained uses
 def _check_fits(base: Checkpoint, packs: Sequence[SkillPack]) -> None:
     # Cheap structural checks first; the fingerprint (which needs every byte) is checked as we stream.
     for pack in packs:
+        pack.require_operators()
         recorded = pack.manifest["base"]
         if recorded["model_type"] != base.model_type or recorded["architecture"] != base.architecture:
             raise MismatchError(

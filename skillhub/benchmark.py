@@ -79,7 +79,7 @@ def _svd_mixed(delta: torch.Tensor, groups: list[tuple[int, int]], quantizer: st
     params = resolve_params(operator, {"groups": [list(g) for g in groups], "group_size": GROUP_SIZE,
                                        "quantizer": quantizer}, where="bench")
     encoded = operator.encode(delta, params, ctx)
-    return operator.decode(encoded.tensors, encoded.meta, params, tuple(delta.shape)), _stored(encoded.tensors)
+    return operator.decode(encoded.tensors, encoded.meta, params, tuple(delta.shape), version=operator.version), _stored(encoded.tensors)
 
 
 def _lowrank(delta: torch.Tensor, target_bytes: int, ctx: EncodeContext):
@@ -87,7 +87,7 @@ def _lowrank(delta: torch.Tensor, target_bytes: int, ctx: EncodeContext):
     operator = get_operator("lowrank")
     params = resolve_params(operator, {"rank": max(1, target_bytes // (2 * (rows + cols)))}, where="bench")
     encoded = operator.encode(delta, params, ctx)
-    return operator.decode(encoded.tensors, encoded.meta, params, tuple(delta.shape)), _stored(encoded.tensors)
+    return operator.decode(encoded.tensors, encoded.meta, params, tuple(delta.shape), version=operator.version), _stored(encoded.tensors)
 
 
 def _prune(delta: torch.Tensor, target_bytes: int, ctx: EncodeContext):
@@ -102,7 +102,7 @@ def _prune(delta: torch.Tensor, target_bytes: int, ctx: EncodeContext):
         middle = (low + high) / 2
         low, high = (middle, high) if _stored(encode(middle)[1].tensors) <= target_bytes else (low, middle)
     params, encoded = encode(low)
-    return operator.decode(encoded.tensors, encoded.meta, params, tuple(delta.shape)), _stored(encoded.tensors)
+    return operator.decode(encoded.tensors, encoded.meta, params, tuple(delta.shape), version=operator.version), _stored(encoded.tensors)
 
 
 def _bitdelta(delta: torch.Tensor):

@@ -585,6 +585,53 @@ def remove(ctx: click.Context, pack_id: str, purge: bool, as_json: bool) -> None
 
 
 @main.command()
+@click.option("--check", is_flag=True, help="Exit 1 if any plugin is broken or conflicts with another.")
+@json_option
+@click.pass_context
+def plugins(ctx: click.Context, check: bool, as_json: bool) -> None:
+    """List every compression operator: version, distribution, built-in or plugin, params schema.
+
+    Broken plugins (import errors, contract violations) and name conflicts are listed with
+    their error; SKILLHUB_LOAD_PLUGINS=a,b limits which plugins load (empty: built-ins only).
+    """
+    from skillhub.operators.discovery import catalog, report
+
+    rows = report()
+    allowlist = catalog().allowlist
+    if _wants_json(ctx, as_json):
+        _emit_json({"allowlist": list(allowlist) if allowlist is not None else None, "operators": rows})
+    else:
+        _print_table(
+            ["operator", "version", "distribution", "kind", "status", "params"],
+            [[r["name"], r["version"] or "-", f"{r['distribution']} {r['distribution_version']}",
+              "built-in" if r["builtin"] else "plugin", r["status"], _schema_summary(r["params_schema"])]
+             for r in rows],
+            title="Compression operators",
+        )
+        for r in rows:
+            if r["error"] and r["status"] != "filtered":
+                click.echo(f"{r['name']} ({r['distribution']}): {r['error']}", err=True)
+        if allowlist is not None:
+            click.echo(f"SKILLHUB_LOAD_PLUGINS={','.join(allowlist)}: other plugins are not loaded", err=True)
+    problems = [r for r in rows if r["status"] in ("broken", "conflict")]
+    if check and problems:
+        raise SkillhubError(f"{len(problems)} operator entry point(s) are broken or conflict: "
+                            + ", ".join(f"{r['name']} ({r['distribution']})" for r in problems))
+
+
+def _schema_summary(schema: dict[str, Any] | None) -> str:
+    # name=default for each param; the full schema is in --json.
+    if not schema:
+        return "-"
+    required = set(schema.get("required", []))
+    parts = []
+    for key, spec in schema.get("properties", {}).items():
+        shown = f"{key}={json.dumps(spec['default'])}" if "default" in spec else key
+        parts.append(shown + ("*" if key in required else ""))
+    return ", ".join(parts) or "(none)"
+
+
+@main.command()
 @click.option("--repair", is_flag=True, help="Delete unreferenced stored packs and interrupted writes.")
 @json_option
 @click.pass_context

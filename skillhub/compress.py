@@ -24,7 +24,7 @@ from skillhub.delta import check_compatible, iter_deltas
 from skillhub.errors import OperatorError, SkillhubError
 from skillhub.manifest import FORMAT_VERSION, TENSORS_FILE, check_pack_identity, totals
 from skillhub.models import Checkpoint, Fingerprint, open_checkpoint
-from skillhub.operators import EncodeContext
+from skillhub.operators import EncodeContext, provenance
 from skillhub.pack import PackWriter, SkillPack, load_pack, staged_directory
 from skillhub.progress import ProgressCallback, no_progress, reporting
 from skillhub.recipe import ModulePlan, Recipe
@@ -171,7 +171,8 @@ def create_pack(
                 try:
                     encoded = plan.operator.encode(delta, plan.params, ctx)
                     decoded = plan.operator.decode(
-                        {k: v.cpu() for k, v in encoded.tensors.items()}, encoded.meta, plan.params, tuple(delta.shape)
+                        {k: v.cpu() for k, v in encoded.tensors.items()}, encoded.meta, plan.params, tuple(delta.shape),
+                        version=plan.operator.version,
                     )
                 except ValueError as exc:  # operators' documented way to refuse an input
                     raise OperatorError(f"operator {plan.operator.name} cannot encode {item.name}: {exc}") from exc
@@ -212,6 +213,8 @@ def create_pack(
             },
             "tuned": {"id": tuned_ckpt.ref.id, "revision": tuned_ckpt.ref.revision},
             "recipe": plan_recipe.document,
+            "operators": {p.operator.name: provenance(p.operator)
+                          for p in sorted(plans.values(), key=lambda p: p.operator.name) if p.name in modules},
             "quantizer": quantizer,
             **({"budget": budget} if budget else {}),
             "modules": modules,

@@ -22,3 +22,12 @@ def home() -> Path:
 def default_device() -> str:
     """Device used for compression maths unless --device says otherwise ($SKILLHUB_DEVICE, else cpu)."""
     return os.environ.get("SKILLHUB_DEVICE", "cpu")
+
+
+def plugin_allowlist() -> tuple[str, ...] | None:
+    """SKILLHUB_LOAD_PLUGINS: which plugin operators to load, as comma-separated distribution or
+    operator names. Unset loads every installed plugin; set but empty loads built-ins only."""
+    configured = os.environ.get("SKILLHUB_LOAD_PLUGINS")
+    if configured is None:
+        return None
+    return tuple(sorted({item.strip() for item in configured.split(",") if item.strip()}))

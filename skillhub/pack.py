@@ -22,7 +22,7 @@ import torch
 
 from skillhub.errors import OutputExistsError, PackError, SkillhubError
 from skillhub.manifest import CARD_FILE, MANIFEST_FILE, TENSORS_FILE, embedded_part, validate_manifest
-from skillhub.operators import check_version, get_operator
+from skillhub.operators import decoder_for
 from skillhub.tensorfile import TensorFile, TensorFileWriter
 
 METADATA_KEY = "skillpack"
@@ -147,16 +147,33 @@ class SkillPack:
         """The stored tensors of one module, keyed by field name."""
         return {field: self._tensors.read(f"{module}/{field}") for field in self.modules[module]["fields"]}
 
+    def require_operators(self) -> None:
+        """Check, before any tensor is decoded, that every operator this pack needs is installed
+        at a version that decodes it.
+
+        Raises:
+            OperatorError: Naming the operator, the version and the distribution to install.
+        """
+        needed = {(e["operator"], e["operator_version"]): module for module, e in self.modules.items()}
+        for (name, version), module in sorted(needed.items()):
+            decoder_for(name, version, provenance=self.manifest.get("operators", {}).get(name),
+                        where=f"pack {self.name!r} module {module}")
+
     def decode(self, module: str) -> torch.Tensor:
         """The float32 delta of one module, decoded by the operator that encoded it.
 
         Raises:
-            OperatorError: The operator is not installed, or its installed version cannot decode this pack.
+            OperatorError: The operator is not installed, or its installed version cannot decode this
+                pack; the message names the operator, the version and the distribution to install.
         """
         entry = self.modules[module]
-        operator = get_operator(entry["operator"])
-        check_version(operator, entry["operator_version"], module=f"{self.name}:{module}")
-        return operator.decode(self.fields(module), entry["meta"], entry["params"], tuple(entry["shape"]))
+        operator = decoder_for(
+            entry["operator"], entry["operator_version"],
+            provenance=self.manifest.get("operators", {}).get(entry["operator"]),
+            where=f"pack {self.name!r} module {module}",
+        )
+        return operator.decode(self.fields(module), entry["meta"], entry["params"], tuple(entry["shape"]),
+                               version=entry["operator_version"])
 
 
 def load_pack(path: str | os.PathLike[str], *, verify: bool = True) -> SkillPack:

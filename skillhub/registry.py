@@ -190,6 +190,7 @@ class Registry:
         from skillhub.pack import SkillPack, load_pack
 
         opened = pack if isinstance(pack, SkillPack) else load_pack(pack)
+        opened.require_operators()  # a registered pack must be activatable
         recorded = opened.manifest["base"]
         with self._session() as session:  # check the base before copying any file
             bases = list(session.scalars(select(BaseModelRow)))
@@ -476,6 +477,8 @@ class Registry:
         import torch
 
         base_entry, opened = self.activation_set(task=task, packs=packs, base=base)
+        for pack in opened:
+            pack.require_operators()
         parameters = dict(model.named_parameters())
         if verify:
             self._check_model_is_base(model, base_entry)

@@ -29,6 +29,7 @@ def isolated_environment(tmp_path_factory: pytest.TempPathFactory, monkeypatch: 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("SKILLHUB_DEBUG", raising=False)
     monkeypatch.delenv("SKILLHUB_DEVICE", raising=False)
+    monkeypatch.delenv("SKILLHUB_LOAD_PLUGINS", raising=False)
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,22 @@ def paper_pack(finetuned: FineTune, tmp_path_factory: pytest.TempPathFactory):
     from skillhub import create_pack
 
     return create_pack(finetuned.base, finetuned.tuned, tmp_path_factory.mktemp("packs") / TASK, task=TASK)
+
+
+@pytest.fixture(scope="session")
+def plugin_pack(finetuned: FineTune, tmp_path_factory: pytest.TempPathFactory):
+    """The fine-tune compressed with a recipe naming both plugin operators like built-ins
+    (needs plugins/skillhub-dare and plugins/skillhub-bitdelta installed, as `make test` does)."""
+    from skillhub import create_pack
+
+    recipe = {"name": "plugins", "rules": [
+        {"match": {"role": ["embedding", "head"]}, "operator": "magnitude-prune", "params": {"keep": 0.1, "bits": 4}},
+        {"match": {"role": "attention"}, "operator": "bitdelta"},
+        {"match": {"role": "mlp"}, "operator": "dare", "params": {"drop": 0.5}},
+        {"match": {"role": ["norm", "bias", "other"]}, "operator": "raw"},
+    ]}
+    return create_pack(finetuned.base, finetuned.tuned, tmp_path_factory.mktemp("plugin-pack") / "pack",
+                       task=TASK, recipe=recipe)
 
 
 def copy_tree(source: Path, destination: Path) -> Path:

@@ -1,29 +1,18 @@
 """Tests for the built-in compression operators against the error bounds their docstrings promise,
-plus params validation, version checks and entry-point discovery."""
+plus params validation. The generic contract (determinism, dtype and shape, byte accounting...)
+is the conformance suite's job, run for every operator in test_plugins.py."""
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterator, Mapping
-from importlib import metadata
 from typing import Any
 
-import jsonschema
 import pytest
 import torch
 
 from skillhub.errors import OperatorError
-from skillhub.operators import (
-    ENTRY_POINT_GROUP,
-    EncodeContext,
-    Encoded,
-    Operator,
-    check_version,
-    get_operator,
-    operator_names,
-    resolve_params,
-)
+from skillhub.operators import EncodeContext, Encoded, get_operator, operator_names, resolve_params
 from skillhub.operators.quantize import QuantizedMatrix, num_groups, packed_sizes
 from skillhub.operators.svd import resolve_rank_groups, svd_mixed_bytes
 
@@ -81,7 +70,7 @@ def round_trip(name: str, tensor: torch.Tensor, given: Mapping[str, Any],
     op = get_operator(name)
     params = params_for(name, given)
     encoded = op.encode(tensor, params, ctx)
-    decoded = op.decode(encoded.tensors, encoded.meta, params, tuple(tensor.shape))
+    decoded = op.decode(encoded.tensors, encoded.meta, params, tuple(tensor.shape), version=op.version)
     return encoded, params, decoded
 
 
@@ -490,25 +479,6 @@ def test_decode_is_float32_of_original_shape(delta: torch.Tensor, name: str, sha
     assert rel_error(tensor, decoded) < 0.8  # decodes to something close to the input, not garbage
 
 
-@pytest.mark.parametrize("name", BUILTINS)
-@pytest.mark.parametrize("rows,cols", [(ROWS, COLS), (300, 500)])
-def test_encode_is_deterministic(name: str, rows: int, cols: int) -> None:
-    """Same input and ctx seed -> identical tensors, whatever the global RNG state.
-    300x500 with small ranks exercises the randomized SVD path."""
-    tensor = low_rank_delta(rows, cols, seed=rows)
-    params = params_for(name, SAMPLE_PARAMS[name])
-    op = get_operator(name)
-    torch.manual_seed(1)
-    first = op.encode(tensor, params, CTX)
-    torch.manual_seed(2)
-    second = op.encode(tensor, params, EncodeContext(name=CTX.name, role=CTX.role, seed=CTX.seed))
-    assert first.meta == second.meta
-    assert first.tensors.keys() == second.tensors.keys()
-    for key in first.tensors:
-        assert first.tensors[key].dtype == second.tensors[key].dtype
-        assert torch.equal(first.tensors[key], second.tensors[key]), key
-
-
 @pytest.mark.parametrize("name", ["svd", "lowrank", "svd-mixed"])
 def test_matrix_operators_refuse_vectors(name: str) -> None:
     op = get_operator(name)
@@ -586,42 +556,3 @@ def test_unknown_operator_lists_installed() -> None:
     for name in BUILTINS:
         assert name in message
     assert set(BUILTINS) <= set(operator_names())
-
-
-@pytest.mark.parametrize("name", BUILTINS)
-def test_check_version(name: str) -> None:
-    op = get_operator(name)
-    major, minor = (int(p) for p in op.version.split("."))
-    check_version(op, f"{major}.{minor + 3}", module="layers.0.q_proj")  # a different minor decodes
-    check_version(op, f"{major}.0", module="layers.0.q_proj")
-    for other in (major + 1, major - 1 if major else major + 2):
-        with pytest.raises(OperatorError, match="layers.0.q_proj"):
-            check_version(op, f"{other}.{minor}", module="layers.0.q_proj")
-
-
-# --------------------------------------------------------------------------- entry points
-
-
-def _entry_points() -> list[metadata.EntryPoint]:
-    return list(metadata.entry_points(group=ENTRY_POINT_GROUP))
-
-
-def test_builtins_are_registered_as_entry_points() -> None:
-    assert set(BUILTINS) <= {ep.name for ep in _entry_points()}
-
-
-@pytest.mark.parametrize("ep", _entry_points(), ids=lambda ep: ep.name)
-def test_entry_point_loads_a_valid_operator(ep: metadata.EntryPoint) -> None:
-    operator = ep.load()()
-    assert isinstance(operator, Operator)
-    assert operator.name == ep.name
-    assert isinstance(operator.version, str) and re.fullmatch(r"\d+\.\d+", operator.version)
-    schema = operator.params_schema
-    validator_cls = jsonschema.validators.validator_for(schema)
-    validator_cls.check_schema(schema)
-    assert schema.get("type") == "object"
-    # Every default is itself valid for its property.
-    for key, spec in schema.get("properties", {}).items():
-        if "default" in spec:
-            assert validator_cls(spec).is_valid(spec["default"]), key
-    assert get_operator(ep.name).name == ep.name

@@ -1,27 +1,24 @@
-"""Compression operators: the protocol, and discovery through the ``skillhub.operators`` entry points.
+"""Compression operators: the protocol every operator honours, and params validation.
 
 An operator turns one parameter's float32 delta into named tensors plus small JSON
 metadata, and turns them back. It is stateless: everything decode needs is in the
 stored tensors, the recorded params and the metadata encode returned, so a pack
 decodes from its manifest alone. Built-in operators are registered through skillhub's
-own pyproject entry points, exactly like third-party ones.
+own pyproject entry points, exactly like third-party ones; discovery lives in
+:mod:`skillhub.operators.discovery`, and plugins/README.md is the guide for plugin authors.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from importlib import metadata
 from typing import Any, Protocol, runtime_checkable
 
 import jsonschema
 import torch
 
 from skillhub.errors import OperatorError
-
-ENTRY_POINT_GROUP = "skillhub.operators"
 
 
 @dataclass(frozen=True)
@@ -69,8 +66,13 @@ class Encoded:
 
 @runtime_checkable
 class Operator(Protocol):
-    """A compression operator. ``name`` is its entry-point name; ``version`` is ``MAJOR.MINOR``:
-    a pack decodes with any installed version of the same major."""
+    """A compression operator.
+
+    ``name`` is its entry-point name; ``version`` is ``MAJOR.MINOR``. An operator may also
+    declare ``decodes``, a PEP 440 specifier of the versions whose data it can decode
+    (default ``==MAJOR.*``); decode receives the version the data was written by, so a 2.x
+    operator that still reads 1.x data can dispatch on it.
+    """
 
     name: str
     version: str
@@ -86,43 +88,12 @@ class Operator(Protocol):
         meta: Mapping[str, Any],
         params: Mapping[str, Any],
         shape: tuple[int, ...],
+        *,
+        version: str,
     ) -> torch.Tensor:
-        """Return the float32 delta of ``shape`` that the stored tensors stand for."""
+        """Return the float32 delta of ``shape`` that the stored tensors stand for
+        (written by this operator at ``version``)."""
         ...
-
-
-@functools.cache
-def _entry_points() -> dict[str, metadata.EntryPoint]:
-    found: dict[str, metadata.EntryPoint] = {}
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        found.setdefault(ep.name, ep)
-    return found
-
-
-def operator_names() -> list[str]:
-    """Names of every installed operator, sorted."""
-    return sorted(_entry_points())
-
-
-@functools.cache
-def get_operator(name: str) -> Operator:
-    """The installed operator called ``name``.
-
-    Raises:
-        OperatorError: No installed distribution provides it (the message lists what is installed).
-    """
-    ep = _entry_points().get(name)
-    if ep is None:
-        raise OperatorError(
-            f"unknown operator {name!r}; installed operators: {', '.join(operator_names())}. "
-            "If it comes from a plugin, install that plugin's distribution"
-        )
-    try:
-        operator = ep.load()()
-    except Exception as exc:  # a broken plugin must not take the caller down with a traceback
-        dist = ep.dist.name if ep.dist else "unknown distribution"
-        raise OperatorError(f"operator {name!r} from {dist} failed to load: {exc}") from exc
-    return operator
 
 
 def resolve_params(operator: Operator, params: Mapping[str, Any] | None, *, where: str) -> dict[str, Any]:
@@ -162,10 +133,17 @@ def _explain(problem: jsonschema.ValidationError) -> str:
     return problem.message
 
 
-def check_version(operator: Operator, stored_version: str, *, module: str) -> None:
-    """Refuse to decode data written by an incompatible (different major) operator version."""
-    if stored_version.split(".")[0] != operator.version.split(".")[0]:
-        raise OperatorError(
-            f"{module} was encoded by {operator.name} {stored_version} but the installed {operator.name} is "
-            f"{operator.version}, which cannot decode it; install a {stored_version.split('.')[0]}.x version"
-        )
+# Discovery is re-exported here: callers ask `skillhub.operators` for an operator by name.
+from skillhub.operators.discovery import (  # noqa: E402  (needs the protocol above)
+    ENTRY_POINT_GROUP,
+    catalog,
+    decoder_for,
+    get_operator,
+    operator_names,
+    provenance,
+)
+
+__all__ = [
+    "ENTRY_POINT_GROUP", "EncodeContext", "Encoded", "LayerStatistics", "Operator",
+    "catalog", "decoder_for", "get_operator", "operator_names", "provenance", "resolve_params",
+]

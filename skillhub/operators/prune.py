@@ -53,6 +53,7 @@ class MagnitudePruneOperator:
             "group_size": {"type": "integer", "minimum": 1, "default": 128},
             "index": {"enum": ["auto", "bitmask", "gaps"], "default": "auto"},
         },
+        "examples": [{"keep": 0.1, "bits": 4}, {"keep": 0.5, "bits": 16, "index": "gaps"}],
     }
 
     def encode(self, delta: torch.Tensor, params: Mapping[str, Any], ctx: EncodeContext) -> Encoded:
@@ -89,6 +90,8 @@ class MagnitudePruneOperator:
         meta: Mapping[str, Any],
         params: Mapping[str, Any],
         shape: tuple[int, ...],
+        *,
+        version: str,
     ) -> torch.Tensor:
         n = math.prod(shape)
         kept = int(meta["kept"])

@@ -26,6 +26,7 @@ class RawOperator:
         "properties": {
             "dtype": {"enum": ["float16", "bfloat16", "float32"], "default": "float16"},
         },
+        "examples": [{"dtype": "float16"}, {"dtype": "float32"}],
     }
 
     def encode(self, delta: torch.Tensor, params: Mapping[str, Any], ctx: EncodeContext) -> Encoded:
@@ -37,5 +38,7 @@ class RawOperator:
         meta: Mapping[str, Any],
         params: Mapping[str, Any],
         shape: tuple[int, ...],
+        *,
+        version: str,
     ) -> torch.Tensor:
         return tensors["values"].to(torch.float32).reshape(shape)

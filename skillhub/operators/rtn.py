@@ -38,6 +38,7 @@ class RTNOperator:
             "bits": {"enum": list(QUANT_BITS), "default": 4},
             "group_size": {"type": "integer", "minimum": 1, "default": 128},
         },
+        "examples": [{"bits": 4, "group_size": 64}, {"bits": 3, "group_size": 32}],
     }
 
     def encode(self, delta: torch.Tensor, params: Mapping[str, Any], ctx: EncodeContext) -> Encoded:
@@ -52,6 +53,8 @@ class RTNOperator:
         meta: Mapping[str, Any],
         params: Mapping[str, Any],
         shape: tuple[int, ...],
+        *,
+        version: str,
     ) -> torch.Tensor:
         rows, cols = as_matrix(shape)
         quantized = QuantizedMatrix.from_packed(

@@ -88,6 +88,7 @@ class SVDOperator:
             },
             "dtype": {"enum": ["float16", "bfloat16", "float32"], "default": "float16"},
         },
+        "examples": [{"energy": 0.9}, {"energy": 1.0, "dtype": "float32"}],
     }
 
     def encode(self, delta: torch.Tensor, params: Mapping[str, Any], ctx: EncodeContext) -> Encoded:
@@ -103,7 +104,7 @@ class SVDOperator:
         return Encoded(tensors=_factor_tensors(u[:, :rank], s[:rank], vh[:rank], params["dtype"]), meta={"rank": rank})
 
     def decode(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], params: Mapping[str, Any],
-               shape: tuple[int, ...]) -> torch.Tensor:
+               shape: tuple[int, ...], *, version: str) -> torch.Tensor:
         return _decode_factors(tensors, shape)
 
 
@@ -122,6 +123,7 @@ class LowRankOperator:
                               "description": "Rank as a fraction of min(rows, cols)."},
             "dtype": {"enum": ["float16", "bfloat16", "float32"], "default": "float16"},
         },
+        "examples": [{"rank": 8}, {"rank_fraction": 0.25, "dtype": "bfloat16"}],
     }
 
     def encode(self, delta: torch.Tensor, params: Mapping[str, Any], ctx: EncodeContext) -> Encoded:
@@ -134,7 +136,7 @@ class LowRankOperator:
         return Encoded(tensors=_factor_tensors(u, s, vh, params["dtype"]), meta={"rank": int(s.numel())})
 
     def decode(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], params: Mapping[str, Any],
-               shape: tuple[int, ...]) -> torch.Tensor:
+               shape: tuple[int, ...], *, version: str) -> torch.Tensor:
         return _decode_factors(tensors, shape)
 
 
@@ -200,6 +202,7 @@ class SVDMixedOperator:
             "act_order": {"type": "boolean", "default": False, "description": "GPTQ visits V columns by decreasing H_jj."},
             "damp": {"type": "number", "exclusiveMinimum": 0, "default": DEFAULT_DAMP},
         },
+        "examples": [{"groups": [[4, 8], [12, 4], [16, 2]], "group_size": 64}, {"groups": [[8, 3]], "group_size": 32}],
     }
 
     def quantize_group(
@@ -246,7 +249,7 @@ class SVDMixedOperator:
         return Encoded(tensors=tensors, meta=meta)
 
     def decode(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], params: Mapping[str, Any],
-               shape: tuple[int, ...]) -> torch.Tensor:
+               shape: tuple[int, ...], *, version: str) -> torch.Tensor:
         m, n = as_matrix(shape)
         if meta.get("transposed"):
             m, n = n, m
