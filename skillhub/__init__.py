@@ -12,6 +12,10 @@ Python API::
     with registry.activated(model, task="math"):   # patched in place, exact bits restored after
         ...
 
+    from skillhub import push_pack, pull_pack     # the Hugging Face Hub (HF_TOKEN, HF_ENDPOINT)
+    push_pack("3f2a9c1b07de", "me/math-pack", registry=registry)
+    pull_pack("me/math-pack@v1.0.0", registry=Registry("other-registry/"))
+
 Exports are imported on first use, so ``import skillhub`` (and ``skillhub --help``) do not
 pay for torch and transformers.
 """
@@ -27,6 +31,9 @@ _EXPORTS = {
     "apply_packs": "skillhub.activate",
     "create_pack": "skillhub.compress",
     "load_pack": "skillhub.pack",
+    "pull_pack": "skillhub.sharing",
+    "push_lineage": "skillhub.sharing",
+    "push_pack": "skillhub.sharing",
     "Registry": "skillhub.registry",
     "SkillPack": "skillhub.pack",
     "SkillhubError": "skillhub.errors",

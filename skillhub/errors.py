@@ -38,3 +38,7 @@ class PackError(SkillhubError):
 
 class OutputExistsError(SkillhubError):
     """An output path already exists and ``force`` was not given."""
+
+
+class HubError(SkillhubError):
+    """A Hugging Face Hub request failed, or a repo does not hold what skillhub expects."""

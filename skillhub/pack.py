@@ -176,26 +176,33 @@ class SkillPack:
                                version=entry["operator_version"])
 
 
-def load_pack(path: str | os.PathLike[str], *, verify: bool = True) -> SkillPack:
+def load_pack(path: str | os.PathLike[str], *, verify: bool = True,
+              checked_manifest: dict[str, Any] | None = None) -> SkillPack:
     """Open a SkillPack directory.
 
     Args:
         path: The pack directory.
-        verify: Also check every file's sha256 and size against the manifest and the embedded
-            manifest against skillpack.json (reads the whole pack once).
+        verify: Also check every file's sha256 against the manifest (reads the whole pack
+            once). Sizes, and the embedded manifest and tensor list against skillpack.json, are
+            always checked (they need only the headers).
+        checked_manifest: The manifest the caller has just validated and written to ``path``
+            (spares reading and validating it again).
 
     Raises:
         PackError: The pack is missing, fails its schema, or is corrupt.
     """
     path = Path(path)
     manifest_path = path / MANIFEST_FILE
-    if not manifest_path.is_file():
-        raise PackError(f"{path} is not a SkillPack: {MANIFEST_FILE} not found")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PackError(f"{manifest_path} is not valid JSON: {exc}") from exc
-    validate_manifest(manifest, what=str(manifest_path))
+    if checked_manifest is not None:
+        manifest = checked_manifest
+    else:
+        if not manifest_path.is_file():
+            raise PackError(f"{path} is not a SkillPack: {MANIFEST_FILE} not found")
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise PackError(f"{manifest_path} is not valid JSON: {exc}") from exc
+        validate_manifest(manifest, what=str(manifest_path))
     files = manifest.get("files") or {}
     for name, expected in files.items():
         file_path = path / name
@@ -209,8 +216,7 @@ def load_pack(path: str | os.PathLike[str], *, verify: bool = True) -> SkillPack
         tensors = TensorFile(path / TENSORS_FILE)
     except SkillhubError as exc:
         raise PackError(str(exc)) from exc
-    if verify:
-        _check_consistent(path, manifest, tensors)
+    _check_consistent(path, manifest, tensors)
     return SkillPack(path, manifest, tensors)
 
 

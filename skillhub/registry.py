@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -187,15 +187,42 @@ class Registry:
             MismatchError: The pack was made for a base other than the registered one.
             PackError: The pack is corrupt or fails its schema.
         """
+        return self.add_lineage([pack], tasks=[task], base=base, new_base=new_base, base_location=base_location)[0]
+
+    def add_lineage(self, packs: Sequence[str | os.PathLike[str] | SkillPack], *,
+                    tasks: Sequence[str | None] | None = None, task_sets: Mapping[str, Sequence[str]] | None = None,
+                    base: str | None = None, new_base: bool = False, base_location: str | None = None,
+                    adopt: bool = False) -> list[dict[str, Any]]:
+        """Add packs of one base model in lineage order, all or none (one transaction).
+
+        Args:
+            packs: Pack directories or opened packs, oldest first.
+            tasks: The task of each pack (None: the task in its manifest).
+            task_sets: Explicit activation sets to set: task -> sha256 addresses of its packs
+                (packs of this call or ones already registered).
+            base, new_base, base_location: As :meth:`add`.
+            adopt: The pack directories are temporary copies under the store's incoming
+                directory: move them into the store instead of copying.
+
+        Returns:
+            The packs' registry entries, in order; each names the lineage event that added it.
+
+        Raises:
+            MismatchError: The packs were made for a base other than the registered one.
+            RegistryError: A pack is already active in the registry.
+        """
         from skillhub.pack import SkillPack, load_pack
 
-        opened = pack if isinstance(pack, SkillPack) else load_pack(pack)
-        opened.require_operators()  # a registered pack must be activatable
-        recorded = opened.manifest["base"]
-        with self._session() as session:  # check the base before copying any file
-            bases = list(session.scalars(select(BaseModelRow)))
-            self._match_base(bases, recorded, base=base, new_base=new_base)
-        sha256 = self.store.put(opened)
+        opened = [p if isinstance(p, SkillPack) else load_pack(p) for p in packs]
+        tasks = list(tasks) if tasks is not None else [None] * len(opened)
+        for pack in opened:
+            pack.require_operators()  # a registered pack must be activatable
+        fingerprints = {p.base_fingerprint for p in opened}
+        if len(fingerprints) > 1:
+            raise MismatchError("the packs of one lineage must share a base model; these were made for different bases")
+        recorded = opened[0].manifest["base"]
+        self.check_base(recorded, base=base, new_base=new_base)  # before copying any file
+        addresses = [self.store.put(p, adopt=adopt) for p in opened]
         with self._session(write=True) as session:
             bases = list(session.scalars(select(BaseModelRow)))
             base_row = self._match_base(bases, recorded, base=base, new_base=new_base)
@@ -208,31 +235,51 @@ class Registry:
                 session.add(base_row)
                 session.flush()
                 self._log(session, base_row, "base", name=base_row.name, fingerprint=base_row.fingerprint)
-            existing = session.scalars(select(PackRow).where(PackRow.sha256 == sha256)).first()
-            if existing is not None and existing.state == "active":
-                raise RegistryError(f"pack {existing.id} ({existing.name} {existing.version}) is already in the registry")
-            position = (session.scalar(select(func.max(PackRow.position))) or 0) + 1
-            task_name = task or opened.task
-            if existing is not None:  # re-adding a removed pack starts it over at the end of the lineage
-                row = existing
-                row.state, row.purged, row.position, row.task, row.added_at = "active", False, position, task_name, _now()
-            else:
-                row = PackRow(
-                    id=sha256[:12], base_id=base_row.id, name=opened.name, task=task_name, version=opened.version,
-                    sha256=sha256, bytes=opened.manifest["totals"]["stored_bytes"],
-                    ratio=opened.manifest["totals"]["ratio"], parent_id=self._parent_id(session, opened),
-                    state="active", purged=False, position=position, added_at=_now(),
-                    manifest=json.dumps(opened.manifest),
-                )
-                session.add(row)
-            self._ensure_task(session, base_row, task_name)
-            event = self._log(session, base_row, "add", pack=row.id, task=task_name, name=row.name,
-                              version=row.version, sha256=sha256)
-            session.flush()
-            return {**self._describe(row, base_row), "event": event.id}
+            added = [self._add_row(session, base_row, pack, sha256, task or pack.task)
+                     for pack, sha256, task in zip(opened, addresses, tasks)]
+            for task_name, members in (task_sets or {}).items():
+                rows = [session.scalars(select(PackRow).where(PackRow.sha256 == sha)).first() for sha in members]
+                if None in rows:
+                    raise RegistryError(f"the activation set of task {task_name!r} names a pack that is not registered")
+                self._set_task(session, base_row, task_name, rows)
+            return [{**self._describe(row, base_row), "event": event.id} for row, event in added]
+
+    def _add_row(self, session: Session, base_row: BaseModelRow, opened: SkillPack, sha256: str,
+                 task_name: str) -> tuple[PackRow, EventRow]:
+        existing = session.scalars(select(PackRow).where(PackRow.sha256 == sha256)).first()
+        if existing is not None and existing.state == "active":
+            raise RegistryError(f"pack {existing.id} ({existing.name} {existing.version}) is already in the registry")
+        position = (session.scalar(select(func.max(PackRow.position))) or 0) + 1
+        if existing is not None:  # re-adding a removed pack starts it over at the end of the lineage
+            row = existing
+            row.state, row.purged, row.position, row.task, row.added_at = "active", False, position, task_name, _now()
+        else:
+            row = PackRow(
+                id=sha256[:12], base_id=base_row.id, name=opened.name, task=task_name, version=opened.version,
+                sha256=sha256, bytes=opened.manifest["totals"]["stored_bytes"],
+                ratio=opened.manifest["totals"]["ratio"], parent_id=self._parent_id(session, opened),
+                state="active", purged=False, position=position, added_at=_now(),
+                manifest=json.dumps(opened.manifest),
+            )
+            session.add(row)
+        self._ensure_task(session, base_row, task_name)
+        source = opened.manifest.get("source")
+        event = self._log(session, base_row, "add", pack=row.id, task=task_name, name=row.name,
+                          version=row.version, sha256=sha256, **({"source": source} if source else {}))
+        session.flush()
+        return row, event
+
+    def check_base(self, recorded: Mapping[str, Any], *, base: str | None = None, new_base: bool = False) -> None:
+        """Check that a pack made for the base ``recorded`` (its manifest's ``base``) may be added.
+
+        Raises:
+            MismatchError: It was made for other weights than the registered base model.
+        """
+        with self._session() as session:
+            self._match_base(list(session.scalars(select(BaseModelRow))), recorded, base=base, new_base=new_base)
 
     @staticmethod
-    def _match_base(bases: list[BaseModelRow], recorded: dict[str, Any], *, base: str | None,
+    def _match_base(bases: list[BaseModelRow], recorded: Mapping[str, Any], *, base: str | None,
                     new_base: bool) -> BaseModelRow | None:
         fingerprint = recorded["fingerprint"]
         if base is not None:
@@ -344,19 +391,21 @@ class Registry:
         """Make S_t exactly ``pack_ids`` (an empty list: the base model alone)."""
         with self._session(write=True) as session:
             base_row = self._base(session, base)
-            packs = [self._pack(session, p) for p in pack_ids]
-            for pack in packs:
-                if pack.state != "active" or pack.base_id != base_row.id:
-                    raise RegistryError(f"pack {pack.id} is not an active pack of base {base_row.name}")
-            row = self._ensure_task(session, base_row, task)
-            row.explicit = True
-            for link in session.scalars(select(TaskPackRow).where(TaskPackRow.task_id == row.id)):
-                session.delete(link)
-            session.flush()
-            for pack in packs:
-                session.add(TaskPackRow(task_id=row.id, pack_id=pack.id))
-            self._log(session, base_row, "task-set", task=task, packs=[p.id for p in packs])
+            self._set_task(session, base_row, task, [self._pack(session, p) for p in pack_ids])
             return next(t for t in self._tasks(session, base_row) if t["name"] == task)
+
+    def _set_task(self, session: Session, base_row: BaseModelRow, task: str, packs: Sequence[PackRow]) -> None:
+        for pack in packs:
+            if pack.state != "active" or pack.base_id != base_row.id:
+                raise RegistryError(f"pack {pack.id} is not an active pack of base {base_row.name}")
+        row = self._ensure_task(session, base_row, task)
+        row.explicit = True
+        for link in session.scalars(select(TaskPackRow).where(TaskPackRow.task_id == row.id)):
+            session.delete(link)
+        session.flush()
+        for pack in packs:
+            session.add(TaskPackRow(task_id=row.id, pack_id=pack.id))
+        self._log(session, base_row, "task-set", task=task, packs=[p.id for p in packs])
 
     # ------------------------------------------------------------------ evaluation
 

@@ -12,7 +12,7 @@ from referencing import Registry, Resource
 
 from skillhub.errors import SkillhubError
 
-SCHEMA_NAMES = ("skillpack", "recipe")
+SCHEMA_NAMES = ("skillpack", "recipe", "lineage")
 
 
 @functools.cache

@@ -33,8 +33,23 @@ class PackStore:
         """Where the pack with this address lives (whether or not it exists)."""
         return self.root / sha256[:2] / sha256
 
-    def put(self, pack: SkillPack) -> str:
+    def incoming(self, label: str) -> Path:
+        """A new private directory under the store's incoming area, for a pack being written
+        (e.g. downloaded); ``doctor --repair`` removes it if the writer dies."""
+        directory = self.root / INCOMING / f"{label}-{uuid.uuid4().hex[:8]}"
+        try:
+            directory.mkdir(parents=True)
+        except OSError as exc:
+            raise SkillhubError(f"cannot write to the store {self.root}: {exc.strerror or exc}") from exc
+        return directory
+
+    def put(self, pack: SkillPack, *, adopt: bool = False) -> str:
         """Store a verified pack (idempotent) and return its address.
+
+        Args:
+            pack: The pack (already verified, e.g. opened with ``load_pack``).
+            adopt: ``pack.path`` is a directory from :meth:`incoming`: move it into place
+                instead of copying and re-verifying it.
 
         Raises:
             SkillhubError: The store is not writable.
@@ -46,15 +61,18 @@ class PackStore:
         if final.is_dir():
             load_pack(final)  # an earlier copy must still be intact to be reused
             return sha256
-        incoming = self.root / INCOMING / f"{sha256[:12]}-{uuid.uuid4().hex[:8]}"
+        incoming = pack.path if adopt else self.root / INCOMING / f"{sha256[:12]}-{uuid.uuid4().hex[:8]}"
         try:
-            incoming.mkdir(parents=True)
+            if not adopt:
+                incoming.mkdir(parents=True)
             for source in sorted(pack.path.iterdir()):
                 if source.is_file():
-                    shutil.copyfile(source, incoming / source.name)
+                    if not adopt:
+                        shutil.copyfile(source, incoming / source.name)
                     with open(incoming / source.name, "rb") as handle:
                         os.fsync(handle.fileno())
-            load_pack(incoming)
+            if not adopt:
+                load_pack(incoming)  # the copy is what gets stored: check it
             final.parent.mkdir(parents=True, exist_ok=True)
             try:
                 incoming.rename(final)

@@ -1,35 +1,65 @@
-"""Shared fixtures: isolated state, and one real tiny fine-tune shared by the whole session."""
+"""Shared fixtures: isolated state, the fake Hub, and one real tiny fine-tune shared by the whole session."""
 
 from __future__ import annotations
 
-import json
+import atexit
+import os
 import shutil
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+import tempfile
 
-import pytest
-import torch
-from safetensors.torch import save_file
+from hubserver import FakeHub, free_port
 
-from skillhub.synthetic import build_tiny_model, split_examples, write_jsonl
-from skillhub.tensorfile import TensorFile
-from skillhub.train import finetune
+# huggingface_hub copies these into constants when first imported (transformers imports it),
+# so they are set here, before anything imports it: the client talks to the fake Hub started
+# below (never to huggingface.co), over plain HTTP rather than Xet, with its cache and token
+# file in a directory of this session.
+_HF_HOME = tempfile.mkdtemp(prefix="skillhub-tests-hf-")
+atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)
+os.environ.update(HF_ENDPOINT=f"http://127.0.0.1:{free_port()}", HF_HUB_DISABLE_XET="1", HF_HOME=_HF_HOME,
+                  HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1")
+for _name in ("HF_TOKEN", "HF_HUB_OFFLINE", "HF_HUB_CACHE", "HF_TOKEN_PATH", "HUGGING_FACE_HUB_TOKEN"):
+    os.environ.pop(_name, None)
+
+import json  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from skillhub.synthetic import build_tiny_model, split_examples, write_jsonl  # noqa: E402
+from skillhub.tensorfile import TensorFile  # noqa: E402
+from skillhub.train import finetune  # noqa: E402
 
 TASK = "shift"
 
 
 @pytest.fixture(autouse=True)
 def isolated_environment(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Point every user directory at a temp dir and keep the Hub unreachable."""
+    """Point every user directory at a temp dir; no Hub token unless a test sets one."""
     home = tmp_path_factory.mktemp("home")
     monkeypatch.setenv("SKILLHUB_HOME", str(home / "skillhub"))
-    monkeypatch.setenv("HF_HOME", str(home / "hf"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("SKILLHUB_DEBUG", raising=False)
     monkeypatch.delenv("SKILLHUB_DEVICE", raising=False)
     monkeypatch.delenv("SKILLHUB_LOAD_PLUGINS", raising=False)
+
+
+HUB_TOKENS = {"hf_alice_secret_token": "alice", "hf_bob_secret_token": "bob"}  # token -> user
+
+
+@pytest.fixture(scope="session")
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeHub]:
+    """The fake Hub (tests/hubserver.py) at HF_ENDPOINT, for the real huggingface_hub client.
+    Users alice and bob; requests must carry one of HUB_TOKENS."""
+    from urllib.parse import urlsplit
+
+    port = urlsplit(os.environ["HF_ENDPOINT"]).port
+    with FakeHub(tmp_path_factory.mktemp("fakehub"), port=port, tokens=HUB_TOKENS) as server:
+        yield server
 
 
 @dataclass(frozen=True)
