@@ -794,7 +794,7 @@ def format_forgetting(result: dict[str, Any]) -> str:
     tasks = result["tasks"]
     labels = {"subset": "skillhub, each task's own activation set (Eq. 10)", "fused": "skillhub, all packs merged (Eq. 9)"}
     policies = {labels.get(name, name): data for name, data in result["policies"].items()}
-    lines = [f"R[k][j]: score on task j (columns) after learning task k (rows); base b = "
+    lines = ["R[k][j]: score on task j (columns) after learning task k (rows); base b = "
              + ", ".join(f"{t} {'-' if b is None else f'{b:.2f}'}" for t, b in zip(tasks, result["base"])), ""]
     for label, data in policies.items():
         lines.append(f"{label}:")

@@ -275,36 +275,26 @@ def pull_pack(reference: str, *, registry: Registry | None = None, path: str | N
         MismatchError: The packs were made for another base than the registered one.
     """
     from skillhub import hub
-    from skillhub.pack import staged_directory
 
     repo_id, revision = parse_reference(reference)
     folder = _folder(path)
     at = hub.snapshot(repo_id, revision)
-    if register and registry is None:
+    with tempfile.TemporaryDirectory(prefix="skillhub-pull-") as scratch:
+        plan = _plan(at, folder, Path(scratch))
+    if not register:
+        return _pull_to_directory(at, folder, plan, output, force=force, progress=progress)
+    if registry is None:
         from skillhub.registry import Registry
 
         registry = Registry()
-    with tempfile.TemporaryDirectory(prefix="skillhub-pull-") as scratch:
-        plan = _plan(at, folder, Path(scratch))
-        if register:
-            for _, manifest in plan.packs:  # the base check needs only the manifests: before any big download
-                registry.check_base(manifest["base"], base=base, new_base=new_base)
-            staging = registry.store.incoming("pull")
-            try:
-                return _pull_into_registry(at, folder, plan, staging, registry, base=base, new_base=new_base,
-                                           base_location=base_location, progress=progress)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
-        default = repo_id.split("/")[1] if plan.lineage is not None else plan.packs[0][1]["name"]
-        with staged_directory(Path(output) if output else Path.cwd() / default, force=force) as staging:
-            packs = []
-            for pack_folder, manifest in plan.packs:
-                target = staging / pack_folder if plan.lineage is not None else staging
-                _download_pack(at, _join(folder, pack_folder), manifest, target, progress)
-                packs.append({"path": pack_folder, "name": manifest["name"], "version": manifest["version"],
-                              "status": "downloaded"})
-        return {"repo": repo_id, "revision": at.revision, "commit": at.commit, "packs": packs,
-                "output": str(Path(output) if output else Path.cwd() / default)}
+    for _, manifest in plan.packs:  # the base check needs only the manifests: before any big download
+        registry.check_base(manifest["base"], base=base, new_base=new_base)
+    staging = registry.store.incoming("pull")
+    try:
+        return _pull_into_registry(at, folder, plan, staging, registry, base=base, new_base=new_base,
+                                   base_location=base_location, progress=progress)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 @dataclass
@@ -405,6 +395,22 @@ def _download_pack(at: Snapshot, pack_folder: str, manifest: dict[str, Any], tar
     write_manifest(target, manifest)
     # Hashes were checked while downloading and the manifest against its schema before.
     return load_pack(target, verify=False, checked_manifest=manifest)
+
+
+def _pull_to_directory(at: Snapshot, folder: str, plan: _Plan, output: str | os.PathLike[str] | None, *,
+                       force: bool, progress: ProgressCallback) -> dict[str, Any]:
+    from skillhub.pack import staged_directory
+
+    default = at.repo_id.split("/")[1] if plan.lineage is not None else plan.packs[0][1]["name"]
+    output = Path(output) if output else Path.cwd() / default
+    packs = []
+    with staged_directory(output, force=force) as staging:
+        for pack_folder, manifest in plan.packs:
+            target = staging / pack_folder if plan.lineage is not None else staging
+            _download_pack(at, _join(folder, pack_folder), manifest, target, progress)
+            packs.append({"path": pack_folder, "name": manifest["name"], "version": manifest["version"],
+                          "status": "downloaded"})
+    return {"repo": at.repo_id, "revision": at.revision, "commit": at.commit, "packs": packs, "output": str(output)}
 
 
 def _pull_into_registry(at: Snapshot, folder: str, plan: _Plan, staging: Path, registry: Registry, *,

@@ -17,6 +17,7 @@ elements share one magnitude.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,11 +32,9 @@ _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torc
 
 
 def _rows(shape: tuple[int, ...]) -> tuple[int, int]:
+    """The matrix view of a delta: (first dimension, the rest); a vector is one row."""
     rows = shape[0] if len(shape) > 1 else 1
-    count = 1
-    for size in shape:
-        count *= size
-    return rows, (count // rows if rows else 0)
+    return rows, (math.prod(shape) // rows if rows else 0)
 
 
 class BitDeltaOperator:
