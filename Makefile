@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_create.py
 	$(PY) bench/bench_compress.py
 	$(PY) bench/bench_accuracy.py
+	$(PY) bench/bench_plugins.py
 	$(PY) bench/bench_hub.py
 
 clean:
