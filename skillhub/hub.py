@@ -198,13 +198,11 @@ def read_text(at: Snapshot, filename: str, scratch: Path) -> str:
 
 def tags(repo_id: str) -> dict[str, str]:
     """The repo's tags and the commits they point to (empty if the repo does not exist)."""
-    try:
-        with _hub_errors(repo_id):
+    with _hub_errors(repo_id):
+        try:
             refs = _api().list_repo_refs(repo_id)
-    except HubError as exc:
-        if isinstance(exc.__cause__, hf_errors.RepositoryNotFoundError):
+        except hf_errors.RepositoryNotFoundError:
             return {}
-        raise
     return {ref.name: ref.target_commit for ref in refs.tags}
 
 

@@ -22,7 +22,7 @@ import torch
 
 from skillhub.errors import OutputExistsError, PackError, SkillhubError
 from skillhub.manifest import CARD_FILE, MANIFEST_FILE, TENSORS_FILE, embedded_part, validate_manifest
-from skillhub.operators import decoder_for
+from skillhub.operators import Operator, decoder_for
 from skillhub.tensorfile import TensorFile, TensorFileWriter
 
 METADATA_KEY = "skillpack"
@@ -155,9 +155,14 @@ class SkillPack:
             OperatorError: Naming the operator, the version and the distribution to install.
         """
         needed = {(e["operator"], e["operator_version"]): module for module, e in self.modules.items()}
-        for (name, version), module in sorted(needed.items()):
-            decoder_for(name, version, provenance=self.manifest.get("operators", {}).get(name),
-                        where=f"pack {self.name!r} module {module}")
+        for module in sorted(needed.values()):
+            self._decoder(module)
+
+    def _decoder(self, module: str) -> Operator:
+        entry = self.modules[module]
+        return decoder_for(entry["operator"], entry["operator_version"],
+                           provenance=self.manifest.get("operators", {}).get(entry["operator"]),
+                           where=f"pack {self.name!r} module {module}")
 
     def decode(self, module: str) -> torch.Tensor:
         """The float32 delta of one module, decoded by the operator that encoded it.
@@ -167,13 +172,8 @@ class SkillPack:
                 pack; the message names the operator, the version and the distribution to install.
         """
         entry = self.modules[module]
-        operator = decoder_for(
-            entry["operator"], entry["operator_version"],
-            provenance=self.manifest.get("operators", {}).get(entry["operator"]),
-            where=f"pack {self.name!r} module {module}",
-        )
-        return operator.decode(self.fields(module), entry["meta"], entry["params"], tuple(entry["shape"]),
-                               version=entry["operator_version"])
+        return self._decoder(module).decode(self.fields(module), entry["meta"], entry["params"],
+                                            tuple(entry["shape"]), version=entry["operator_version"])
 
 
 def load_pack(path: str | os.PathLike[str], *, verify: bool = True,

@@ -282,7 +282,7 @@ def report() -> list[dict[str, Any]]:
     (left out by SKILLHUB_LOAD_PLUGINS), sorted by name."""
     found = catalog()
     rows = []
-    for name, source in found.usable.items():
+    for source in found.usable.values():
         try:
             operator = load(source)
         except OperatorError as exc:
