@@ -15,9 +15,11 @@ from pathlib import Path
 
 import torch
 
-from skillhub.errors import MismatchError
+from skillhub.errors import MismatchError, SkillhubError
+from skillhub.manifest import TENSORS_FILE
 from skillhub.models import INDEX_FILE, SINGLE_FILE, Checkpoint, Fingerprint, open_checkpoint
-from skillhub.pack import SkillPack, load_pack, staged_directory
+from skillhub.outputs import check_output, staged_directory
+from skillhub.pack import SkillPack, load_pack
 from skillhub.progress import ProgressCallback, no_progress, reporting
 from skillhub.tensorfile import TensorFileWriter
 
@@ -26,8 +28,14 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # what transformers' save_pretrained uses
 
 def _check_fits(base: Checkpoint, packs: Sequence[SkillPack]) -> None:
     # Cheap structural checks first; the fingerprint (which needs every byte) is checked as we stream.
+    seen: dict[str, str] = {}
     for pack in packs:
-        pack.require_operators()
+        sha256 = pack.manifest["files"][TENSORS_FILE]["sha256"]
+        if sha256 in seen:
+            raise SkillhubError(f"pack {pack.name} ({pack.path}) is given twice (also as {seen[sha256]}): "
+                                "its delta would be added twice")
+        seen[sha256] = str(pack.path)
+        pack.check_decodable()
         recorded = pack.manifest["base"]
         if recorded["model_type"] != base.model_type or recorded["architecture"] != base.architecture:
             raise MismatchError(
@@ -66,6 +74,7 @@ def apply_packs(
     *,
     base_revision: str | None = None,
     force: bool = False,
+    protect: Sequence[str | os.PathLike[str]] = (),
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     progress: ProgressCallback = no_progress,
 ) -> Path:
@@ -79,7 +88,9 @@ def apply_packs(
         packs: Pack directories or opened packs; an empty list copies the base.
         output: Directory to create.
         base_revision: Hub revision of ``base``.
-        force: Replace ``output`` if it exists.
+        force: Replace ``output`` if it exists (and skillhub wrote it).
+        protect: More paths the output must stay clear of (e.g. the registry), besides the
+            base and the packs (see :mod:`skillhub.outputs`).
         max_shard_bytes: Largest weight file to write.
         progress: Called as ``progress("apply", done, total)``.
 
@@ -92,11 +103,13 @@ def apply_packs(
     """
     base_ckpt = base if isinstance(base, Checkpoint) else open_checkpoint(base, revision=base_revision)
     opened = [p if isinstance(p, SkillPack) else load_pack(p) for p in packs]
+    protect = [base_ckpt.path, *(p.path for p in opened), *protect]
+    check_output(output, force=force, protect=protect)
     _check_fits(base_ckpt, opened)
     plan = _shard_plan(base_ckpt, max_shard_bytes)
     fingerprint = Fingerprint()
     names = base_ckpt.names()
-    with staged_directory(output, force=force) as staging:
+    with staged_directory(output, force=force, protect=protect, kind="checkpoint") as staging:
         writers: dict[str, TensorFileWriter] = {}
         metadata = {"format": "pt", "skillhub_packs": json.dumps([f"{p.name}@{p.version}" for p in opened])}
         try:

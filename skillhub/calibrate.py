@@ -11,7 +11,6 @@ caller consumes them (compresses that layer) before the next layer runs.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from skillhub.errors import SkillhubError
+from skillhub.jsonio import MAX_TEXT_BYTES, parse_json, read_regular
 from skillhub.operators import LayerStatistics
 from skillhub.progress import quiet_transformers
 from skillhub.roles import is_transposed
@@ -54,25 +54,23 @@ def read_calibration_texts(path: str | os.PathLike[str]) -> list[str]:
         CalibrationError: The file is missing, empty, or a JSONL line has no usable field.
     """
     path = Path(path)
+    what = f"calibration file {path}"
     try:
-        content = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        content = read_regular(path, what=what, error=CalibrationError, max_bytes=MAX_TEXT_BYTES).decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise CalibrationError(f"cannot read calibration file {path}: {exc}") from exc
     lines = [line for line in content.splitlines() if line.strip()]
     if not lines:
         raise CalibrationError(f"calibration file {path} is empty")
     try:
-        first = json.loads(lines[0])
-    except json.JSONDecodeError:
+        first = parse_json(lines[0], what=what, error=CalibrationError)
+    except CalibrationError:
         first = None
     if not isinstance(first, dict):
         return [content]  # plain text: one stream, cut into windows later
     texts = []
     for number, line in enumerate(lines, start=1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise CalibrationError(f"calibration file {path} line {number} is not valid JSON: {exc.msg}") from exc
+        record = parse_json(line, what=f"{what} line {number}", error=CalibrationError)
         text = record.get("text") if isinstance(record, dict) else None
         if text is None and isinstance(record, dict) and "prompt" in record:
             text = str(record["prompt"]) + str(record.get("answer", ""))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,8 +29,42 @@ class SkillhubGroup(click.Group):
         except SkillhubError as exc:
             if config.debug():
                 raise
-            click.echo(f"Error: {exc}", err=True)
+            click.echo(f"Error: {plain(str(exc))}", err=True)
             ctx.exit(1)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def plain(text: object) -> str:
+    """``text`` as one line with no control characters: names and messages come from files and
+    repos, and an escape sequence must never reach the terminal (nor a newline split a line)."""
+    return _CONTROL.sub(lambda m: " " if m.group() in "\n\r\t" else "?", str(text))
+
+
+def _markup_safe(text: object) -> str:
+    """:func:`plain`, with rich markup escaped (a name like ``[/bold]`` is text, not a tag)."""
+    from rich.markup import escape
+
+    return escape(plain(text))
+
+
+class RedactingFilter(logging.Filter):
+    """Removes credentials from every log record: at -vv the HTTP libraries log request and
+    response headers verbatim, and a server may echo the Authorization header back."""
+
+    _SECRETS = (
+        re.compile(r"(?i)(authorization['\"]?\s*[,:=]\s*b?['\"]?)[^'\"\s)]+(\s+[^'\"\s)]+)?"),
+        re.compile(r"(?i)\b(bearer|basic|token)\s+[A-Za-z0-9._~+/=-]{8,}"),
+        re.compile(r"\bhf_[A-Za-z0-9_]{6,}"),
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        for pattern in self._SECRETS:
+            message = pattern.sub(lambda m: (m.group(1) if m.re.groups else "") + "[redacted]", message)
+        record.msg, record.args = message, None
+        return True
 
 
 # rich is imported where a table or bar is drawn: `--json` listings should not pay for it.
@@ -108,6 +143,9 @@ def main(registry_location: str | None, store: Path | None, as_json: bool, verbo
     """skillhub: compressed, removable fine-tune deltas (SkillPacks) for Hugging Face models."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
 
 
 @main.command()
@@ -162,7 +200,9 @@ def create(ctx: click.Context, base: str, tuned: str, output: Path, task: str | 
 
 def _pack_summary(pack: Any) -> dict[str, Any]:
     manifest = pack.manifest
-    disk_bytes = sum(p.stat().st_size for p in pack.path.iterdir() if p.is_file())
+    from skillhub.manifest import MANIFEST_FILE
+
+    disk_bytes = sum((pack.path / name).stat().st_size for name in (MANIFEST_FILE, *manifest["files"]))
     totals = dict(manifest["totals"])
     totals["disk_bytes"] = disk_bytes
     totals["disk_ratio"] = disk_bytes / totals["delta_fp16_bytes"] if totals["delta_fp16_bytes"] else 0.0
@@ -207,15 +247,17 @@ def inspect(ctx: click.Context, pack: Path, as_json: bool) -> None:
         _emit_json(summary)
         return
     console = _stdout()
-    base = summary["base"]
-    console.print(f"[bold]{summary['name']}[/bold] {summary['version']}  task [bold]{summary['task']}[/bold]  "
-                  f"recipe {summary['recipe']}  quantizer {summary['quantizer']['method']}")
-    console.print(f"base {base['id']} ({base['architecture']}, {base['dtype']})  {base['fingerprint']}")
+    base, safe = summary["base"], _markup_safe  # every string below comes from the pack's files
+    console.print(f"[bold]{safe(summary['name'])}[/bold] {safe(summary['version'])}  "
+                  f"task [bold]{safe(summary['task'])}[/bold]  recipe {safe(summary['recipe'])}  "
+                  f"quantizer {safe(summary['quantizer']['method'])}")
+    console.print(safe(f"base {base['id']} ({base['architecture']}, {base['dtype']})  {base['fingerprint']}"))
     table = _table(show_edge=False)
     for column in ("module", "role", "operator", "params", "bytes", "ratio", "error"):
         table.add_column(column, justify="right" if column in ("bytes", "ratio", "error") else "left")
     for module in summary["modules"]:
-        table.add_row(module["name"], module["role"], module["operator"], _short_params(module["params"], module["meta"]),
+        table.add_row(safe(module["name"]), safe(module["role"]), safe(module["operator"]),
+                      safe(_short_params(module["params"], module["meta"])),
                       f"{module['stored_bytes']:,}", f"{module['stored_bytes'] / module['delta_fp16_bytes']:.2%}",
                       f"{module['error']:.4f}")
     console.print(table)
@@ -358,11 +400,11 @@ def _registry(ctx: click.Context):
 
 
 def _print_table(columns: list[str], rows: list[list[str]], title: str | None = None) -> None:
-    table = _table(title=title, show_edge=False)
+    table = _table(title=_markup_safe(title) if title else None, show_edge=False)
     for column in columns:
         table.add_column(column)
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*(_markup_safe(cell) for cell in row))  # names and paths come from the registry
     _stdout().print(table)
 
 
@@ -740,6 +782,8 @@ def doctor(ctx: click.Context, repair: bool, as_json: bool) -> None:
             click.echo(f"  leftover: interrupted write {leftover} (doctor --repair deletes it)")
         for done in report["repaired"]:
             click.echo(f"  repaired: {done}")
+        for left in report["kept"]:
+            click.echo(f"  kept: {left}")
     if not report["consistent"]:
         ctx.exit(1)
 

@@ -25,7 +25,8 @@ from skillhub.errors import OperatorError, SkillhubError
 from skillhub.manifest import FORMAT_VERSION, TENSORS_FILE, check_pack_identity, totals
 from skillhub.models import Checkpoint, Fingerprint, open_checkpoint
 from skillhub.operators import EncodeContext, provenance
-from skillhub.pack import PackWriter, SkillPack, load_pack, staged_directory
+from skillhub.outputs import check_output, staged_directory
+from skillhub.pack import PackWriter, SkillPack, load_pack
 from skillhub.progress import ProgressCallback, no_progress, reporting
 from skillhub.recipe import ModulePlan, Recipe
 from skillhub.tensorfile import dtype_name
@@ -120,6 +121,9 @@ def create_pack(
     base_ckpt = _checkpoint(base, base_revision)
     tuned_ckpt = _checkpoint(tuned, tuned_revision)
     check_compatible(base_ckpt, tuned_ckpt)
+    inputs = [base_ckpt.path, tuned_ckpt.path, parent, calib,
+              recipe if isinstance(recipe, (str, os.PathLike)) and recipe != "paper" else None]
+    check_output(output, force=force, protect=inputs)
     plans = _plan_every_parameter(plan_recipe, base_ckpt)
     parent_ref = _parent_reference(parent)
     try:
@@ -156,7 +160,7 @@ def create_pack(
     unchanged: list[str] = []
     fingerprint = Fingerprint()
     parameters = squared_error = squared_norm = 0.0
-    with staged_directory(output, force=force) as staging:
+    with staged_directory(output, force=force, protect=inputs, kind="pack") as staging:
         writer = PackWriter(staging)
         deltas = iter_deltas(base_ckpt, tuned_ckpt, names=layer_order(list(plans)), fingerprint=fingerprint)
         for item in reporting(deltas, progress, "compress", len(plans)):

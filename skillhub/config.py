@@ -24,6 +24,21 @@ def default_device() -> str:
     return os.environ.get("SKILLHUB_DEVICE", "cpu")
 
 
+DEFAULT_MAX_LINEAGE_PACKS = 1000
+
+
+def max_lineage_packs() -> int:
+    """Most packs a pulled lineage may list ($SKILLHUB_MAX_LINEAGE_PACKS, default 1000)."""
+    configured = os.environ.get("SKILLHUB_MAX_LINEAGE_PACKS", "").strip()
+    if not configured:
+        return DEFAULT_MAX_LINEAGE_PACKS
+    if not configured.isdigit() or int(configured) < 1:
+        from skillhub.errors import SkillhubError
+
+        raise SkillhubError(f"SKILLHUB_MAX_LINEAGE_PACKS={configured!r} is not a positive whole number")
+    return int(configured)
+
+
 def plugin_allowlist() -> tuple[str, ...] | None:
     """SKILLHUB_LOAD_PLUGINS: which plugin operators to load, as comma-separated distribution or
     operator names. Unset loads every installed plugin; set but empty loads built-ins only."""

@@ -27,6 +27,7 @@ from skillhub.compress import create_pack
 from skillhub.evaluate import exact_match
 from skillhub.forgetting import accuracy_matrices, evaluate_tasks, plot_matrices
 from skillhub.metrics import continual_metrics
+from skillhub.outputs import replace_directory
 from skillhub.progress import ProgressCallback, no_progress, quiet_transformers
 from skillhub.registry import Registry
 from skillhub.synthetic import build_tiny_model, make_examples, split_examples, write_jsonl
@@ -50,9 +51,7 @@ def run_demo(
     """Run the demo in ``workdir`` (replacing earlier demo output there) and return its measurements."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    workdir = Path(workdir)
-    shutil.rmtree(workdir, ignore_errors=True)
-    workdir.mkdir(parents=True)
+    workdir = replace_directory(workdir, kind="demo")
     steps = 150 if fast else 500
     test_size = 100 if fast else 200
     data = {t: split_examples(t, train=2000, test=test_size) for t in DEMO_TASKS}

@@ -9,6 +9,7 @@ import os
 import torch
 
 from skillhub.errors import SkillhubError
+from skillhub.jsonio import MAX_TEXT_BYTES, parse_json, read_regular
 from skillhub.train import collate
 
 
@@ -26,19 +27,21 @@ def load_eval_set(path: str | os.PathLike[str], metric: str = "exact_match") -> 
     fields = METRICS[metric]
     examples = []
     try:
-        lines = open(path, encoding="utf-8").read().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
+        lines = read_regular(path, what=f"eval file {path}", max_bytes=MAX_TEXT_BYTES).decode("utf-8").splitlines()
+    except UnicodeDecodeError as exc:
         raise SkillhubError(f"cannot read eval file {path}: {exc}") from exc
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise SkillhubError(f"eval file {path} line {number} is not valid JSON: {exc.msg}") from exc
+        record = parse_json(line, what=f"eval file {path} line {number}")
         if not isinstance(record, dict) or not set(fields) <= record.keys():
             wanted = " and ".join(repr(f) for f in fields)
             raise SkillhubError(f"eval file {path} line {number} needs {wanted} for metric {metric}")
+        for field in fields:
+            # Numbers are fine as answers; null, true or a list would be scored as their Python text.
+            if isinstance(record[field], bool) or not isinstance(record[field], (str, int, float)):
+                raise SkillhubError(f"eval file {path} line {number}: {field!r} must be a string, "
+                                    f"not {json.dumps(record[field])[:40]}")
         examples.append({field: str(record[field]) for field in fields})
     if not examples:
         raise SkillhubError(f"eval file {path} holds no examples")

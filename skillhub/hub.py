@@ -28,6 +28,7 @@ from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, http_st
 from skillhub import __version__
 from skillhub.errors import CheckpointError, HubError
 from skillhub.models import INDEX_FILE, SIDECAR_FILES
+from skillhub.outputs import describe_os_error
 from skillhub.progress import ProgressCallback, no_progress
 
 CHUNK_BYTES = 4 * 1024 * 1024
@@ -48,10 +49,10 @@ def _hub_errors(repo_id: str, revision: str | None = None, *, writing: bool = Fa
         ) from exc
     except hf_errors.RevisionNotFoundError as exc:
         raise HubError(f"revision {revision!r} not found in {repo_id}: use a branch, tag or commit id") from exc
+    except hf_errors.LocalEntryNotFoundError as exc:  # a subclass of EntryNotFoundError: first
+        raise HubError(f"cannot reach the Hub to fetch {at} and it is not cached: check the network or HF_ENDPOINT") from exc
     except hf_errors.EntryNotFoundError as exc:
         raise HubError(f"{at} has no file {_missing_file(exc)}: check the path in the repo") from exc
-    except hf_errors.LocalEntryNotFoundError as exc:
-        raise HubError(f"cannot reach the Hub to fetch {at} and it is not cached: check the network or HF_ENDPOINT") from exc
     except hf_errors.HfHubHTTPError as exc:
         status = getattr(exc.response, "status_code", None)
         if status == 401:
@@ -62,8 +63,10 @@ def _hub_errors(repo_id: str, revision: str | None = None, *, writing: bool = Fa
                 "namespace (HF_TOKEN or `hf auth login`)"
             ) from exc
         raise HubError(f"Hub request for {at} failed (HTTP {status or '?'}); try again later") from exc
-    except (httpx2.TransportError, OSError) as exc:
+    except httpx2.TransportError as exc:
         raise HubError(f"cannot reach the Hub at {constants.ENDPOINT} for {at} ({exc}): check the network or HF_ENDPOINT") from exc
+    except OSError as exc:  # on this machine: a full disk, a name too long for the file system...
+        raise HubError(f"fetching {at}: {describe_os_error(exc, exc.filename or 'a local file')}") from exc
 
 
 def _missing_file(exc: Exception) -> str:
@@ -141,7 +144,7 @@ def snapshot(repo_id: str, revision: str | None) -> Snapshot:
                     files=frozenset(s.rfilename for s in info.siblings or []))
 
 
-def download(at: Snapshot, filename: str, destination: Path, *, durable: bool = False,
+def download(at: Snapshot, filename: str, destination: Path, *, durable: bool = False, max_bytes: int | None = None,
              progress: ProgressCallback = no_progress) -> tuple[str, int]:
     """Stream one file of a snapshot to ``destination``, hashing it as it arrives.
 
@@ -149,14 +152,18 @@ def download(at: Snapshot, filename: str, destination: Path, *, durable: bool = 
     a file costs no extra pass over it (huggingface_hub's own download would need one).
     With ``durable``, that thread also flushes what has been written to disk as it goes, so
     the file is on disk when this returns at little more than the cost of receiving it.
+    With ``max_bytes``, the download stops as soon as the file proves longer (announced or
+    received), so a hostile repo cannot make skillhub fetch more than it expects.
 
     Returns:
         The file's sha256 (hex) and its size in bytes.
 
     Raises:
-        HubError: The file cannot be fetched.
+        HubError: The file cannot be fetched, or is longer than ``max_bytes``.
     """
     url = huggingface_hub.hf_hub_url(at.repo_id, filename, revision=at.commit)
+    too_long = HubError(f"{at.repo_id}@{at.revision}/{filename} is larger than the {max_bytes:,} bytes expected; "
+                        "stopped downloading it") if max_bytes is not None else None
     headers = build_hf_headers(library_name="skillhub", library_version=__version__)
     digest = hashlib.sha256()
     size = 0
@@ -167,6 +174,8 @@ def download(at: Snapshot, filename: str, destination: Path, *, durable: bool = 
                 response.read()  # the error details are in the body
                 hf_raise_for_status(response)
             total = int(response.headers.get("Content-Length") or 0)
+            if too_long is not None and total > max_bytes:
+                raise too_long
             with open(destination, "wb") as out, ThreadPoolExecutor(max_workers=1) as worker:
 
                 def digest_and_sync(chunk: bytes) -> None:
@@ -176,6 +185,8 @@ def download(at: Snapshot, filename: str, destination: Path, *, durable: bool = 
 
                 pending = None
                 for chunk in response.iter_bytes(CHUNK_BYTES):
+                    if too_long is not None and size + len(chunk) > max_bytes:
+                        raise too_long
                     out.write(chunk)
                     out.flush()  # in the kernel before the worker may sync it
                     if pending is not None:
@@ -190,10 +201,10 @@ def download(at: Snapshot, filename: str, destination: Path, *, durable: bool = 
     return digest.hexdigest(), size
 
 
-def read_text(at: Snapshot, filename: str, scratch: Path) -> str:
-    """A small text file of a snapshot (downloaded to ``scratch``)."""
-    download(at, filename, scratch)
-    return scratch.read_text(encoding="utf-8")
+def read_bytes(at: Snapshot, filename: str, scratch: Path, *, max_bytes: int) -> bytes:
+    """A small file of a snapshot (downloaded to ``scratch``), refused past ``max_bytes``."""
+    download(at, filename, scratch, max_bytes=max_bytes)
+    return scratch.read_bytes()
 
 
 def tags(repo_id: str) -> dict[str, str]:

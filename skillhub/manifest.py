@@ -18,8 +18,14 @@ CARD_FILE = "README.md"
 DETACHED_KEYS = ("files", "source")
 
 
-def validate_manifest(document: Any, *, what: str) -> None:
+def validate_manifest(document: Any, *, what: str, embedded: bool = False) -> None:
     """Check ``document`` against ``schemas/skillpack.schema.json``.
+
+    Args:
+        document: The parsed manifest.
+        what: How to name it in messages.
+        embedded: It is the copy embedded in skillpack.safetensors, which has no ``files``;
+            a skillpack.json must list its files (only those are ever opened).
 
     Raises:
         PackError: Naming the first offending field.
@@ -27,6 +33,8 @@ def validate_manifest(document: Any, *, what: str) -> None:
     from skillhub.schemas import validate  # jsonschema: only where a manifest is validated
 
     validate(document, "skillpack", error=PackError, what=what)
+    if not embedded and "files" not in document:
+        raise PackError(f"{what} lists no files: a pack's skillpack.json must name its files with their sha256")
 
 
 def embedded_part(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -49,20 +57,15 @@ def totals(modules: dict[str, dict[str, Any]], *, parameters: int, delta_fp16_by
 
 
 def check_pack_identity(*, name: str, task: str, version: str) -> None:
-    """Check a pack's name, task and version before any work, with the schema's own patterns.
+    """Check a pack's name, task and version before any work.
 
     Raises:
         SkillhubError: Naming the bad value and the allowed form.
     """
+    from skillhub.names import check_name
     from skillhub.schemas import load_schema
 
-    schema = load_schema("skillpack")
-    identifier = schema["$defs"]["identifier"]["pattern"]
-    for label, value in (("name", name), ("task", task)):
-        if not re.fullmatch(identifier, value):
-            raise SkillhubError(
-                f"pack {label} {value!r} is not allowed: use letters, digits, '.', '_' or '-' (max 128), "
-                "starting with a letter or digit"
-            )
-    if not re.fullmatch(schema["properties"]["version"]["pattern"], version):
+    check_name(name, "pack")
+    check_name(task, "task")
+    if not re.fullmatch(load_schema("skillpack")["properties"]["version"]["pattern"], version):
         raise SkillhubError(f"pack version {version!r} is not allowed: use a version like 1.0.0")

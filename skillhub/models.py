@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 import torch
 
 from skillhub.errors import CheckpointError
+from skillhub.jsonio import read_json
 from skillhub.tensorfile import TensorFile, dtype_name
 
 SINGLE_FILE = "model.safetensors"
@@ -67,24 +67,35 @@ class Checkpoint:
 
     def _read_config(self) -> dict[str, Any]:
         config_path = self.path / "config.json"
-        if not config_path.is_file():
+        if not config_path.exists():
             raise CheckpointError(f"{self.path} has no config.json: is it a Hugging Face model directory?")
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{config_path} is not valid JSON: {exc}") from exc
+        config = read_json(config_path, error=CheckpointError)
         if not isinstance(config, dict):
             raise CheckpointError(f"{config_path} is not a JSON object")
+        architectures = config.get("architectures")
+        if architectures is not None and not (
+                isinstance(architectures, list) and all(isinstance(a, str) for a in architectures)):
+            raise CheckpointError(f"{config_path}: 'architectures' must be a list of class names")
+        for key in ("model_type", "tie_word_embeddings", "text_config"):
+            wanted = {"model_type": str, "tie_word_embeddings": bool, "text_config": dict}[key]
+            if config.get(key) is not None and not isinstance(config[key], wanted):
+                raise CheckpointError(f"{config_path}: {key!r} must be a {wanted.__name__}")
         return config
 
     def _shard_names(self) -> list[str]:
         index_path = self.path / INDEX_FILE
-        if index_path.is_file():
-            try:
-                weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-            except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise CheckpointError(f"{index_path} is not a valid safetensors index: {exc}") from exc
+        if index_path.exists():
+            index = read_json(index_path, error=CheckpointError)
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                raise CheckpointError(f"{index_path} is not a valid safetensors index: 'weight_map' must map "
+                                      "tensor names to shard file names")
             shards = sorted(set(weight_map.values()))
+            outside = [s for s in shards if Path(s).name != s or not s.endswith(".safetensors")]
+            if outside:
+                raise CheckpointError(f"{index_path} names shard {outside[0]!r}, which is not a .safetensors file "
+                                      "next to it")
             missing = [s for s in shards if not (self.path / s).is_file()]
             if missing:
                 raise CheckpointError(f"{self.path} is missing shard(s) named in its index: {', '.join(missing)}")

@@ -3,7 +3,8 @@
 A pack is a directory holding ``skillpack.json`` (the manifest), ``skillpack.safetensors``
 (every stored tensor, keys ``<parameter name>/<field>``, with the manifest embedded in the
 safetensors metadata under ``skillpack``) and ``README.md`` (a model card). Packs are built
-in a temporary sibling directory and renamed into place, so a failed build leaves nothing.
+in a temporary sibling directory and renamed into place (:mod:`skillhub.outputs`), so a
+failed build leaves nothing.
 """
 
 from __future__ import annotations
@@ -11,19 +12,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import uuid
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from skillhub.errors import OutputExistsError, PackError, SkillhubError
+from skillhub.errors import OperatorError, PackError, SkillhubError
+from skillhub.jsonio import parse_json, read_json
 from skillhub.manifest import CARD_FILE, MANIFEST_FILE, TENSORS_FILE, embedded_part, validate_manifest
-from skillhub.operators import Operator, decoder_for
-from skillhub.tensorfile import TensorFile, TensorFileWriter
+from skillhub.operators import Operator, decoder_for, expected_fields, resolve_params
+from skillhub.tensorfile import TensorFile, TensorFileWriter, dtype_name
 
 METADATA_KEY = "skillpack"
 
@@ -35,38 +34,6 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: handle.read(16 * 1024 * 1024), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-@contextmanager
-def staged_directory(output: str | os.PathLike[str], *, force: bool = False) -> Iterator[Path]:
-    """A temporary sibling directory that replaces ``output`` only if the block succeeds.
-
-    Raises:
-        OutputExistsError: ``output`` exists and ``force`` is False (checked before any work).
-    """
-    output = Path(output)
-    if output.exists() and not force:
-        raise OutputExistsError(f"{output} already exists; choose another path or pass --force to replace it")
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        staging = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
-        staging.mkdir()
-    except OSError as exc:
-        raise SkillhubError(f"cannot write to {output.parent}: {exc.strerror or exc}") from exc
-    try:
-        yield staging
-        if output.exists():
-            # Directories cannot be swapped atomically: move the old one aside first so that
-            # at every instant one complete version exists.
-            retired = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
-            output.rename(retired)
-            staging.rename(output)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            staging.rename(output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 class PackWriter:
@@ -90,7 +57,7 @@ class PackWriter:
             The complete manifest, with ``files`` filled in.
         """
         core = embedded_part(manifest)
-        validate_manifest(core, what="the new pack's manifest")
+        validate_manifest(core, what="the new pack's manifest", embedded=True)
         self._tensors.finish({METADATA_KEY: json.dumps(core, separators=(",", ":")), "format": "pt"})
         (self.staging / CARD_FILE).write_text(card, encoding="utf-8")
         complete = dict(core)
@@ -117,6 +84,7 @@ class SkillPack:
         self.path = path
         self.manifest = manifest
         self._tensors = tensors
+        self._resolved: dict[str, dict[str, Any]] = {}  # params checked against the operator schema
 
     @property
     def name(self) -> str:
@@ -158,6 +126,52 @@ class SkillPack:
         for module in sorted(needed.values()):
             self._decoder(module)
 
+    def check_decodable(self, *, decode: bool = False) -> None:
+        """Check, before anything is decoded into a model, that every module can be: its operator is
+        installed, its params pass the operator's schema, and its meta and stored tensors (names,
+        dtypes, shapes) are what the operator lays out for it. With ``decode``, also decode every
+        module once (what a registry does on ``add``: see :meth:`decode` for what that checks).
+
+        Raises:
+            OperatorError: An operator is missing (naming what to install).
+            PackError: Naming the module and what does not fit.
+        """
+        self.require_operators()
+        for module in sorted(self.modules):
+            self._check_layout(module)
+            if decode:
+                self.decode(module)
+
+    def _check_layout(self, module: str) -> None:
+        entry, where = self.modules[module], f"pack {self.name!r} module {module}"
+        operator = self._decoder(module)
+        params = self._params(module, operator)
+        try:
+            layout = expected_fields(operator, entry["meta"], params, tuple(entry["shape"]),
+                                     version=entry["operator_version"])
+        except ValueError as exc:
+            raise PackError(f"{where}: its meta does not fit operator {operator.name}: {exc}") from exc
+        if layout is None:
+            return  # a plugin without expected_fields: decoding checks it
+        if set(layout) != set(entry["fields"]):
+            raise PackError(f"{where} stores fields {sorted(entry['fields'])}, operator {operator.name} "
+                            f"reads {sorted(layout)}")
+        for field, (dtype, shape) in layout.items():
+            key = f"{module}/{field}"
+            stored = (self._tensors.dtype(key), tuple(self._tensors.shape(key)))
+            if stored != (dtype, tuple(shape)):
+                raise PackError(f"{where} field {field} is stored as {dtype_name(stored[0])} {list(stored[1])}, "
+                                f"operator {operator.name} writes {dtype_name(dtype)} {list(shape)}")
+
+    def _params(self, module: str, operator: Operator) -> dict[str, Any]:
+        if module not in self._resolved:
+            try:
+                self._resolved[module] = resolve_params(operator, self.modules[module]["params"],
+                                                        where=f"pack {self.name!r} module {module}")
+            except OperatorError as exc:
+                raise PackError(str(exc)) from exc
+        return self._resolved[module]
+
     def _decoder(self, module: str) -> Operator:
         entry = self.modules[module]
         return decoder_for(entry["operator"], entry["operator_version"],
@@ -167,13 +181,27 @@ class SkillPack:
     def decode(self, module: str) -> torch.Tensor:
         """The float32 delta of one module, decoded by the operator that encoded it.
 
+        The result is checked: it has the module's shape and holds only finite numbers, so a
+        damaged or hostile pack can never put NaN or Inf into a model.
+
         Raises:
             OperatorError: The operator is not installed, or its installed version cannot decode this
                 pack; the message names the operator, the version and the distribution to install.
+            PackError: The stored data does not decode to a finite delta of the module's shape.
         """
-        entry = self.modules[module]
-        return self._decoder(module).decode(self.fields(module), entry["meta"], entry["params"],
-                                            tuple(entry["shape"]), version=entry["operator_version"])
+        entry, where = self.modules[module], f"pack {self.name!r} module {module}"
+        operator = self._decoder(module)
+        shape = tuple(entry["shape"])
+        try:
+            delta = operator.decode(self.fields(module), entry["meta"], self._params(module, operator), shape,
+                                    version=entry["operator_version"])
+        except (ValueError, KeyError, IndexError, TypeError, RuntimeError) as exc:
+            raise PackError(f"{where} cannot be decoded by operator {operator.name}: {exc}"[:300]) from exc
+        if tuple(delta.shape) != shape:
+            raise PackError(f"{where} decodes to shape {list(delta.shape)}, the manifest says {list(shape)}")
+        if not bool(torch.isfinite(delta).all()):
+            raise PackError(f"{where} decodes to NaN or Inf values: the pack is damaged; refusing to use it")
+        return delta
 
 
 def load_pack(path: str | os.PathLike[str], *, verify: bool = True,
@@ -196,18 +224,16 @@ def load_pack(path: str | os.PathLike[str], *, verify: bool = True,
     if checked_manifest is not None:
         manifest = checked_manifest
     else:
-        if not manifest_path.is_file():
+        if not manifest_path.exists():
             raise PackError(f"{path} is not a SkillPack: {MANIFEST_FILE} not found")
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise PackError(f"{manifest_path} is not valid JSON: {exc}") from exc
+        manifest = read_json(manifest_path, error=PackError)
         validate_manifest(manifest, what=str(manifest_path))
-    files = manifest.get("files") or {}
-    for name, expected in files.items():
+    for name, expected in manifest["files"].items():
         file_path = path / name
-        if Path(name).name != name or not file_path.is_file():
+        if not file_path.exists():
             raise PackError(f"{path}: file {name} named in the manifest is missing")
+        if not file_path.is_file():
+            raise PackError(f"{file_path} is not a regular file")
         if file_path.stat().st_size != expected["bytes"]:
             raise PackError(f"{file_path} has {file_path.stat().st_size} bytes, the manifest says {expected['bytes']}")
         if verify and sha256_file(file_path) != expected["sha256"]:
@@ -221,10 +247,8 @@ def load_pack(path: str | os.PathLike[str], *, verify: bool = True,
 
 
 def _check_consistent(path: Path, manifest: dict[str, Any], tensors: TensorFile) -> None:
-    try:
-        embedded = json.loads(tensors.metadata.get(METADATA_KEY, "null"))
-    except json.JSONDecodeError as exc:
-        raise PackError(f"{path}/{TENSORS_FILE} carries an unreadable embedded manifest") from exc
+    embedded = parse_json(tensors.metadata.get(METADATA_KEY, "null"), what=f"the manifest embedded in {path}/{TENSORS_FILE}",
+                          error=PackError)
     if embedded != embedded_part(manifest):
         raise PackError(f"{path}: {MANIFEST_FILE} disagrees with the manifest embedded in {TENSORS_FILE}")
     expected = {f"{m}/{f}" for m, entry in manifest["modules"].items() for f in entry["fields"]}

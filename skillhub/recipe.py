@@ -8,7 +8,6 @@ built in: the seed paper's Table 14 (GraftLLM, arXiv 2505.18502).
 from __future__ import annotations
 
 import copy
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from skillhub.errors import OperatorError, RecipeError
+from skillhub.jsonio import read_json
 from skillhub.operators import Operator, get_operator, resolve_params
 from skillhub.roles import role_of
 from skillhub.schemas import validate
@@ -57,11 +57,8 @@ def load_recipe(spec: str | os.PathLike[str] | dict[str, Any]) -> dict[str, Any]
             raise RecipeError(
                 f"recipe {spec!r} is neither a built-in recipe ({', '.join(BUILTIN_RECIPES)}) nor a file"
             )
-        try:
-            document = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise RecipeError(f"recipe file {path} is not valid JSON: {exc}") from exc
         what = f"recipe file {path}"
+        document = read_json(path, what=what, error=RecipeError)
     validate(document, "recipe", error=RecipeError, what=what)
     return document
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import re
 import shutil
 import socket
 from collections.abc import Iterator, Mapping, Sequence
@@ -35,7 +36,8 @@ from sqlmodel import Session
 from skillhub import config
 from skillhub.errors import MismatchError, PackError, SkillhubError
 from skillhub.manifest import TENSORS_FILE
-from skillhub.migrations import lock_registry, migrate
+from skillhub.names import base_name_from, check_name
+from skillhub.migrations import applied_migrations, lock_registry, migrate, migration_names
 from skillhub.progress import ProgressCallback, no_progress
 from skillhub.store import PackStore
 from skillhub.tables import BaseModelRow, EvalRecordRow, EventRow, PackRow, TaskPackRow, TaskRow
@@ -47,6 +49,7 @@ if TYPE_CHECKING:  # torch and the pack machinery load only for commands that to
 
 DATABASE_FILE = "registry.db"
 STORE_DIR = "packs"
+_PACK_ID = re.compile(r"[0-9a-f]{1,64}")
 
 
 class RegistryError(SkillhubError):
@@ -55,6 +58,10 @@ class RegistryError(SkillhubError):
 
 class NotFoundError(RegistryError):
     """A pack, task or base model named by the user does not exist."""
+
+
+def _sql_reason(exc: SQLAlchemyError) -> str:
+    return str(exc.orig if getattr(exc, "orig", None) is not None else exc).splitlines()[0]
 
 
 def _now() -> str:
@@ -69,7 +76,12 @@ def _actor() -> str:
     return f"{user}@{socket.gethostname()} pid {os.getpid()}"
 
 
-def _sqlite_engine(path: Path) -> Engine:
+def _sqlite_engine(path: Path, *, read_only: bool = False) -> Engine:
+    if read_only:
+        # A registry the user may only read: no WAL switch, no write lock, nothing created.
+        if not path.is_file():
+            raise RegistryError(f"no registry database at {path}")
+        return create_engine(f"sqlite:///file:{path}?mode=ro&uri=true", connect_args={"timeout": 60})
     engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": 60})
 
     @event.listens_for(engine, "connect")
@@ -90,8 +102,35 @@ def _sqlite_engine(path: Path) -> Engine:
     return engine
 
 
+def _url_engine(url: str) -> Engine:
+    try:
+        return create_engine(url)
+    except ImportError as exc:  # the dialect's driver (a separate package) is missing
+        scheme = url.split("://", 1)[0]
+        hint = "pip install 'skillhub[postgres]'" if scheme.startswith("postgresql") else \
+            f"install the SQLAlchemy driver for {scheme}"
+        raise RegistryError(f"the database driver for {scheme} ({exc.name or exc}) is not installed: {hint}") from exc
+
+
+def _display(where: str) -> str:
+    """A registry location fit for messages: a database URL without its password."""
+    if "://" not in where:
+        return where
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(where).render_as_string(hide_password=True)
+    except ArgumentError:
+        return where.split("://", 1)[0] + "://..."
+
+
 class Registry:
     """A SkillPack registry.
+
+    A registry the process may not write (a read-only directory), or one upgraded by a newer
+    skillhub, opens for reading: listings, ``show``, ``log`` and ``doctor`` work, and every
+    write is refused with the reason.
 
     Args:
         location: A registry directory, or an SQLAlchemy URL for the metadata
@@ -99,43 +138,63 @@ class Registry:
         store: Directory of pack files (default: ``<location>/packs``, or ``<home>/packs`` for a URL).
 
     Raises:
-        RegistryError: The directory is not writable or the database cannot be reached.
+        RegistryError: The directory or database cannot be opened, or needs an upgrade it may not get.
     """
 
     def __init__(self, location: str | os.PathLike[str] | None = None, *, store: str | os.PathLike[str] | None = None):
         where = str(location) if location is not None else str(config.home())
+        self.read_only: str | None = None  # why writes are refused, when they are
         try:
             if "://" in where:
                 self.url = where
-                self.engine = create_engine(where)
+                self.engine = _url_engine(where)
                 store_root = Path(store) if store else config.home() / STORE_DIR
             else:
                 directory = Path(where)
-                directory.mkdir(parents=True, exist_ok=True)
-                if not os.access(directory, os.W_OK):
-                    raise RegistryError(f"registry directory {directory} is not writable")
+                if directory.is_dir() and not os.access(directory, os.W_OK):
+                    self.read_only = f"the registry directory {directory} is read-only"
+                else:
+                    directory.mkdir(parents=True, exist_ok=True)
                 self.url = str(directory)
-                self.engine = _sqlite_engine(directory / DATABASE_FILE)
+                self.engine = _sqlite_engine(directory / DATABASE_FILE, read_only=self.read_only is not None)
                 store_root = Path(store) if store else directory / STORE_DIR
-            migrate(self.engine)
+            self._upgrade(_display(where))
         except OSError as exc:
-            raise RegistryError(f"cannot use registry {where}: {exc.strerror or exc}") from exc
+            raise RegistryError(f"cannot use registry {_display(where)}: {exc.strerror or exc}") from exc
         except SQLAlchemyError as exc:
-            raise RegistryError(f"cannot open registry {where}: {exc.orig if hasattr(exc, 'orig') else exc}") from exc
+            raise RegistryError(f"cannot open registry {_display(where)}: {_sql_reason(exc)}") from exc
         self.store = PackStore(store_root)
+
+    def _upgrade(self, where: str) -> None:
+        """Apply pending migrations, or note why this registry may only be read."""
+        applied, known = set(applied_migrations(self.engine)), set(migration_names())
+        newer = sorted(applied - known)
+        if newer:
+            self.read_only = (f"the registry {where} was upgraded by a newer skillhub (migration {newer[-1]}); "
+                              "it can be read, but upgrade skillhub to change it")
+        elif known - applied:
+            if self.read_only:
+                raise RegistryError(f"{self.read_only} and needs an upgrade: open it once with write access")
+            migrate(self.engine)
+
+    def _require_writable(self) -> None:
+        if self.read_only:
+            raise RegistryError(f"cannot change the registry: {self.read_only}")
 
     # ------------------------------------------------------------------ sessions and lookups
 
     @contextmanager
     def _session(self, *, write: bool = False) -> Iterator[Session]:
         """One transaction: committed on success, rolled back on any error; ``write`` serializes writers."""
+        if write:
+            self._require_writable()
         try:
             with Session(self.engine, expire_on_commit=False) as session, session.begin():
                 if write:
                     lock_registry(session.connection())
                 yield session
         except SQLAlchemyError as exc:
-            raise RegistryError(f"registry database error: {exc.orig if hasattr(exc, 'orig') else exc}") from exc
+            raise RegistryError(f"registry database error: {_sql_reason(exc)}") from exc
 
     def _base(self, session: Session, base: str | None) -> BaseModelRow:
         bases = list(session.scalars(select(BaseModelRow)))
@@ -151,7 +210,11 @@ class Registry:
         raise RegistryError(f"the registry holds several base models ({', '.join(b.name for b in bases)}): pass --base")
 
     def _pack(self, session: Session, pack_id: str) -> PackRow:
-        matches = list(session.scalars(select(PackRow).where(PackRow.id.startswith(pack_id)))) if pack_id else []
+        if not _PACK_ID.fullmatch(pack_id):
+            raise NotFoundError(f"{pack_id!r} is not a pack id: ids are hex digits (a prefix of one is enough); "
+                                "`skillhub list` shows them")
+        query = select(PackRow).where(PackRow.id.startswith(pack_id, autoescape=True))
+        matches = list(session.scalars(query))
         if len(matches) == 1:
             return matches[0]
         if not matches:
@@ -213,10 +276,12 @@ class Registry:
         """
         from skillhub.pack import SkillPack, load_pack
 
+        self._require_writable()
         opened = [p if isinstance(p, SkillPack) else load_pack(p) for p in packs]
-        tasks = list(tasks) if tasks is not None else [None] * len(opened)
+        tasks = [check_name(t, "task") if t is not None else None
+                 for t in (tasks if tasks is not None else [None] * len(opened))]
         for pack in opened:
-            pack.require_operators()  # a registered pack must be activatable
+            pack.check_decodable(decode=True)  # a registered pack must be activatable: decode it once
         fingerprints = {p.base_fingerprint for p in opened}
         if len(fingerprints) > 1:
             raise MismatchError("the packs of one lineage must share a base model; these were made for different bases")
@@ -228,7 +293,7 @@ class Registry:
             base_row = self._match_base(bases, recorded, base=base, new_base=new_base)
             if base_row is None:
                 base_row = BaseModelRow(
-                    name=base or recorded["id"], location=base_location or recorded["id"], revision=recorded["revision"],
+                    name=check_name(base, "base") if base else base_name_from(recorded["id"]), location=base_location or recorded["id"], revision=recorded["revision"],
                     architecture=recorded["architecture"], model_type=recorded["model_type"],
                     fingerprint=recorded["fingerprint"], registered_at=_now(),
                 )
@@ -308,6 +373,7 @@ class Registry:
         return row.id if row else None
 
     def _ensure_task(self, session: Session, base: BaseModelRow, name: str) -> TaskRow:
+        check_name(name, "task")
         row = session.scalars(select(TaskRow).where(TaskRow.base_id == base.id, TaskRow.name == name)).first()
         if row is None:
             row = TaskRow(base_id=base.id, name=name, explicit=False)
@@ -510,7 +576,10 @@ class Registry:
         from skillhub.activate import apply_packs
 
         base_entry, opened = self.activation_set(task=task, packs=packs, base=base)
-        return apply_packs(base_location or base_entry["location"], opened, output, force=force, progress=progress)
+        location = base_location or base_entry["location"]
+        return apply_packs(location, opened, output, force=force, progress=progress,
+                           protect=[location if Path(location).exists() else None, self.store.root,
+                                    None if "://" in self.url else self.url])
 
     @contextmanager
     def activated(self, model: torch.nn.Module, *, task: str | None = None, packs: Sequence[str] | None = None,
@@ -527,7 +596,7 @@ class Registry:
 
         base_entry, opened = self.activation_set(task=task, packs=packs, base=base)
         for pack in opened:
-            pack.require_operators()
+            pack.check_decodable()
         parameters = dict(model.named_parameters())
         if verify:
             self._check_model_is_base(model, base_entry)
@@ -606,8 +675,13 @@ class Registry:
 
         Problems (the registry is inconsistent): a pack row whose files are missing, or whose files
         fail their sha256. Leftovers (harmless, removed by ``repair``): stored packs no row refers to,
-        and incoming directories of interrupted writes.
+        incoming directories of interrupted pulls and adds, and the temporary directories of outputs
+        (``create``, ``apply``, ``activate``, ``pull -o``) whose process was killed. Only what provably
+        is skillhub's is ever removed (see :mod:`skillhub.store` and :mod:`skillhub.outputs`);
+        ``repaired`` lists exactly what was deleted, ``kept`` what was found but left alone, and why.
         """
+        from skillhub.outputs import interrupted_writes, remove_interrupted
+
         with self._session() as session:
             rows = list(session.scalars(select(PackRow)))
         problems, checked = [], 0
@@ -624,14 +698,23 @@ class Registry:
         referenced = {row.sha256 for row in rows if not row.purged}
         orphans = sorted(set(self.store.addresses()) - referenced)
         leftovers = [str(p) for p in self.store.leftovers()]
-        repaired = []
+        writes = interrupted_writes()
+        leftovers += [p for write in writes for p in write["leftovers"]]
+        repaired, kept = [], []
         if repair:
+            self._require_writable()
             for sha in orphans:
-                self.store.delete(sha)
-                repaired.append(f"deleted unreferenced stored pack {sha[:12]}")
+                if not self.store.owns(sha):
+                    kept.append(f"{self.store.path(sha)}: holds files a stored pack never has; left alone")
+                    continue
+                self._remove_tree(self.store.path(sha), f"unreferenced stored pack {sha[:12]}", repaired, kept)
             for leftover in self.store.leftovers():
-                shutil.rmtree(leftover, ignore_errors=True)
-                repaired.append(f"deleted interrupted write {leftover.name}")
+                self._remove_tree(leftover, f"interrupted write {leftover.name}", repaired, kept)
+            for write in writes:
+                try:
+                    repaired += [f"deleted interrupted output {p}" for p in remove_interrupted(write)]
+                except OSError as exc:
+                    kept.append(f"{write['output']}: {exc.strerror or exc}")
         return {
             "consistent": not problems,
             "checked": checked,
@@ -639,4 +722,14 @@ class Registry:
             "orphans": [] if repair else orphans,
             "leftovers": [] if repair else leftovers,
             "repaired": repaired,
+            "kept": kept,
         }
+
+    @staticmethod
+    def _remove_tree(path: Path, label: str, repaired: list[str], kept: list[str]) -> None:
+        try:
+            shutil.rmtree(path)
+        except OSError as exc:
+            kept.append(f"{path}: could not delete ({exc.strerror or exc})")
+        else:
+            repaired.append(f"deleted {label}")

@@ -27,7 +27,9 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from skillhub import __version__
+from skillhub import config
 from skillhub.errors import HubError, PackError, SkillhubError
+from skillhub.jsonio import MAX_DOCUMENT_BYTES, parse_json
 from skillhub.manifest import CARD_FILE, MANIFEST_FILE, TENSORS_FILE, validate_manifest
 from skillhub.progress import ProgressCallback, no_progress
 
@@ -38,6 +40,8 @@ if TYPE_CHECKING:
 
 LINEAGE_FILE = "lineage.json"
 TAG_PREFIX = "v"
+MAX_MANIFEST_BYTES = MAX_DOCUMENT_BYTES  # skillpack.json as served by a repo
+MAX_LINEAGE_BYTES = 4 * 1024 * 1024  # lineage.json: about 300 bytes a pack
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
 
@@ -312,8 +316,9 @@ def _plan(at: Snapshot, folder: str, scratch: Path) -> _Plan:
     if _join(folder, LINEAGE_FILE) in at.files:
         from skillhub.schemas import validate
 
-        lineage = _remote_json(at, _join(folder, LINEAGE_FILE), scratch)
+        lineage = _remote_json(at, _join(folder, LINEAGE_FILE), scratch, max_bytes=MAX_LINEAGE_BYTES)
         validate(lineage, "lineage", error=PackError, what=f"{LINEAGE_FILE} of {where}")
+        _check_lineage(lineage, f"{LINEAGE_FILE} of {where}")
         plan.lineage = lineage
         for entry in lineage["packs"]:  # the schema keeps each path a plain top-level folder (no '/', '..')
             manifest = _read_manifest(at, _join(folder, entry["path"]), scratch)
@@ -332,7 +337,7 @@ def _plan(at: Snapshot, folder: str, scratch: Path) -> _Plan:
 
 def _read_manifest(at: Snapshot, pack_folder: str, scratch: Path) -> dict[str, Any]:
     where = f"{at.repo_id}@{at.revision}/{_join(pack_folder, MANIFEST_FILE)}"
-    manifest = _remote_json(at, _join(pack_folder, MANIFEST_FILE), scratch)
+    manifest = _remote_json(at, _join(pack_folder, MANIFEST_FILE), scratch, max_bytes=MAX_MANIFEST_BYTES)
     validate_manifest(manifest, what=where)
     names = set(manifest.get("files") or {})
     if TENSORS_FILE not in names:
@@ -352,14 +357,32 @@ def _check_file_name(name: str, where: str) -> None:
         raise PackError(f"{where} names the file {name!r}, which is not a plain file name inside the pack: refused")
 
 
-def _remote_json(at: Snapshot, filename: str, scratch: Path) -> dict[str, Any]:
+def _check_lineage(lineage: dict[str, Any], where: str) -> None:
+    """What the schema cannot say: a bounded number of distinct packs, and tasks that name them."""
+    packs = lineage["packs"]
+    limit = config.max_lineage_packs()
+    if len(packs) > limit:
+        raise PackError(f"{where} lists {len(packs)} packs, more than the limit of {limit} "
+                        "(raise it with SKILLHUB_MAX_LINEAGE_PACKS if you trust this repo)")
+    for key in ("path", "sha256"):
+        seen: set[str] = set()
+        for entry in packs:
+            if entry[key] in seen:
+                raise PackError(f"{where} lists the pack {key} {entry[key]} twice: refused")
+            seen.add(entry[key])
+    folders = {entry["path"] for entry in packs}
+    for task, members in lineage["tasks"].items():
+        unknown = sorted(set(members) - folders)
+        if unknown:
+            raise PackError(f"{where}: task {task} names folder {unknown[0]!r}, which is not one of its packs")
+
+
+def _remote_json(at: Snapshot, filename: str, scratch: Path, *, max_bytes: int) -> dict[str, Any]:
     from skillhub import hub
 
-    local = scratch / filename.replace("/", "__")
-    try:
-        document = json.loads(hub.read_text(at, filename, local))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PackError(f"{at.repo_id}@{at.revision}/{filename} is not valid JSON: {exc}") from exc
+    local = scratch / f"document-{len(list(scratch.iterdir()))}.json"
+    what = f"{at.repo_id}@{at.revision}/{filename}"
+    document = parse_json(hub.read_bytes(at, filename, local, max_bytes=max_bytes), what=what, error=PackError)
     if not isinstance(document, dict):
         raise PackError(f"{at.repo_id}@{at.revision}/{filename} is not a JSON object")
     return document
@@ -367,7 +390,7 @@ def _remote_json(at: Snapshot, filename: str, scratch: Path) -> dict[str, Any]:
 
 def _remote_manifest(at: Snapshot, filename: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="skillhub-") as scratch:
-        return _remote_json(at, filename, Path(scratch))
+        return _remote_json(at, filename, Path(scratch), max_bytes=MAX_MANIFEST_BYTES)
 
 
 def _download_pack(at: Snapshot, pack_folder: str, manifest: dict[str, Any], target: Path,
@@ -378,7 +401,8 @@ def _download_pack(at: Snapshot, pack_folder: str, manifest: dict[str, Any], tar
 
     target.mkdir(parents=True, exist_ok=True)
     for name, expected in sorted(manifest["files"].items()):
-        sha256, size = hub.download(at, _join(pack_folder, name), target / name, durable=True, progress=progress)
+        sha256, size = hub.download(at, _join(pack_folder, name), target / name, durable=True,
+                                    max_bytes=expected["bytes"], progress=progress)
         if sha256 != expected["sha256"] or size != expected["bytes"]:
             raise PackError(
                 f"{at.repo_id}@{at.revision}/{_join(pack_folder, name)} does not match the sha256 and size in its "
@@ -393,12 +417,12 @@ def _download_pack(at: Snapshot, pack_folder: str, manifest: dict[str, Any], tar
 
 def _pull_to_directory(at: Snapshot, folder: str, plan: _Plan, output: str | os.PathLike[str] | None, *,
                        force: bool, progress: ProgressCallback) -> dict[str, Any]:
-    from skillhub.pack import staged_directory
+    from skillhub.outputs import staged_directory
 
     default = at.repo_id.split("/")[1] if plan.lineage is not None else plan.packs[0][1]["name"]
     output = Path(output) if output else Path.cwd() / default
     packs = []
-    with staged_directory(output, force=force) as staging:
+    with staged_directory(output, force=force, kind="pull") as staging:
         for pack_folder, manifest in plan.packs:
             target = staging / pack_folder if plan.lineage is not None else staging
             _download_pack(at, _join(folder, pack_folder), manifest, target, progress)

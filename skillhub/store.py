@@ -3,24 +3,38 @@
 The address is the sha256 of the pack's ``skillpack.safetensors`` (recorded in its manifest).
 A pack is copied into a temporary directory under ``<root>/.incoming`` and renamed into place,
 so a crash leaves either the whole pack or an incoming leftover that ``doctor`` removes.
+
+The store marks what it owns, so that repairs never touch anything else that shares the
+directory: its root holds :data:`STORE_MARKER` (written with the first pack), entries are
+exactly ``<2 hex>/<64 hex>`` directories holding only pack files, and incoming directories
+are ``.incoming/<label>-<8 hex>``. Only the files a manifest names are stored, read without
+following symbolic links.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import stat
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from skillhub.errors import SkillhubError
-from skillhub.manifest import TENSORS_FILE
+from skillhub.errors import PackError, SkillhubError
+from skillhub.manifest import CARD_FILE, MANIFEST_FILE, TENSORS_FILE
+from skillhub.outputs import describe_os_error
 
 if TYPE_CHECKING:
     from skillhub.pack import SkillPack
 
 INCOMING = ".incoming"
+STORE_MARKER = ".skillhub-store"
+PACK_FILES = frozenset({MANIFEST_FILE, TENSORS_FILE, CARD_FILE})
+_ADDRESS = re.compile(r"[0-9a-f]{64}")
+_PREFIX = re.compile(r"[0-9a-f]{2}")
+_INCOMING_ENTRY = re.compile(r"[A-Za-z0-9_-]{1,64}-[0-9a-f]{8}")
 
 
 class PackStore:
@@ -38,10 +52,23 @@ class PackStore:
         (e.g. downloaded); ``doctor --repair`` removes it if the writer dies."""
         directory = self.root / INCOMING / f"{label}-{uuid.uuid4().hex[:8]}"
         try:
+            self._mark()
             directory.mkdir(parents=True)
         except OSError as exc:
-            raise SkillhubError(f"cannot write to the store {self.root}: {exc.strerror or exc}") from exc
+            raise SkillhubError(describe_os_error(exc, f"the store {self.root}")) from exc
         return directory
+
+    @property
+    def marked(self) -> bool:
+        """Whether the root carries the store marker (skillhub has written packs here)."""
+        marker = self.root / STORE_MARKER
+        return marker.is_file() and not marker.is_symlink()
+
+    def _mark(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not self.marked:
+            (self.root / STORE_MARKER).write_text("skillhub pack store: <sha[:2]>/<sha256>/ pack directories\n",
+                                                  encoding="utf-8")
 
     def put(self, pack: SkillPack, *, adopt: bool = False) -> str:
         """Store a verified pack (idempotent) and return its address.
@@ -62,15 +89,16 @@ class PackStore:
             load_pack(final)  # an earlier copy must still be intact to be reused
             return sha256
         incoming = pack.path if adopt else self.root / INCOMING / f"{sha256[:12]}-{uuid.uuid4().hex[:8]}"
+        names = sorted({MANIFEST_FILE, *pack.manifest["files"]})
         try:
+            self._mark()
             if not adopt:
                 incoming.mkdir(parents=True)
-            for source in sorted(pack.path.iterdir()):
-                if source.is_file():
-                    if not adopt:
-                        shutil.copyfile(source, incoming / source.name)
-                    with open(incoming / source.name, "rb") as handle:
-                        os.fsync(handle.fileno())
+            for name in names:
+                if not adopt:
+                    _copy_regular(pack.path / name, incoming / name)
+                with open(incoming / name, "rb") as handle:
+                    os.fsync(handle.fileno())
             if not adopt:
                 load_pack(incoming)  # the copy is what gets stored: check it
             final.parent.mkdir(parents=True, exist_ok=True)
@@ -80,7 +108,7 @@ class PackStore:
                 if not final.is_dir():  # another process stored the same pack first: fine
                     raise
         except OSError as exc:
-            raise SkillhubError(f"cannot write pack to the store {self.root}: {exc.strerror or exc}") from exc
+            raise SkillhubError(describe_os_error(exc, f"the store {self.root}")) from exc
         finally:
             shutil.rmtree(incoming, ignore_errors=True)
         return sha256
@@ -91,7 +119,6 @@ class PackStore:
         Raises:
             PackError: Missing from the store, or corrupt.
         """
-        from skillhub.errors import PackError
         from skillhub.pack import load_pack
 
         path = self.path(sha256)
@@ -104,16 +131,52 @@ class PackStore:
         shutil.rmtree(self.path(sha256), ignore_errors=True)
 
     def addresses(self) -> Iterator[str]:
-        """Every stored address."""
-        if not self.root.is_dir():
+        """Every stored address: ``<2 hex>/<64 hex>`` directories under a marked root, nothing else."""
+        if not self.marked:
             return
         for prefix in sorted(self.root.iterdir()):
-            if prefix.is_dir() and len(prefix.name) == 2:
+            if _PREFIX.fullmatch(prefix.name) and _real_dir(prefix):
                 for entry in sorted(prefix.iterdir()):
-                    if entry.is_dir():
+                    if _ADDRESS.fullmatch(entry.name) and entry.name.startswith(prefix.name) and _real_dir(entry):
                         yield entry.name
 
+    def owns(self, sha256: str) -> bool:
+        """Whether the entry at ``sha256`` provably is a pack this store wrote: a well-formed address
+        in a marked store, holding nothing but pack files."""
+        path = self.path(sha256)
+        if not (self.marked and _ADDRESS.fullmatch(sha256) and _real_dir(path)):
+            return False
+        entries = list(path.iterdir())
+        return (MANIFEST_FILE in {e.name for e in entries}
+                and all(e.name in PACK_FILES and _regular(e) for e in entries))
+
     def leftovers(self) -> list[Path]:
-        """Incoming directories left by interrupted writes."""
+        """Incoming directories left by interrupted writes (``.incoming/<label>-<8 hex>`` only)."""
         incoming = self.root / INCOMING
-        return sorted(incoming.iterdir()) if incoming.is_dir() else []
+        if not self.marked or not _real_dir(incoming):
+            return []
+        return sorted(e for e in incoming.iterdir() if _INCOMING_ENTRY.fullmatch(e.name) and _real_dir(e))
+
+
+def _real_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
+def _regular(path: Path) -> bool:
+    return stat.S_ISREG(path.lstat().st_mode)
+
+
+def _copy_regular(source: Path, destination: Path) -> None:
+    """Copy one pack file; the source must be a regular file, never followed through a link."""
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        if source.is_symlink():
+            raise PackError(f"{source} is a symbolic link; skillhub stores only regular files: copy the pack "
+                            "with its files (cp -rL) and add the copy") from exc
+        raise
+    with os.fdopen(fd, "rb") as reader:
+        if not stat.S_ISREG(os.fstat(reader.fileno()).st_mode):
+            raise PackError(f"{source} is not a regular file")
+        with open(destination, "xb") as writer:
+            shutil.copyfileobj(reader, writer, 16 * 1024 * 1024)

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from skillhub.errors import CheckpointError
+from skillhub.jsonio import parse_json
 
 _DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -45,6 +46,13 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 _CODES = {dtype: code for code, dtype in _DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+
+
+def _count(value: object) -> int:
+    """A header's dimension or offset: a non-negative JSON integer (not 1e400, not true)."""
+    if type(value) is not int or value < 0:
+        raise ValueError(f"not a non-negative integer: {value!r}"[:80])
+    return value
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -81,9 +89,11 @@ class TensorFile:
                 (header_len,) = struct.unpack("<Q", prefix)
                 if header_len > min(_MAX_HEADER, size - 8):
                     raise self._broken(f"header claims {header_len} bytes but the file has {size}")
-                header = json.loads(handle.read(header_len))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                header_bytes = handle.read(header_len)
+        except OSError as exc:
             raise self._broken(f"unreadable header ({exc})") from exc
+        header = parse_json(header_bytes, what=f"{self.path} is not a valid safetensors file: its header",
+                            error=CheckpointError)
         if not isinstance(header, dict):
             raise self._broken("header is not a JSON object")
         metadata = header.pop("__metadata__", None) or {}
@@ -97,8 +107,8 @@ class TensorFile:
         for name, entry in header.items():
             try:
                 dtype = _DTYPES[entry["dtype"]]
-                shape = tuple(int(d) for d in entry["shape"])
-                begin, end = (int(o) for o in entry["data_offsets"])
+                shape = tuple(_count(d) for d in entry["shape"])
+                begin, end = (_count(o) for o in entry["data_offsets"])
             except (KeyError, TypeError, ValueError) as exc:
                 raise self._broken(f"bad header entry for tensor {name!r}") from exc
             numel = 1

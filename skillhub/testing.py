@@ -17,8 +17,11 @@ The checks: the contract (name, ``MAJOR.MINOR`` version, a valid params JSON Sch
 defaults and examples satisfy it, ``decodes``), registration through the entry point,
 refusal of invalid params naming the bad field, round trip (float32 of the original shape,
 finite, input untouched, JSON-able meta, optional error bound), determinism under a seed
-whatever the global RNG state, and byte accounting through a real pack written and read
-back with its sha256 and sizes verified. Failures are ``AssertionError`` naming the check.
+whatever the global RNG state, byte accounting through a real pack written and read
+back with its sha256 and sizes verified, and ``expected_fields``: it must name exactly the
+stored tensors with their dtypes and shapes, and refuse impossible meta (none at all, or a
+whole number in it set to -1 or 10**12: whole numbers in meta are counts, ranks and widths).
+Failures are ``AssertionError`` naming the check.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import jsonschema
 import torch
 
 from skillhub.errors import OperatorError
-from skillhub.operators import EncodeContext, Encoded, Operator, resolve_params
+from skillhub.operators import EncodeContext, Encoded, Operator, expected_fields, resolve_params
 from skillhub.operators.discovery import catalog, contract_problems, load
 
 DEFAULT_SHAPES: tuple[tuple[int, ...], ...] = ((64, 96), (96, 40))
@@ -96,6 +99,7 @@ def conformance_checks(
         Check("round-trip", lambda: _check_round_trip(operator, cases, shapes, max_relative_error, seed)),
         Check("determinism", lambda: _check_determinism(operator, cases, shapes, seed)),
         Check("byte-accounting", lambda: _check_byte_accounting(operator, cases, shapes, seed)),
+        Check("expected-fields", lambda: _check_expected_fields(operator, cases, shapes, seed)),
     ]
     return checks
 
@@ -185,6 +189,34 @@ def _check_round_trip(operator: Operator, cases: list[dict[str, Any]], shapes: S
         if bound is not None:
             error = relative_error(delta, decoded)
             assert error <= bound, f"{where}: relative error {error:.4f} exceeds {bound}"
+
+
+def _check_expected_fields(operator: Operator, cases: list[dict[str, Any]], shapes: Sequence[tuple[int, ...]],
+                           seed: int) -> None:
+    """``expected_fields`` names exactly the stored tensors with their dtypes and shapes, and refuses
+    meta that cannot be right: none at all, or any whole number in it negative or absurdly large."""
+    assert getattr(operator, "expected_fields", None) is not None, (
+        "the operator has no expected_fields(meta, params, shape, *, version): without it skillhub can check "
+        "a pack's stored tensors only by decoding them"
+    )
+    for given, shape in _grid(cases, shapes):
+        params = resolve_params(operator, given, where="conformance")
+        encoded = operator.encode(sample_delta(shape, seed=seed), copy.deepcopy(params), _context(seed))
+        where = f"params {given}, shape {shape}"
+        layout = expected_fields(operator, encoded.meta, params, tuple(shape), version=operator.version)
+        actual = {name: (t.dtype, tuple(t.shape)) for name, t in encoded.tensors.items()}
+        expected = {name: (dtype, tuple(s)) for name, (dtype, s) in (layout or {}).items()}
+        assert expected == actual, f"{where}: expected_fields says {expected}, encode stored {actual}"
+        broken = [{}] if encoded.meta else []
+        for key, value in encoded.meta.items():
+            if type(value) is int:
+                broken += [{**encoded.meta, key: -1}, {**encoded.meta, key: 10**12}]
+        for meta in broken:
+            try:
+                expected_fields(operator, meta, params, tuple(shape), version=operator.version)
+            except ValueError:
+                continue
+            raise AssertionError(f"{where}: expected_fields accepted the impossible meta {meta}")
 
 
 def _check_encoded(encoded: Any, where: str) -> None:

@@ -516,6 +516,9 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body) if length is None else length))
         for name, value in (headers or {}).items():
             self.send_header(name, value)
+        if self.server.hub.echo_authorization and self.headers.get("Authorization"):
+            # A misbehaving server (test hook): the client's credentials come back in a response header.
+            self.send_header("X-Echo-Authorization", self.headers["Authorization"])
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
@@ -993,6 +996,7 @@ class FakeHub:
         self.tokens = dict(tokens) if tokens is not None else None
         self.storage = HubStorage(Path(root))
         self.errors: list[str] = []  # tracebacks of server bugs (answered with HTTP 500)
+        self.echo_authorization = False  # test hook: answer with the request's Authorization header
         self._log: list[tuple[str, str]] = []
         self._file_log: list[tuple[str, str, str, str]] = []  # (method, repo key, revision, path) of /resolve
         self._pending_uploads: dict[str, tuple[int, Repo]] = {}  # sha256 -> (size, repo) announced by the batch API

@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from skillhub.cli import main
+from skillhub.outputs import MARKER_FILE
 from skillhub.pack import MANIFEST_FILE, TENSORS_FILE
 
 from conftest import FineTune, copy_tree, edit_config, edit_tensors
@@ -42,7 +43,8 @@ def test_inspect_json_totals_equal_bytes_on_disk(paper_pack) -> None:
         assert result.exit_code == 0
         summary = json.loads(result.stdout)
         totals = summary["totals"]
-        on_disk = sum(p.stat().st_size for p in paper_pack.path.iterdir())
+        # Everything but the marker that says skillhub wrote the directory (not part of the pack).
+        on_disk = sum(p.stat().st_size for p in paper_pack.path.iterdir() if p.name != MARKER_FILE)
         assert totals["disk_bytes"] == on_disk
         assert totals["stored_bytes"] == sum(m["stored_bytes"] for m in summary["modules"])
         assert totals["stored_bytes"] < (paper_pack.path / TENSORS_FILE).stat().st_size

@@ -249,7 +249,8 @@ def test_a_manifest_naming_a_path_outside_the_pack_is_refused(paper_pack, tmp_pa
     registry = Registry(tmp_path / "r")
     result = cli("--registry", str(tmp_path / "r"), "pull", "alice/escape")
     assert result.exit_code == 1
-    assert "names the file '../../escaped.txt', which is not a plain file name inside the pack: refused" in result.output
+    # The schema allows only plain file names (and the pull checks names again before any download).
+    assert "skillpack.json fails the skillpack schema at files: '../../escaped.txt' does not match" in result.output
     assert not list(tmp_path.rglob("escaped.txt")) and registry.list_packs() == []
 
 

@@ -132,8 +132,15 @@ def test_output_that_exists_is_refused_unless_forced(finetuned: FineTune, tmp_pa
     with pytest.raises(OutputExistsError, match="already exists.*--force"):
         create_pack(finetuned.base, finetuned.tuned, output)
     assert (output / "keep.txt").read_text() == "mine"
+    with pytest.raises(OutputExistsError, match="not written by skillhub"):  # --force replaces only skillhub's own
+        create_pack(finetuned.base, finetuned.tuned, output, force=True)
+    assert (output / "keep.txt").read_text() == "mine"
+    (output / "keep.txt").unlink()
+    output.rmdir()
+    create_pack(finetuned.base, finetuned.tuned, output)
+    (output / "stale.txt").write_text("an earlier pack's leftover")
     create_pack(finetuned.base, finetuned.tuned, output, force=True)
-    assert not (output / "keep.txt").exists() and (output / MANIFEST_FILE).is_file()
+    assert not (output / "stale.txt").exists() and (output / MANIFEST_FILE).is_file()
 
 
 def test_failed_create_leaves_nothing(finetuned: FineTune, tmp_path: Path) -> None:
@@ -219,5 +226,5 @@ def test_unwritable_output_directory(finetuned: FineTune, tmp_path: Path) -> Non
     else:
         parent = tmp_path / "ro"
         parent.mkdir(mode=0o500)
-    with pytest.raises(SkillhubError, match="cannot write to"):
+    with pytest.raises(SkillhubError, match="cannot write"):
         create_pack(finetuned.base, finetuned.tuned, parent / "pack")

@@ -332,6 +332,9 @@ class _Base:
     def decode(self, tensors, meta, params, shape, *, version):
         return tensors["values"].to(torch.float32).reshape(shape)
 
+    def expected_fields(self, meta, params, shape, *, version):
+        return {"values": (torch.float16, tuple(shape))}
+
 
 class _GlobalRandom(_Base):
     def encode(self, delta, params, ctx):
@@ -378,6 +381,22 @@ class _Lossy(_Base):
         return torch.zeros(shape)
 
 
+class _NoLayout(_Base):
+    expected_fields = None
+
+
+class _LyingLayout(_Base):
+    def expected_fields(self, meta, params, shape, *, version):
+        return {"values": (torch.float32, tuple(shape))}
+
+
+class _LaxMeta(_Base):
+    """Records a count in meta but never checks it."""
+
+    def encode(self, delta, params, ctx):
+        return Encoded(tensors={"values": delta.to(torch.float16)}, meta={"count": delta.numel()})
+
+
 @pytest.mark.parametrize("operator,check,message", [
     (_GlobalRandom(), "determinism", "differs between two encodes"),
     (_InPlace(), "round-trip", "encode modified its input delta"),
@@ -386,6 +405,9 @@ class _Lossy(_Base):
     (_TensorMeta(), "round-trip", "Object of type Tensor is not JSON serializable"),
     (_Stateful(), "byte-accounting", "differs from decoding in memory"),
     (_Lossy(), "round-trip", "relative error 1.0000 exceeds 0.1"),
+    (_NoLayout(), "expected-fields", "has no expected_fields"),
+    (_LyingLayout(), "expected-fields", "expected_fields says .*torch.float32.*encode stored .*torch.float16"),
+    (_LaxMeta(), "expected-fields", "accepted the impossible meta {}"),
 ], ids=lambda x: x if isinstance(x, str) else type(x).__name__)
 def test_conformance_catches(operator: Any, check: str, message: str) -> None:
     checks = {c.name: c for c in conformance_checks(operator, installed=False, max_relative_error=0.1)}

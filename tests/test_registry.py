@@ -169,7 +169,7 @@ def test_doctor_finds_and_repairs_leftovers(registry_factory, three_packs, finet
     registry = registry_factory()
     _add_all(registry, three_packs, finetuned, tasks=("shift",))
     orphan = registry.store.put(load_pack(three_packs["sort"]))  # stored, never recorded: a crash before commit
-    (registry.store.root / ".incoming" / "interrupted").mkdir(parents=True)
+    registry.store.incoming("pull")  # an interrupted pull
     report = registry.doctor()
     assert report["consistent"] and report["orphans"] == [orphan] and len(report["leftovers"]) == 1
     repaired = registry.doctor(repair=True)

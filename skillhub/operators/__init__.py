@@ -1,7 +1,9 @@
 """Compression operators: the protocol every operator honours, and params validation.
 
 An operator turns one parameter's float32 delta into named tensors plus small JSON
-metadata, and turns them back. It is stateless: everything decode needs is in the
+metadata, and turns them back. It may also say, from the metadata alone, which tensors it
+stored with which dtype and shape (``expected_fields``), so that a pack from anywhere is
+checked before anything is decoded. It is stateless: everything decode needs is in the
 stored tensors, the recorded params and the metadata encode returned, so a pack
 decodes from its manifest alone. Built-in operators are registered through skillhub's
 own pyproject entry points, exactly like third-party ones; discovery lives in
@@ -95,6 +97,38 @@ class Operator(Protocol):
         (written by this operator at ``version``)."""
         ...
 
+    # Optional (every built-in has it, and skillhub.testing checks it when present):
+    #
+    #   def expected_fields(self, meta, params, shape, *, version) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]
+    #
+    # The tensors decode will read for this meta, params and delta shape, with their dtype and
+    # shape, computed without touching the tensors. It raises ValueError when the meta does not
+    # fit (a missing key, a rank larger than the matrix, bits out of range...). Without it, a pack
+    # is still decoded once and checked when it is added to a registry.
+
+FieldLayout = dict[str, tuple[torch.dtype, tuple[int, ...]]]
+
+
+def expected_fields(operator: Operator, meta: Mapping[str, Any], params: Mapping[str, Any], shape: tuple[int, ...],
+                    *, version: str) -> FieldLayout | None:
+    """The operator's ``expected_fields`` (None if it has none); any way it refuses the meta
+    (ValueError, or a KeyError or TypeError it did not catch) becomes ValueError."""
+    method = getattr(operator, "expected_fields", None)
+    if method is None:
+        return None
+    try:
+        return dict(method(meta, params, shape, version=version))
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"meta lacks or mistypes {exc}") from exc
+
+
+def meta_int(meta: Mapping[str, Any], key: str, low: int, high: int) -> int:
+    """``meta[key]`` as an int in [low, high]; ValueError otherwise (for ``expected_fields``)."""
+    value = meta.get(key) if isinstance(meta, Mapping) else None
+    if type(value) is not int or not low <= value <= high:
+        raise ValueError(f"meta {key!r} must be a whole number in [{low}, {high}], got {value!r}"[:120])
+    return value
+
 
 def resolve_params(operator: Operator, params: Mapping[str, Any] | None, *, where: str) -> dict[str, Any]:
     """Validate ``params`` against the operator's schema and fill in its top-level defaults.
@@ -144,6 +178,7 @@ from skillhub.operators.discovery import (  # noqa: E402  (needs the protocol ab
 )
 
 __all__ = [
-    "ENTRY_POINT_GROUP", "EncodeContext", "Encoded", "LayerStatistics", "Operator",
-    "catalog", "decoder_for", "get_operator", "operator_names", "provenance", "resolve_params",
+    "ENTRY_POINT_GROUP", "EncodeContext", "Encoded", "FieldLayout", "LayerStatistics", "Operator",
+    "catalog", "decoder_for", "expected_fields", "get_operator", "meta_int", "operator_names", "provenance",
+    "resolve_params",
 ]

@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from skillhub.operators import EncodeContext, Encoded
+from skillhub.operators import EncodeContext, Encoded, FieldLayout, meta_int
 from skillhub.operators.bitpack import pack_codes, packed_nbytes, unpack_codes
-from skillhub.operators.quantize import QUANT_BITS, QuantizedMatrix, quantize_rtn
+from skillhub.operators.quantize import QUANT_BITS, QuantizedMatrix, quantize_rtn, quantized_fields
 
 
 def top_magnitude_mask(values: torch.Tensor, keep: int) -> torch.Tensor:
@@ -83,6 +83,22 @@ class MagnitudePruneOperator:
             codes, scales, zeros = quantize_rtn(values, bits=params["bits"], group_size=params["group_size"]).packed()
             tensors.update({"codes": codes, "scales": scales, "zeros": zeros})
         return Encoded(tensors=tensors, meta=meta)
+
+    def expected_fields(self, meta: Mapping[str, Any], params: Mapping[str, Any], shape: tuple[int, ...], *,
+                        version: str) -> FieldLayout:
+        n = math.prod(shape)
+        kept = meta_int(meta, "kept", 1, n)
+        if meta.get("index") == "bitmask":
+            fields: FieldLayout = {"mask": (torch.uint8, (packed_nbytes(n, 1),))}
+        elif meta.get("index") == "gaps":
+            fields = {"gaps": (torch.uint8, (packed_nbytes(kept, meta_int(meta, "gap_bits", 1, 32)),))}
+        else:
+            raise ValueError(f"meta 'index' must be 'bitmask' or 'gaps', got {meta.get('index')!r}"[:120])
+        if params["bits"] == 16:
+            fields["values"] = (torch.float16, (kept,))
+        else:
+            fields.update(quantized_fields(1, kept, params["bits"], params["group_size"]))
+        return fields
 
     def decode(
         self,

@@ -118,6 +118,13 @@ def packed_sizes(rows: int, cols: int, bits: int, group_size: int) -> tuple[int,
     return packed_nbytes(rows * cols, bits), groups, packed_nbytes(groups, bits)
 
 
+def quantized_fields(rows: int, cols: int, bits: int, group_size: int, prefix: str = "") -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """dtype and shape of the three stored tensors of :meth:`QuantizedMatrix.packed` (for ``expected_fields``)."""
+    code_bytes, scales, zero_bytes = packed_sizes(rows, cols, bits, group_size)
+    return {f"{prefix}codes": (torch.uint8, (code_bytes,)), f"{prefix}scales": (torch.float16, (scales,)),
+            f"{prefix}zeros": (torch.uint8, (zero_bytes,))}
+
+
 def storage_bits(rows: int, cols: int, bits: int, group_size: int) -> int:
     """Bits a quantized (rows, cols) matrix takes on disk, scales and zero points included."""
     code_bytes, scales, zero_bytes = packed_sizes(rows, cols, bits, group_size)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from skillhub.operators import EncodeContext, Encoded
+from skillhub.operators import EncodeContext, Encoded, FieldLayout
 from skillhub.tensorfile import dtype_from_name
 
 
@@ -31,6 +31,10 @@ class RawOperator:
 
     def encode(self, delta: torch.Tensor, params: Mapping[str, Any], ctx: EncodeContext) -> Encoded:
         return Encoded(tensors={"values": delta.to(dtype_from_name(params["dtype"]))})
+
+    def expected_fields(self, meta: Mapping[str, Any], params: Mapping[str, Any], shape: tuple[int, ...], *,
+                        version: str) -> FieldLayout:
+        return {"values": (dtype_from_name(params["dtype"]), tuple(shape))}
 
     def decode(
         self,

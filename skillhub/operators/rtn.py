@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from skillhub.operators import EncodeContext, Encoded
-from skillhub.operators.quantize import QUANT_BITS, QuantizedMatrix, quantize_rtn
+from skillhub.operators import EncodeContext, Encoded, FieldLayout
+from skillhub.operators.quantize import QUANT_BITS, QuantizedMatrix, quantize_rtn, quantized_fields
 
 
 def as_matrix(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -46,6 +46,11 @@ class RTNOperator:
         quantized = quantize_rtn(delta.reshape(rows, cols), bits=params["bits"], group_size=params["group_size"])
         codes, scales, zeros = quantized.packed()
         return Encoded(tensors={"codes": codes, "scales": scales, "zeros": zeros})
+
+    def expected_fields(self, meta: Mapping[str, Any], params: Mapping[str, Any], shape: tuple[int, ...], *,
+                        version: str) -> FieldLayout:
+        rows, cols = as_matrix(shape)
+        return quantized_fields(rows, cols, params["bits"], params["group_size"])
 
     def decode(
         self,

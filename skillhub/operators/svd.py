@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from skillhub.operators import EncodeContext, Encoded
+from skillhub.operators import EncodeContext, Encoded, FieldLayout, meta_int
 from skillhub.operators.gptq import DEFAULT_DAMP, gptq_quantize
 from skillhub.operators.quantize import QUANT_BITS, QuantizedMatrix, packed_sizes, quantize_rtn
 from skillhub.operators.rtn import as_matrix
@@ -69,6 +69,19 @@ def _factor_tensors(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, dtype: s
     return {"A": vh.to(torch_dtype).cpu(), "B": (u * s).to(torch_dtype).cpu()}
 
 
+def _factor_fields(meta: Mapping[str, Any], params: Mapping[str, Any], shape: tuple[int, ...]) -> FieldLayout:
+    m, n = _matrix_shape(shape)
+    rank = meta_int(meta, "rank", 1, min(m, n))
+    dtype = dtype_from_name(params["dtype"])
+    return {"A": (dtype, (rank, n)), "B": (dtype, (m, rank))}
+
+
+def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    if len(shape) < 2:
+        raise ValueError(f"a {len(shape)}-D module cannot hold SVD factors")
+    return as_matrix(shape)
+
+
 def _decode_factors(tensors: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
     return (tensors["B"].to(torch.float32) @ tensors["A"].to(torch.float32)).reshape(shape)
 
@@ -103,6 +116,10 @@ class SVDOperator:
         rank = max(1, min(rank, s.numel()))
         return Encoded(tensors=_factor_tensors(u[:, :rank], s[:rank], vh[:rank], params["dtype"]), meta={"rank": rank})
 
+    def expected_fields(self, meta: Mapping[str, Any], params: Mapping[str, Any], shape: tuple[int, ...], *,
+                        version: str) -> FieldLayout:
+        return _factor_fields(meta, params, shape)
+
     def decode(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], params: Mapping[str, Any],
                shape: tuple[int, ...], *, version: str) -> torch.Tensor:
         return _decode_factors(tensors, shape)
@@ -134,6 +151,10 @@ class LowRankOperator:
             rank = max(1, round(params["rank_fraction"] * min(matrix.shape)))
         u, s, vh = truncated_svd(matrix, rank, generator=ctx.generator())
         return Encoded(tensors=_factor_tensors(u, s, vh, params["dtype"]), meta={"rank": int(s.numel())})
+
+    def expected_fields(self, meta: Mapping[str, Any], params: Mapping[str, Any], shape: tuple[int, ...], *,
+                        version: str) -> FieldLayout:
+        return _factor_fields(meta, params, shape)
 
     def decode(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], params: Mapping[str, Any],
                shape: tuple[int, ...], *, version: str) -> torch.Tensor:
@@ -247,6 +268,31 @@ class SVDMixedOperator:
         if transposed:
             meta["transposed"] = True
         return Encoded(tensors=tensors, meta=meta)
+
+    def expected_fields(self, meta: Mapping[str, Any], params: Mapping[str, Any], shape: tuple[int, ...], *,
+                        version: str) -> FieldLayout:
+        m, n = _matrix_shape(shape)
+        rank = meta_int(meta, "rank", 1, min(m, n))
+        groups = meta.get("groups")
+        if not isinstance(groups, list) or not groups or not all(
+                isinstance(g, list) and len(g) == 2 and type(g[0]) is int and g[0] >= 1 and g[1] in QUANT_BITS
+                for g in groups):
+            raise ValueError(f"meta 'groups' must be [[rank >= 1, bits in {list(QUANT_BITS)}], ...]")
+        if sum(r for r, _ in groups) != rank:
+            raise ValueError(f"meta 'groups' add up to rank {sum(r for r, _ in groups)}, meta 'rank' says {rank}")
+        if meta.get("transposed", False) not in (True, False):
+            raise ValueError("meta 'transposed' must be true or false")
+        if meta.get("transposed"):
+            m, n = n, m
+        fields: FieldLayout = {"S": (torch.float16, (rank,))}
+        for side, length in (("U", m), ("V", n)):
+            counts = [0, 0, 0]
+            for size, bits in groups:
+                counts = [c + k for c, k in zip(counts, packed_sizes(size, length, bits, params["group_size"]))]
+            fields[f"{side}.codes"] = (torch.uint8, (counts[0],))
+            fields[f"{side}.scales"] = (torch.float16, (counts[1],))
+            fields[f"{side}.zeros"] = (torch.uint8, (counts[2],))
+        return fields
 
     def decode(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], params: Mapping[str, Any],
                shape: tuple[int, ...], *, version: str) -> torch.Tensor:

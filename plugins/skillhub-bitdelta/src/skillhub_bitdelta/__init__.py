@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from skillhub.operators import EncodeContext, Encoded
-from skillhub.operators.bitpack import pack_codes, unpack_codes
+from skillhub.operators.bitpack import pack_codes, packed_nbytes, unpack_codes
 
 __all__ = ["BitDeltaOperator"]
 
@@ -58,6 +58,12 @@ class BitDeltaOperator:
         scale = matrix.abs().mean(dim=1)
         signs = pack_codes((matrix >= 0).to(torch.uint8), 1)
         return Encoded(tensors={"signs": signs, "scale": scale.to(_DTYPES[params["scale_dtype"]]).cpu()})
+
+    def expected_fields(self, meta: Mapping[str, Any], params: Mapping[str, Any], shape: tuple[int, ...], *,
+                        version: str) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        rows, cols = _rows(shape)
+        return {"signs": (torch.uint8, (packed_nbytes(rows * cols, 1),)),
+                "scale": (_DTYPES[params["scale_dtype"]], (rows,))}
 
     def decode(
         self,

@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from skillhub.operators import EncodeContext, Encoded
-from skillhub.operators.bitpack import pack_codes, unpack_codes
+from skillhub.operators import EncodeContext, Encoded, meta_int
+from skillhub.operators.bitpack import pack_codes, packed_nbytes, unpack_codes
 
 __all__ = ["DareOperator"]
 
@@ -57,6 +57,12 @@ class DareOperator:
             tensors={"mask": pack_codes(kept.to(torch.uint8), 1), "values": values.to(_DTYPES[params["dtype"]]).cpu()},
             meta={"kept": int(kept.sum())},
         )
+
+    def expected_fields(self, meta: Mapping[str, Any], params: Mapping[str, Any], shape: tuple[int, ...], *,
+                        version: str) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        count = math.prod(shape)
+        kept = meta_int(meta, "kept", 0, count)
+        return {"mask": (torch.uint8, (packed_nbytes(count, 1),)), "values": (_DTYPES[params["dtype"]], (kept,))}
 
     def decode(
         self,

@@ -1,0 +1,69 @@
+"""Reading JSON that came from outside (files, headers, the Hub) with bounds.
+
+Python's parser recurses once per nesting level, so a document nested thousands deep
+raises RecursionError, and a multi-GB "manifest" would be read whole into memory. Every
+JSON document skillhub did not just write itself goes through here: a size limit, regular
+files only (a FIFO would block forever), a nesting limit, and one error class per caller.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+from skillhub.errors import SkillhubError
+
+MAX_DEPTH = 64
+MAX_DOCUMENT_BYTES = 64 * 1024 * 1024  # a manifest of a 70B MoE model is a few MB
+MAX_TEXT_BYTES = 4 * 1024**3  # eval and calibration files, read whole
+
+
+def parse_json(data: str | bytes, *, what: str, error: type[SkillhubError] = SkillhubError) -> Any:
+    """Parse ``data``; raises ``error`` naming ``what`` for invalid or too deeply nested JSON."""
+    try:
+        document = json.loads(data)
+    except RecursionError as exc:
+        raise error(f"{what} is nested too deeply to be a skillhub document") from exc
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise error(f"{what} is not valid JSON: {exc}") from exc
+    if _depth(document) > MAX_DEPTH:
+        raise error(f"{what} is nested more than {MAX_DEPTH} levels deep")
+    return document
+
+
+def read_regular(path: str | os.PathLike[str], *, what: str, error: type[SkillhubError] = SkillhubError,
+                 max_bytes: int = MAX_DOCUMENT_BYTES) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes``; anything else raises ``error``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise error(f"cannot read {what}: {exc.strerror or exc}") from exc
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise error(f"{what} is not a regular file")
+        if info.st_size > max_bytes:
+            raise error(f"{what} has {info.st_size:,} bytes, more than the {max_bytes:,} allowed")
+        return handle.read(max_bytes + 1)[:max_bytes]
+
+
+def read_json(path: str | os.PathLike[str], *, what: str | None = None, error: type[SkillhubError] = SkillhubError,
+              max_bytes: int = MAX_DOCUMENT_BYTES) -> Any:
+    """Parse a JSON file with :func:`read_regular`'s and :func:`parse_json`'s checks."""
+    what = what or str(Path(path))
+    return parse_json(read_regular(path, what=what, error=error, max_bytes=max_bytes), what=what, error=error)
+
+
+def _depth(document: Any) -> int:
+    deepest, stack = 0, [(document, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            deepest = max(deepest, depth)
+            if depth > MAX_DEPTH:
+                return depth
+            stack.extend((child, depth + 1) for child in (value.values() if isinstance(value, dict) else value))
+    return deepest
