@@ -11,6 +11,7 @@ caller consumes them (compresses that layer) before the next layer runs.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from collections.abc import Iterator
@@ -63,8 +64,10 @@ def read_calibration_texts(path: str | os.PathLike[str]) -> list[str]:
     if not lines:
         raise CalibrationError(f"calibration file {path} is empty")
     try:
-        first = parse_json(lines[0], what=what, error=CalibrationError)
-    except CalibrationError:
+        first = json.loads(lines[0])  # only to tell JSONL from plain text; every line is checked below
+    except RecursionError as exc:
+        raise CalibrationError(f"{what} line 1 is nested too deeply to be a calibration record") from exc
+    except ValueError:
         first = None
     if not isinstance(first, dict):
         return [content]  # plain text: one stream, cut into windows later

@@ -415,9 +415,9 @@ def init(ctx: click.Context, as_json: bool) -> None:
     """Create (or upgrade) the registry and show where it is."""
     registry = _registry(ctx)
     if _wants_json(ctx, as_json):
-        _emit_json({"registry": registry.url, "store": str(registry.store.root)})
+        _emit_json({"registry": registry.display_url, "store": str(registry.store.root)})
     else:
-        click.echo(f"Registry ready at {registry.url} (packs in {registry.store.root})")
+        click.echo(f"Registry ready at {registry.display_url} (packs in {registry.store.root})")
 
 
 @main.command()

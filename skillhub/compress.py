@@ -112,9 +112,6 @@ def create_pack(
         SkillhubError: Any problem with the inputs; nothing is written then.
     """
     output = Path(output)
-    name = name or output.name
-    task = task or name
-    check_pack_identity(name=name, task=task, version=version)
     if ratio is not None:
         check_ratio(ratio)
     plan_recipe = Recipe(recipe)
@@ -124,6 +121,9 @@ def create_pack(
     inputs = [base_ckpt.path, tuned_ckpt.path, parent, calib,
               recipe if isinstance(recipe, (str, os.PathLike)) and recipe != "paper" else None]
     check_output(output, force=force, protect=inputs)
+    name = name or output.name
+    task = task or name
+    check_pack_identity(name=name, task=task, version=version)
     plans = _plan_every_parameter(plan_recipe, base_ckpt)
     parent_ref = _parent_reference(parent)
     try:

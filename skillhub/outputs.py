@@ -34,7 +34,7 @@ PACK_MANIFEST = "skillpack.json"  # a pack directory is skillhub's even without 
 JOURNAL_DIR = "writes"
 
 _log = logging.getLogger(__name__)
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class OutputConflictError(OutputExistsError):
@@ -46,6 +46,9 @@ def describe_os_error(exc: OSError, writing: str | os.PathLike[str]) -> str:
     if exc.errno in _DISK_FULL:
         return (f"the disk is full: no space left on the device holding {writing} "
                 f"({exc.strerror}); nothing was written there: free space or choose another place")
+    if exc.errno == errno.EFBIG:
+        return (f"a file grew past the size this system allows while writing {writing} ({exc.strerror}); "
+                "nothing was written there")
     where = f" ({exc.filename})" if exc.filename else ""
     return f"cannot write {writing}: {exc.strerror or exc}{where}"
 

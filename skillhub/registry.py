@@ -81,7 +81,11 @@ def _sqlite_engine(path: Path, *, read_only: bool = False) -> Engine:
         # A registry the user may only read: no WAL switch, no write lock, nothing created.
         if not path.is_file():
             raise RegistryError(f"no registry database at {path}")
-        return create_engine(f"sqlite:///file:{path}?mode=ro&uri=true", connect_args={"timeout": 60})
+        # Without a -wal file there is nothing uncommitted to read, and SQLite could not create the
+        # -shm index it wants in a read-only directory: read the file as immutable then.
+        wal = path.with_name(path.name + "-wal").exists()
+        return create_engine(f"sqlite:///file:{path}?mode=ro{'' if wal else '&immutable=1'}&uri=true",
+                             connect_args={"timeout": 60})
     engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": 60})
 
     @event.listens_for(engine, "connect")
@@ -164,6 +168,11 @@ class Registry:
         except SQLAlchemyError as exc:
             raise RegistryError(f"cannot open registry {_display(where)}: {_sql_reason(exc)}") from exc
         self.store = PackStore(store_root)
+
+    @property
+    def display_url(self) -> str:
+        """Where the registry is, fit to print: a database URL without its password."""
+        return _display(self.url)
 
     def _upgrade(self, where: str) -> None:
         """Apply pending migrations, or note why this registry may only be read."""
@@ -286,7 +295,8 @@ class Registry:
         if len(fingerprints) > 1:
             raise MismatchError("the packs of one lineage must share a base model; these were made for different bases")
         recorded = opened[0].manifest["base"]
-        self.check_base(recorded, base=base, new_base=new_base)  # before copying any file
+        if self.check_base(recorded, base=base, new_base=new_base) is None and base is not None:
+            check_name(base, "base")  # a new base gets this name: checked before copying any file
         addresses = [self.store.put(p, adopt=adopt) for p in opened]
         with self._session(write=True) as session:
             bases = list(session.scalars(select(BaseModelRow)))
@@ -334,14 +344,19 @@ class Registry:
         session.flush()
         return row, event
 
-    def check_base(self, recorded: Mapping[str, Any], *, base: str | None = None, new_base: bool = False) -> None:
+    def check_base(self, recorded: Mapping[str, Any], *, base: str | None = None,
+                   new_base: bool = False) -> BaseModelRow | None:
         """Check that a pack made for the base ``recorded`` (its manifest's ``base``) may be added.
+
+        Returns:
+            The registered base it belongs to, or None if adding it registers a new base.
 
         Raises:
             MismatchError: It was made for other weights than the registered base model.
         """
         with self._session() as session:
-            self._match_base(list(session.scalars(select(BaseModelRow))), recorded, base=base, new_base=new_base)
+            return self._match_base(list(session.scalars(select(BaseModelRow))), recorded, base=base,
+                                    new_base=new_base)
 
     @staticmethod
     def _match_base(bases: list[BaseModelRow], recorded: Mapping[str, Any], *, base: str | None,
