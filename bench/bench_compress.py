@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from skillhub.benchmark import compare_compression
-from skillhub.cli import format_compress_report
-from skillhub.synthetic import build_tiny_model, make_examples, split_examples, write_jsonl
-from skillhub.train import finetune
+from skillhub.evaluation.benchmark import compare_compression
+from skillhub.cli.main import format_compress_report
+from skillhub.demo.synthetic import build_tiny_model, make_examples, split_examples, write_jsonl
+from skillhub.demo.train import finetune
 
 
 def build_finetune(root: Path, task: str = "reverse") -> tuple[Path, Path, Path, Path]:

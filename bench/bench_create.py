@@ -25,12 +25,12 @@ from pathlib import Path
 
 CHILD_PRELUDE = """
 import json, resource, sys, time
-import torch, transformers, skillhub.compress
+import torch, transformers, skillhub.compress.pipeline
 torch.set_num_threads(2)
 """
 
 CREATE = CHILD_PRELUDE + """
-from skillhub.compress import create_pack
+from skillhub.compress.pipeline import create_pack
 start = time.perf_counter()
 pack = create_pack(sys.argv[1], sys.argv[2], sys.argv[3], task="bench", force=True)
 wall = time.perf_counter() - start
@@ -54,7 +54,7 @@ BUILD = """
 import sys, torch
 from pathlib import Path
 from safetensors.torch import load_file, save_file
-from skillhub.synthetic import build_tiny_model
+from skillhub.demo.synthetic import build_tiny_model
 layers, hidden, root = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
 base = build_tiny_model(root / "base", seed=0, layers=layers, hidden=hidden, intermediate=3 * hidden)
 tuned = root / "tuned"

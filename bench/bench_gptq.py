@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from gptq_oracle import gptq_oracle  # noqa: E402
 
-from skillhub.operators.gptq import gptq_quantize, output_error  # noqa: E402
+from skillhub.numerics.gptq import gptq_quantize, output_error  # noqa: E402
 
 
 def main() -> None:

@@ -74,10 +74,10 @@ def run(work: Path, rounds: int, layers: int) -> dict:
     from huggingface_hub import HfApi, snapshot_download
 
     from skillhub import create_pack
-    from skillhub.registry import Registry
+    from skillhub.registry.front import Registry
     from skillhub.sharing import pull_pack, push_pack
-    from skillhub.synthetic import build_tiny_model
-    from skillhub.tensorfile import TensorFile
+    from skillhub.demo.synthetic import build_tiny_model
+    from skillhub.io.tensorfile import TensorFile
     from safetensors.torch import save_file
 
     torch.set_num_threads(2)

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 from skillhub import apply_packs, create_pack
-from skillhub.evaluate import exact_match
+from skillhub.evaluation.scoring import exact_match
 from skillhub.progress import quiet_transformers
-from skillhub.synthetic import build_tiny_model, split_examples
-from skillhub.train import finetune
+from skillhub.demo.synthetic import build_tiny_model, split_examples
+from skillhub.demo.train import finetune
 
 
 def recipe(attention: dict, mlp: dict) -> dict:

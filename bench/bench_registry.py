@@ -27,9 +27,9 @@ import torch
 from sqlalchemy import insert
 
 from skillhub import create_pack
-from skillhub.registry import Registry
-from skillhub.synthetic import build_tiny_model
-from skillhub.tables import BaseModelRow, EventRow, PackRow, TaskRow
+from skillhub.registry.front import Registry
+from skillhub.demo.synthetic import build_tiny_model
+from skillhub.registry.tables import BaseModelRow, EventRow, PackRow, TaskRow
 
 
 def _timed(function, repeats: int = 5) -> float:

@@ -22,26 +22,22 @@ pay for torch and transformers.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from skillhub._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "apply_packs": "skillhub.activate",
-    "create_pack": "skillhub.compress",
-    "load_pack": "skillhub.pack",
-    "pull_pack": "skillhub.sharing",
-    "push_lineage": "skillhub.sharing",
-    "push_pack": "skillhub.sharing",
-    "Registry": "skillhub.registry",
-    "SkillPack": "skillhub.pack",
+    "apply_packs": "skillhub.activation",
+    "create_pack": "skillhub.compress.pipeline",
+    "load_pack": "skillhub.pack.format",
+    "pull_pack": "skillhub.sharing.pull",
+    "push_lineage": "skillhub.sharing.push",
+    "push_pack": "skillhub.sharing.push",
+    "Registry": "skillhub.registry.front",
+    "SkillPack": "skillhub.pack.format",
     "SkillhubError": "skillhub.errors",
 }
 __all__ = ["__version__", *_EXPORTS]
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'skillhub' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -1,4 +1,4 @@
-"""``python -m skillhub`` is the ``skillhub`` command."""
+"""``python -m skillhub``: the command line."""
 
 from skillhub.cli import main
 

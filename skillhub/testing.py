@@ -253,7 +253,7 @@ def _check_byte_accounting(operator: Operator, cases: list[dict[str, Any]], shap
                            seed: int) -> None:
     """Write every case as one module of a real pack; the pack's recorded sizes must be the
     tensors' own bytes and decoding the stored tensors must give what decoding in memory gave."""
-    from skillhub.pack import PackWriter, load_pack
+    from skillhub.pack.format import PackWriter, load_pack
 
     expected: dict[str, tuple[torch.Tensor, int]] = {}
     with tempfile.TemporaryDirectory(prefix="skillhub-conformance-") as tmp:
@@ -295,7 +295,7 @@ def _module_entry(operator: Operator, params: dict[str, Any], encoded: Encoded, 
 
 def _manifest(operator: Operator, modules: dict[str, dict[str, Any]]) -> dict[str, Any]:
     from skillhub import __version__
-    from skillhub.manifest import totals
+    from skillhub.pack.manifest import totals
 
     parameters = sum(math.prod(e["shape"]) for e in modules.values())
     return {

@@ -30,9 +30,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from skillhub.synthetic import build_tiny_model, split_examples, write_jsonl  # noqa: E402
-from skillhub.tensorfile import TensorFile  # noqa: E402
-from skillhub.train import finetune  # noqa: E402
+from skillhub.demo.synthetic import build_tiny_model, split_examples, write_jsonl  # noqa: E402
+from skillhub.io.tensorfile import TensorFile  # noqa: E402
+from skillhub.demo.train import finetune  # noqa: E402
 
 TASK = "shift"
 
@@ -159,7 +159,7 @@ def _postgres_admin_url() -> str | None:
 @pytest.fixture(params=["sqlite", "postgresql"])
 def registry_factory(request: pytest.FixtureRequest, tmp_path: Path):
     """Makes fresh, independent registries on the backend under test (PostgreSQL skips if no server answers)."""
-    from skillhub.registry import Registry
+    from skillhub.registry.front import Registry
 
     if request.param == "sqlite":
         counter = iter(range(100))

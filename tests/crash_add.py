@@ -10,8 +10,8 @@ import os
 import signal
 import sys
 
-import skillhub.cli
-import skillhub.registry  # noqa: F401 - imported before the hook, so only the command is profiled
+import skillhub.cli.main
+import skillhub.registry.front  # noqa: F401 - imported before the hook, so only the command is profiled
 
 target, wanted = sys.argv[1], int(sys.argv[2])
 calls = 0
@@ -28,4 +28,4 @@ def hook(frame, event, arg):
 
 sys.argv = ["skillhub", *sys.argv[3:]]
 sys.setprofile(hook)
-skillhub.cli.main()
+skillhub.cli.main.main()

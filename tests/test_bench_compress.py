@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from skillhub.benchmark import compare_compression
-from skillhub.cli import main
+from skillhub.evaluation.benchmark import compare_compression
+from skillhub.cli.main import main
 
 from conftest import FineTune
 

@@ -1,4 +1,4 @@
-"""Tests for skillhub.operators.bitpack: dense little-endian bit packing of 1- to 32-bit codes."""
+"""Tests for skillhub.numerics.bitpack: dense little-endian bit packing of 1- to 32-bit codes."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from skillhub.operators import bitpack
-from skillhub.operators.bitpack import pack_codes, packed_nbytes, unpack_codes
+from skillhub.numerics import bitpack
+from skillhub.numerics.bitpack import pack_codes, packed_nbytes, unpack_codes
 
 WIDTHS = [1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 32]
 # 0 and 1 are the degenerate cases; 7 and 13 leave partial bytes for most widths; the last
 # length crosses the internal chunk size (and is not a multiple of 8).
-LENGTHS = [0, 1, 7, 13, 1000, bitpack._CHUNK + 13]
+LENGTHS = [0, 1, 7, 13, 1000, bitpack.CHUNK + 13]
 
 
 def random_codes(count: int, bits: int, seed: int) -> torch.Tensor:
@@ -36,7 +36,7 @@ def reference_pack(codes: torch.Tensor, bits: int) -> bytes:
 
 
 def test_chunk_size_is_what_the_long_length_assumes() -> None:
-    assert LENGTHS[-1] > bitpack._CHUNK
+    assert LENGTHS[-1] > bitpack.CHUNK
 
 
 @pytest.mark.parametrize("bits", WIDTHS)
@@ -64,7 +64,7 @@ def test_layout_matches_reference_stream(bits: int, count: int) -> None:
 @pytest.mark.parametrize("bits", [1, 3, 5, 12, 32])
 def test_layout_across_chunk_boundary(bits: int) -> None:
     """Chunked packing gives the same bytes as packing the whole stream at once."""
-    count = bitpack._CHUNK + 13
+    count = bitpack.CHUNK + 13
     codes = random_codes(count, bits, seed=bits)
     values = codes.numpy().astype(np.uint64)
     stream = ((values[:, None] >> np.arange(bits, dtype=np.uint64)) & 1).astype(np.uint8).reshape(-1)

@@ -10,9 +10,9 @@ from click.testing import CliRunner
 from safetensors import safe_open
 
 from skillhub import create_pack
-from skillhub.budget import LEVELS, _Module, allocate
-from skillhub.cli import main
-from skillhub.pack import TENSORS_FILE
+from skillhub.compress.budget import LEVELS, _Module, allocate
+from skillhub.cli.main import main
+from skillhub.pack.format import TENSORS_FILE
 
 from conftest import FineTune
 

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoTokenizer
 
 from skillhub import create_pack
-from skillhub.calibrate import (
+from skillhub.compress.calibrate import (
     CalibrationError,
     StatisticsCursor,
     build_calibration_set,
@@ -18,7 +18,7 @@ from skillhub.calibrate import (
     load_for_calibration,
     read_calibration_texts,
 )
-from skillhub.models import Checkpoint
+from skillhub.io.checkpoint import Checkpoint
 
 from conftest import FineTune
 

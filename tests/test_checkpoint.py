@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from skillhub.delta import check_compatible, iter_deltas
+from skillhub.compress.delta import check_compatible, iter_deltas
 from skillhub.errors import CheckpointError, DeltaError, MismatchError
-from skillhub.models import Checkpoint, fingerprint, open_checkpoint
-from skillhub.synthetic import build_tiny_model
-from skillhub.tensorfile import TensorFile
+from skillhub.io.checkpoint import Checkpoint, fingerprint, open_checkpoint
+from skillhub.demo.synthetic import build_tiny_model
+from skillhub.io.tensorfile import TensorFile
 
 from conftest import FineTune, copy_tree, edit_config, edit_tensors
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from skillhub.cli import main
-from skillhub.outputs import MARKER_FILE
-from skillhub.pack import MANIFEST_FILE, TENSORS_FILE
+from skillhub.cli.main import main
+from skillhub.io.outputs import MARKER_FILE
+from skillhub.pack.format import MANIFEST_FILE, TENSORS_FILE
 
 from conftest import FineTune, copy_tree, edit_config, edit_tensors
 

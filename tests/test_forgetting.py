@@ -10,12 +10,12 @@ import torch
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from skillhub.cli import main
-from skillhub.evaluate import exact_match, perplexity
-from skillhub.forgetting import accuracy_matrices, evaluate_tasks
-from skillhub.metrics import continual_metrics
-from skillhub.registry import Registry
-from skillhub.synthetic import split_examples, write_jsonl
+from skillhub.cli.main import main
+from skillhub.evaluation.scoring import exact_match, perplexity
+from skillhub.evaluation.forgetting import accuracy_matrices, evaluate_tasks
+from skillhub.evaluation.metrics import continual_metrics
+from skillhub.registry.front import Registry
+from skillhub.demo.synthetic import split_examples, write_jsonl
 
 from conftest import FineTune
 
@@ -65,7 +65,7 @@ def test_teacher_forced_exact_match_equals_greedy_generation(finetuned: FineTune
 
 def test_perplexity_drops_when_the_text_is_learned(finetuned: FineTune, tmp_path: Path) -> None:
     """A short language-model fine-tune on task texts lowers held-out perplexity on such texts."""
-    from skillhub.train import finetune
+    from skillhub.demo.train import finetune
 
     train, test = split_examples("shift", train=500, test=50, seed=3)
     as_text = lambda examples: [{"text": e["prompt"] + e["answer"]} for e in examples]  # noqa: E731

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from skillhub import create_pack
-from skillhub.tensorfile import TensorFile
+from skillhub.io.tensorfile import TensorFile
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 VOLATILE = ("created_at", "skillhub_version", "files")  # when and by which release, and hashes over them

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from skillhub.operators.gptq import gptq_quantize, output_error
-from skillhub.operators.quantize import QUANT_BITS, quantize_rtn
+from skillhub.numerics.gptq import gptq_quantize, output_error
+from skillhub.numerics.quantize import QUANT_BITS, quantize_rtn
 
 
 def _problem(rows: int = 48, cols: int = 160, samples: int = 600, seed: int = 0):

@@ -12,7 +12,7 @@ pytest.importorskip("gptqmodel")
 
 from gptq_oracle import gptq_oracle  # noqa: E402
 
-from skillhub.operators.gptq import gptq_quantize  # noqa: E402
+from skillhub.numerics.gptq import gptq_quantize  # noqa: E402
 
 
 def _problem(rows: int, cols: int, samples: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,10 +27,10 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from conftest import FineTune, copy_tree, edit_config
-from skillhub.cli import main
-from skillhub.pack import load_pack, sha256_file
-from skillhub.registry import Registry
-from skillhub.tensorfile import TensorFile
+from skillhub.cli.main import main
+from skillhub.pack.format import load_pack, sha256_file
+from skillhub.registry.front import Registry
+from skillhub.io.tensorfile import TensorFile
 
 DEEP = "[" * 5000 + "]" * 5000  # deeper than Python's parser can recurse
 SVD_MODULE = "model.layers.0.mlp.up_proj.weight"  # svd-mixed in the paper recipe
@@ -668,13 +668,13 @@ def test_doctor_removes_what_a_killed_activate_left(world: World) -> None:
     """SIGKILL during activate: the hidden staging directory is found through the journal and removed."""
     script = (
         "import os, signal, sys\n"
-        "import skillhub.activate as a\n"
+        "import skillhub.activation as a\n"
         "real = a.TensorFileWriter.add\n"
         "def add(self, name, tensor):\n"
         "    real(self, name, tensor)\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
         "a.TensorFileWriter.add = add\n"
-        "from skillhub.cli import main\n"
+        "from skillhub.cli.main import main\n"
         "main(sys.argv[1:])\n"
     )
     out = world.root / "model"

@@ -19,10 +19,10 @@ from huggingface_hub import CommitOperationAdd, HfApi, constants
 
 from conftest import HUB_TOKENS, copy_tree, edit_tensors
 from hubserver import FakeHub
-from skillhub.cli import main
+from skillhub.cli.main import main
 from skillhub.errors import HubError, MismatchError, PackError
-from skillhub.pack import load_pack, sha256_file
-from skillhub.registry import Registry
+from skillhub.pack.format import load_pack, sha256_file
+from skillhub.registry.front import Registry
 from skillhub.sharing import pull_pack, push_lineage, push_pack
 
 ALICE, BOB = sorted(HUB_TOKENS, key=HUB_TOKENS.get)
@@ -304,7 +304,7 @@ def test_an_interrupted_pull_registers_nothing(paper_pack, tmp_path: Path) -> No
 
 KILLED_PULL = """
 import os, signal, sys
-from skillhub.registry import Registry
+from skillhub.registry.front import Registry
 from skillhub.sharing import pull_pack
 
 def die(name, done, total):

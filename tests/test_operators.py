@@ -13,8 +13,9 @@ import torch
 
 from skillhub.errors import OperatorError
 from skillhub.operators import EncodeContext, Encoded, get_operator, operator_names, resolve_params
-from skillhub.operators.quantize import QuantizedMatrix, num_groups, packed_sizes
-from skillhub.operators.svd import resolve_rank_groups, svd_mixed_bytes
+from skillhub.numerics.quantize import QuantizedMatrix, num_groups, packed_sizes
+from skillhub.numerics.svd import svd_mixed_bytes
+from skillhub.operators.builtin.svd import resolve_rank_groups
 
 BUILTINS = ["raw", "rtn", "magnitude-prune", "svd", "lowrank", "svd-mixed"]
 ROWS, COLS = 96, 160

@@ -13,10 +13,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from skillhub import apply_packs, create_pack, load_pack
 from skillhub.errors import MismatchError, OperatorError, OutputExistsError, PackError, RecipeError, SkillhubError
-from skillhub.evaluate import exact_match
-from skillhub.models import Checkpoint, fingerprint
-from skillhub.pack import MANIFEST_FILE, TENSORS_FILE
-from skillhub.synthetic import build_tiny_model
+from skillhub.evaluation.scoring import exact_match
+from skillhub.io.checkpoint import Checkpoint, fingerprint
+from skillhub.pack.format import MANIFEST_FILE, TENSORS_FILE
+from skillhub.demo.synthetic import build_tiny_model
 
 from conftest import FineTune, copy_tree
 

@@ -20,11 +20,11 @@ import torch
 from click.testing import CliRunner
 
 from skillhub import create_pack
-from skillhub.cli import main
+from skillhub.cli.main import main
 from skillhub.errors import OperatorError, RecipeError
 from skillhub.operators import Encoded, get_operator, operator_names
 from skillhub.operators.discovery import catalog, refresh
-from skillhub.pack import load_pack
+from skillhub.pack.format import load_pack
 from skillhub.testing import DEFAULT_SHAPES, check_operator, conformance_checks
 
 BUILTINS = ["lowrank", "magnitude-prune", "raw", "rtn", "svd", "svd-mixed"]
@@ -265,7 +265,7 @@ def test_invalid_plugin_params_are_refused_before_any_tensor_is_read(command: st
 
 def test_an_unknown_operator_in_a_recipe_lists_the_installed_ones(tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match="unknown operator 'nope'.*bitdelta.*dare"):
-        from skillhub.recipe import Recipe
+        from skillhub.compress.recipe import Recipe
 
         Recipe({"name": "x", "rules": [{"match": {"pattern": "."}, "operator": "nope"}]})
 

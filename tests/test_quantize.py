@@ -1,4 +1,4 @@
-"""Tests for skillhub.operators.quantize: group-wise asymmetric round-to-nearest quantization.
+"""Tests for skillhub.numerics.quantize: group-wise asymmetric round-to-nearest quantization.
 
 The documented bound: every element is off by at most one quantization step (its group's
 scale), and by at most half a step unless it sits at the clamped edge of its group's range.
@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from skillhub.operators.quantize import (
+from skillhub.numerics.quantize import (
     QUANT_BITS,
     QuantizedMatrix,
     num_groups,

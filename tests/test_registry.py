@@ -11,9 +11,9 @@ from transformers import AutoModelForCausalLM
 
 from skillhub import apply_packs, load_pack
 from skillhub.errors import MismatchError, PackError
-from skillhub.models import Checkpoint, fingerprint
-from skillhub.registry import NotFoundError, RegistryError
-from skillhub.synthetic import build_tiny_model
+from skillhub.io.checkpoint import Checkpoint, fingerprint
+from skillhub.registry.front import NotFoundError, RegistryError
+from skillhub.demo.synthetic import build_tiny_model
 
 from conftest import FineTune
 

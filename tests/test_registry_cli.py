@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from skillhub import create_pack
-from skillhub.cli import main
-from skillhub.models import Checkpoint, fingerprint
+from skillhub.cli.main import main
+from skillhub.io.checkpoint import Checkpoint, fingerprint
 
 from conftest import FineTune
 
@@ -79,7 +79,7 @@ def test_bad_input_exits_1_and_changes_nothing(three_packs, finetuned: FineTune,
     elif case == "unknown task":
         result = run(registry, "activate", "--task", "juggling", "-o", tmp_path / "out")
     elif case == "other base":
-        from skillhub.synthetic import build_tiny_model
+        from skillhub.demo.synthetic import build_tiny_model
 
         other = build_tiny_model(tmp_path / "other-base", seed=3)
         result = run(registry, "add", create_pack(other, finetuned.tuned, tmp_path / "p", task="x").path, "--task", "x")

@@ -9,9 +9,9 @@ import pytest
 import sqlalchemy as sa
 from sqlmodel import SQLModel
 
-import skillhub.tables  # noqa: F401 - registers the table classes on SQLModel.metadata
-from skillhub.migrations import MIGRATIONS_TABLE, applied_migrations, migration_names
-from skillhub.registry import Registry
+import skillhub.registry.tables  # noqa: F401 - registers the table classes on SQLModel.metadata
+from skillhub.registry.migrations import MIGRATIONS_TABLE, applied_migrations, migration_names
+from skillhub.registry.front import Registry
 
 STORED = Path(__file__).parent / "data" / "registry-m0001.db"
 

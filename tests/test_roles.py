@@ -1,4 +1,4 @@
-"""Tests for skillhub.roles against real transformers model layouts.
+"""Tests for skillhub.compress.roles against real transformers model layouts.
 
 The models are built on the meta device: only parameter names and shapes matter here,
 and meta tensors have both without allocating or initialising anything.
@@ -13,7 +13,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
-from skillhub.roles import ROLES, is_transposed, role_of
+from skillhub.compress.roles import ROLES, is_transposed, role_of
 
 # In-vocab special tokens: the defaults (32000, 50256...) are outside a 64-token vocab,
 # which phi3 rejects outright and the others warn about.

@@ -1,4 +1,4 @@
-"""Tests for skillhub.tensorfile: streaming safetensors I/O, checked against the safetensors library
+"""Tests for skillhub.io.tensorfile: streaming safetensors I/O, checked against the safetensors library
 in both directions."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from skillhub.errors import CheckpointError
-from skillhub.tensorfile import TensorFile, TensorFileWriter, dtype_from_name, dtype_name
+from skillhub.io.tensorfile import TensorFile, TensorFileWriter, dtype_from_name, dtype_name
 
 
 def sample_tensors() -> dict[str, torch.Tensor]:

@@ -21,13 +21,13 @@ PROBE = """
 import json, sys
 from importlib import metadata
 import skillhub
-from skillhub.schemas import load_schema, validate
+from skillhub.pack.schemas import load_schema, validate
 from skillhub.errors import PackError
 assert skillhub.__file__.startswith(sys.argv[1]), skillhub.__file__
 manifest = json.loads(open(sys.argv[2]).read())
 validate(manifest, "skillpack", error=PackError, what="probe")
 names = sorted(ep.name for ep in metadata.entry_points(group="skillhub.operators") if ep.dist.name == "skillhub")
-from skillhub.migrations import migration_names
+from skillhub.registry.migrations import migration_names
 print(json.dumps({"schemas": [load_schema(n)["title"] for n in ("skillpack", "recipe")], "operators": names,
                   "migrations": migration_names()}))
 """
@@ -58,7 +58,7 @@ class FreshEnvironment:
         return self.run("-c", f"import sys; sys.path.append({str(self.deps)!r}); {code}", *args, check=False, cwd=cwd)
 
     def skillhub(self, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-        return self.python_code("from skillhub.cli import main; sys.argv[0] = 'skillhub'; main()", *args, cwd=cwd)
+        return self.python_code("from skillhub.cli.main import main; sys.argv[0] = 'skillhub'; main()", *args, cwd=cwd)
 
 
 def build_wheel(source: Path, distribution: str, outdir: Path) -> Path:

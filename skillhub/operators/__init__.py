@@ -1,174 +1,22 @@
-"""Compression operators: the protocol every operator honours, and params validation.
+"""Compression operators: the protocol every operator honours (``protocol``, all a plugin
+imports), discovery through the ``skillhub.operators`` entry points (``discovery``), and the
+built-in operators (``builtin``), which register through the same entry points as plugins.
+``skillhub.operators.bitpack`` stays importable for plugins (it lives in skillhub.numerics).
 
-An operator turns one parameter's float32 delta into named tensors plus small JSON
-metadata, and turns them back. It may also say, from the metadata alone, which tensors it
-stored with which dtype and shape (``expected_fields``), so that a pack from anywhere is
-checked before anything is decoded. It is stateless: everything decode needs is in the
-stored tensors, the recorded params and the metadata encode returned, so a pack
-decodes from its manifest alone. Built-in operators are registered through skillhub's
-own pyproject entry points, exactly like third-party ones; discovery lives in
-:mod:`skillhub.operators.discovery`, and plugins/README.md is the guide for plugin authors.
+Layer 2: imports layers 0-1 (errors, config, io, numerics).
 """
 
-from __future__ import annotations
-
-import copy
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
-
-import jsonschema
-import torch
-
-from skillhub.errors import OperatorError
-
-
-@dataclass(frozen=True)
-class LayerStatistics:
-    """Calibration statistics of one linear layer's input x (see :mod:`skillhub.calibrate`)."""
-
-    hessian: torch.Tensor  # (in_features, in_features) = 2/n X^T X, float64
-    samples: int  # number of input vectors n
-    transposed: bool = False  # the checkpoint stores this weight as (in, out), e.g. GPT-2's Conv1D
-
-
-@dataclass(frozen=True)
-class EncodeContext:
-    """What an operator may know about the tensor it encodes besides its values."""
-
-    name: str
-    role: str
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    seed: int = 0
-    # Calibration statistics of this parameter's layer input, when the caller has them.
-    calibration: LayerStatistics | None = None
-
-    def generator(self) -> torch.Generator:
-        """A generator seeded from the context seed and the parameter name, so results are reproducible
-        and independent of the order in which parameters are encoded."""
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed((self.seed * 1_000_003 + _stable_hash(self.name)) % (2**63))
-        return gen
-
-
-def _stable_hash(text: str) -> int:
-    value = 0
-    for byte in text.encode("utf-8"):
-        value = (value * 131 + byte) % (2**61 - 1)
-    return value
-
-
-@dataclass
-class Encoded:
-    """Output of :meth:`Operator.encode`: tensors to store and JSON-able metadata."""
-
-    tensors: dict[str, torch.Tensor]
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
-@runtime_checkable
-class Operator(Protocol):
-    """A compression operator.
-
-    ``name`` is its entry-point name; ``version`` is ``MAJOR.MINOR``. An operator may also
-    declare ``decodes``, a PEP 440 specifier of the versions whose data it can decode
-    (default ``==MAJOR.*``); decode receives the version the data was written by, so a 2.x
-    operator that still reads 1.x data can dispatch on it.
-    """
-
-    name: str
-    version: str
-    params_schema: dict[str, Any]
-
-    def encode(self, delta: torch.Tensor, params: Mapping[str, Any], ctx: EncodeContext) -> Encoded:
-        """Encode a float32 delta; ``params`` are already validated and defaulted."""
-        ...
-
-    def decode(
-        self,
-        tensors: Mapping[str, torch.Tensor],
-        meta: Mapping[str, Any],
-        params: Mapping[str, Any],
-        shape: tuple[int, ...],
-        *,
-        version: str,
-    ) -> torch.Tensor:
-        """Return the float32 delta of ``shape`` that the stored tensors stand for
-        (written by this operator at ``version``)."""
-        ...
-
-    # Optional (every built-in has it, and skillhub.testing checks it when present):
-    #
-    #   def expected_fields(self, meta, params, shape, *, version) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]
-    #
-    # The tensors decode will read for this meta, params and delta shape, with their dtype and
-    # shape, computed without touching the tensors. It raises ValueError when the meta does not
-    # fit (a missing key, a rank larger than the matrix, bits out of range...). Without it, a pack
-    # is still decoded once and checked when it is added to a registry.
-
-FieldLayout = dict[str, tuple[torch.dtype, tuple[int, ...]]]
-
-
-def expected_fields(operator: Operator, meta: Mapping[str, Any], params: Mapping[str, Any], shape: tuple[int, ...],
-                    *, version: str) -> FieldLayout | None:
-    """The operator's ``expected_fields`` (None if it has none); any way it refuses the meta
-    (ValueError, or a KeyError or TypeError it did not catch) becomes ValueError."""
-    method = getattr(operator, "expected_fields", None)
-    if method is None:
-        return None
-    try:
-        return dict(method(meta, params, shape, version=version))
-    except (KeyError, TypeError) as exc:
-        raise ValueError(f"meta lacks or mistypes {exc}") from exc
-
-
-def meta_int(meta: Mapping[str, Any], key: str, low: int, high: int) -> int:
-    """``meta[key]`` as an int in [low, high]; ValueError otherwise (for ``expected_fields``)."""
-    value = meta.get(key) if isinstance(meta, Mapping) else None
-    if type(value) is not int or not low <= value <= high:
-        raise ValueError(f"meta {key!r} must be a whole number in [{low}, {high}], got {value!r}"[:120])
-    return value
-
-
-def resolve_params(operator: Operator, params: Mapping[str, Any] | None, *, where: str) -> dict[str, Any]:
-    """Validate ``params`` against the operator's schema and fill in its top-level defaults.
-
-    Args:
-        operator: The operator the params are for.
-        params: Params as written in a recipe.
-        where: What to name in the error, e.g. ``"recipe 'paper' rule 3"``.
-
-    Raises:
-        OperatorError: Listing every invalid field.
-    """
-    given = dict(params or {})
-    validator_cls = jsonschema.validators.validator_for(operator.params_schema)
-    problems = sorted(
-        validator_cls(operator.params_schema).iter_errors(given), key=lambda e: list(e.absolute_path)
-    )
-    if problems:
-        listed = "; ".join(
-            f"{'/'.join(map(str, p.absolute_path)) or '(params)'}: {_explain(p)}" for p in problems
-        )
-        raise OperatorError(f"{where}: invalid params for operator {operator.name!r}: {listed}")
-    resolved = {
-        key: copy.deepcopy(spec["default"])
-        for key, spec in operator.params_schema.get("properties", {}).items()
-        if "default" in spec
-    }
-    resolved.update(given)
-    return resolved
-
-
-def _explain(problem: jsonschema.ValidationError) -> str:
-    # "is not valid under any of the given schemas" says nothing; the alternatives' own messages do.
-    if problem.validator in ("oneOf", "anyOf") and problem.context:
-        return "needs one of: " + " | ".join(sorted({sub.message for sub in problem.context}))
-    return problem.message
-
-
-# Discovery is re-exported here: callers ask `skillhub.operators` for an operator by name.
-from skillhub.operators.discovery import (  # noqa: E402  (needs the protocol above)
+from skillhub.operators.protocol import (
+    EncodeContext,
+    Encoded,
+    FieldLayout,
+    LayerStatistics,
+    Operator,
+    expected_fields,
+    meta_int,
+    resolve_params,
+)
+from skillhub.operators.discovery import (  # noqa: E402,I001  (discovery needs the protocol)
     ENTRY_POINT_GROUP,
     catalog,
     decoder_for,

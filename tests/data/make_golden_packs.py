@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import save_file
 
 from skillhub import create_pack
-from skillhub.synthetic import build_tiny_model
-from skillhub.tensorfile import TensorFile
+from skillhub.demo.synthetic import build_tiny_model
+from skillhub.io.tensorfile import TensorFile
 
 # Operators whose arithmetic is element-wise or a selection: the same bits on every CPU.
 PORTABLE_RECIPE = {"name": "portable", "rules": [

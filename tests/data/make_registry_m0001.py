@@ -10,7 +10,7 @@ import sys
 
 from sqlalchemy import create_engine, text
 
-from skillhub.migrations import migrate
+from skillhub.registry.migrations import migrate
 
 engine = create_engine(f"sqlite:///{sys.argv[1]}")
 migrate(engine, up_to="m0001_initial")

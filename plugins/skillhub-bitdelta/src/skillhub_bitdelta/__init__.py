@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from skillhub.operators import EncodeContext, Encoded
-from skillhub.operators.bitpack import pack_codes, packed_nbytes, unpack_codes
+from skillhub.numerics.bitpack import pack_codes, packed_nbytes, unpack_codes
 
 __all__ = ["BitDeltaOperator"]
 

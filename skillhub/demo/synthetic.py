@@ -1,0 +1,129 @@
+"""The embedded default: a character tokenizer, tiny Llama models and synthetic tasks.
+
+Nothing here downloads anything. Models are built from a ``transformers`` config with a
+fixed seed, so every test and the demo work offline and reproducibly; fine-tuning them
+(see :mod:`skillhub.demo.train`) gives genuine deltas.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from skillhub.progress import quiet_transformers
+
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
+CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789 =+-><:|,."
+
+
+def build_tokenizer():  # -> transformers.PreTrainedTokenizerFast (import kept lazy)
+    """A character-level fast tokenizer: one token per character, plus pad/bos/eos/unk."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + tuple(CHARACTERS))}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def tiny_llama_config(*, layers: int = 4, hidden: int = 128, intermediate: int = 384, vocab_size: int = 64):
+    """A Llama-architecture config with grouped-query attention and an untied head."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
+def build_tiny_model(output: str | os.PathLike[str], *, seed: int = 0, **config_overrides: int) -> Path:
+    """Save a freshly initialised tiny Llama (float32, safetensors) and the character tokenizer.
+
+    Args:
+        output: Directory to write.
+        seed: Initialisation seed.
+        **config_overrides: ``layers``, ``hidden``, ``intermediate`` for :func:`tiny_llama_config`.
+    """
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(vocab_size=64, **config_overrides))
+    output = Path(output)
+    with quiet_transformers():
+        model.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    return output
+
+
+def _word(rng: random.Random, length: int) -> str:
+    return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(length))
+
+
+def _shift(rng: random.Random) -> dict[str, str]:
+    word = _word(rng, 5)
+    return {"prompt": f"shift {word}=", "answer": "".join(chr((ord(c) - 97 + 1) % 26 + 97) for c in word)}
+
+
+def _reverse(rng: random.Random) -> dict[str, str]:
+    word = _word(rng, 5)
+    return {"prompt": f"rev {word}=", "answer": word[::-1]}
+
+
+def _sort(rng: random.Random) -> dict[str, str]:
+    word = _word(rng, 5)
+    return {"prompt": f"sort {word}=", "answer": "".join(sorted(word))}
+
+
+def _add(rng: random.Random) -> dict[str, str]:
+    a, b = rng.randrange(100), rng.randrange(100)
+    return {"prompt": f"add {a}+{b}=", "answer": str(a + b)}
+
+
+TASKS: dict[str, Callable[[random.Random], dict[str, str]]] = {
+    "shift": _shift,
+    "reverse": _reverse,
+    "sort": _sort,
+    "add": _add,
+}
+
+
+def make_examples(task: str, count: int, *, seed: int) -> list[dict[str, str]]:
+    """``count`` distinct prompt/answer pairs of a synthetic task."""
+    rng = random.Random(f"{task}:{seed}")
+    examples: dict[str, dict[str, str]] = {}
+    while len(examples) < count:
+        example = TASKS[task](rng)
+        examples.setdefault(example["prompt"], example)
+    return list(examples.values())
+
+
+def split_examples(task: str, *, train: int, test: int, seed: int = 0) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """Disjoint train and test sets of a synthetic task."""
+    examples = make_examples(task, train + test, seed=seed)
+    return examples[:train], examples[train:]
+
+
+def write_jsonl(examples: list[dict[str, str]], path: str | os.PathLike[str]) -> Path:
+    """Write examples as JSON lines."""
+    path = Path(path)
+    path.write_text("".join(json.dumps(e) + "\n" for e in examples), encoding="utf-8")
+    return path

@@ -1,0 +1,148 @@
+"""Forgetting, measured at every task addition: scores under three policies and the accuracy matrices.
+
+After each addition, every task j with an eval set is scored three ways, recorded at that
+lineage step: ``subset`` (its own activation set S_j, paper Eq. 10), ``fused`` (every active
+pack at once, naive fusion, Eq. 9) and ``base`` (no pack). The accuracy matrix R[k][j] of a
+policy holds task j's score at the step where the k-th task got its pack; tasks are ordered
+by when they got their first pack. Perplexity tasks enter the metrics as -perplexity, so
+that higher is better everywhere.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from skillhub.evaluation.datasets import load_eval_set
+from skillhub.evaluation.scoring import score
+from skillhub.evaluation.metrics import DEFINITIONS, continual_metrics
+from skillhub.progress import ProgressCallback, no_progress, quiet_transformers
+from skillhub.registry.front import Registry, RegistryError
+
+POLICIES = ("subset", "fused")
+
+
+def evaluate_tasks(registry: Registry, *, base: str | None = None, task: str | None = None,
+                   base_location: str | None = None, step: int | None = None,
+                   progress: ProgressCallback = no_progress) -> list[dict[str, Any]]:
+    """Score tasks under ``subset``, ``fused`` and ``base`` and record the scores at ``step``.
+
+    Args:
+        registry: The registry.
+        base: Registered base name (needed when there are several).
+        task: Only this task (default: every task with an eval set).
+        base_location: Where the base weights are (default: the location recorded at add).
+        step: Lineage event to file the scores under (default: a new ``eval`` event).
+        progress: Called as ``progress("evaluate", done, total)``.
+
+    Returns:
+        The records written.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sets = registry.eval_sets(base=base, task=task)
+    if not sets:
+        return []
+    examples = {s["name"]: load_eval_set(s["path"], s["metric"]) for s in sets}
+    active = [p["id"] for p in registry.list_packs(base=base)]
+    tasks = {t["name"]: t["packs"] for t in registry.tasks(base=base)}
+    base_entry, _ = registry.activation_set(packs=[], base=base)
+    location = base_location or base_entry["location"]
+    with quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(location, dtype="auto")
+        tokenizer = AutoTokenizer.from_pretrained(location)
+    registry.verify_base_model(model, base=base)  # once; the patching below skips the check
+    records = []
+    total, done = 3 * len(sets), 0
+
+    def measure(policy: str, chosen: list[str], names: list[str]) -> None:
+        nonlocal done
+        with registry.activated(model, packs=chosen, base=base, verify=False):
+            for name in names:
+                metric = next(s["metric"] for s in sets if s["name"] == name)
+                records.append({"task": name, "policy": policy, "metric": metric,
+                                "score": score(model, tokenizer, examples[name], metric)})
+                done += 1
+                progress("evaluate", done, total)
+
+    names = [s["name"] for s in sets]
+    measure("base", [], names)
+    measure("fused", active, names)
+    for name in names:
+        measure("subset", tasks.get(name, []), [name])
+    registry.record_scores(records, base=base, step=step)
+    return records
+
+
+def _higher_is_better(record: dict[str, Any]) -> float:
+    return record["score"] if record["metric"] == "exact_match" else -record["score"]
+
+
+def accuracy_matrices(registry: Registry, *, base: str | None = None) -> dict[str, Any]:
+    """R for each policy, the base scores b, and ACC/BWT/FWT/forgetting with their definitions.
+
+    Raises:
+        RegistryError: No task has been evaluated at its addition yet.
+    """
+    records = registry.scores(base=base)
+    steps: list[tuple[int, str]] = []  # (step, task learned there), first pack of each task
+    for record in records:
+        if record["event"] == "add" and record["event_task"] not in [t for _, t in steps]:
+            steps.append((record["step"], record["event_task"]))
+    evaluated = {r["task"] for r in records}
+    order = [t for _, t in steps if t in evaluated]
+    steps = [(s, t) for s, t in steps if t in evaluated]
+    if not order:
+        raise RegistryError("no task has been scored at its addition yet: give tasks eval sets "
+                            "(`skillhub task add T --eval FILE`) and add their packs without --no-eval")
+    table = {(r["step"], r["task"], r["policy"]): r for r in records}
+
+    def cell(step: int, task: str, policy: str) -> dict[str, Any] | None:
+        return table.get((step, task, policy))
+
+    result: dict[str, Any] = {"tasks": order, "definitions": DEFINITIONS, "policies": {}}
+    learned_at = {task: step for step, task in steps}
+    base_records = [cell(learned_at[task], task, "base") for task in order]
+    result["base"] = [r["score"] if r else None for r in base_records]
+    for policy in POLICIES:
+        cells = [[cell(step, task, policy) for task in order] for step, _ in steps]
+        matrix = [[c["score"] if c else None for c in row] for row in cells]
+        complete = all(c is not None for row in cells for c in row) and all(base_records)
+        metrics = None
+        if complete:
+            metrics = continual_metrics([[_higher_is_better(c) for c in row] for row in cells],
+                                        [_higher_is_better(r) for r in base_records])
+        # A task given its eval set after earlier additions has no score at those steps.
+        result["policies"][policy] = {"R": matrix, "metrics": metrics, "complete": complete}
+    return result
+
+
+def plot_matrices(result: dict[str, Any], path: str) -> None:
+    """Heatmaps of R for each policy, side by side, as a PNG (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise RegistryError("--plot needs matplotlib: pip install 'skillhub[plot]'") from exc
+    tasks = result["tasks"]
+    policies = list(result["policies"])  # the demo adds sequential fine-tuning to the registry's two
+    figure, axes = plt.subplots(1, len(policies), figsize=(4.5 * len(policies), 4), squeeze=False)
+    for axis, policy in zip(axes[0], policies):
+        matrix = torch.tensor([[float("nan") if v is None else v for v in row] for row in result["policies"][policy]["R"]])
+        top = max(1.0, float(matrix.nan_to_num(0).max()))
+        image = axis.imshow(matrix.numpy(), vmin=0, vmax=top, cmap="viridis")
+        axis.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right")
+        axis.set_yticks(range(len(tasks)), [f"after {t}" for t in tasks])
+        axis.set_title(f"R[k][j], {policy}")
+        for k in range(len(tasks)):
+            for j in range(len(tasks)):
+                value = float(matrix[k, j])
+                axis.text(j, k, f"{value:.2f}", ha="center", va="center", fontsize=8,
+                          color="black" if value > 0.6 * top else "white")
+        figure.colorbar(image, ax=axis, fraction=0.046)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
