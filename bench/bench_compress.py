@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from skillhub.evaluation.benchmark import compare_compression
-from skillhub.cli.main import format_compress_report
+from skillhub.cli.pack_commands import format_compress_report
 from skillhub.demo.synthetic import build_tiny_model, make_examples, split_examples, write_jsonl
 from skillhub.demo.train import finetune
 

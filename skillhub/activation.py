@@ -1,4 +1,5 @@
-"""Activation (paper Eq. 9/10): theta = theta_base + sum of decoded packs, written as a HF checkpoint.
+"""Activation (paper Eq. 9/10): theta = theta_base + sum of decoded packs, written as a Hugging Face
+checkpoint (:func:`apply_packs`) or patched into a loaded model in place (:func:`patched`).
 
 Every output tensor is computed in float32 from the pristine base tensor plus the decoded
 deltas of the packs that touch it, then cast once to the base tensor's dtype. Nothing is
@@ -10,7 +11,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -107,44 +109,104 @@ def apply_packs(
     check_output(output, force=force, protect=protect)
     _check_fits(base_ckpt, opened)
     plan = _shard_plan(base_ckpt, max_shard_bytes)
-    fingerprint = Fingerprint()
-    names = base_ckpt.names()
     with staged_directory(output, force=force, protect=protect, kind="checkpoint") as staging:
-        writers: dict[str, TensorFileWriter] = {}
-        metadata = {"format": "pt", "skillhub_packs": json.dumps([f"{p.name}@{p.version}" for p in opened])}
-        try:
-            for name in reporting(names, progress, "apply", len(names)):
-                base_tensor = base_ckpt.read(name)
-                fingerprint.update(name, base_tensor)
-                touching = [p for p in opened if name in p.modules]
-                if touching:
-                    weight = base_tensor.to(torch.float32)
-                    for pack in touching:
-                        weight = weight + pack.decode(name)
-                    base_tensor = weight.to(base_tensor.dtype)
-                shard = plan[name]
-                if shard not in writers:
-                    writers[shard] = TensorFileWriter(staging / shard)
-                writers[shard].add(name, base_tensor)
-            actual = fingerprint.hexdigest()
-            for pack in opened:
-                if pack.base_fingerprint != actual:
-                    raise MismatchError(
-                        f"pack {pack.name} was made for base fingerprint {pack.base_fingerprint}, but "
-                        f"{base_ckpt.ref.id} has {actual}: use the exact base model the pack was created from"
-                    )
-            for shard, writer in writers.items():
-                writer.finish(metadata)
-        except BaseException:
-            for writer in writers.values():
-                writer.abort()
-            raise
-        if len(writers) > 1:
-            index = {
-                "metadata": {"total_size": sum(w.data_bytes for w in writers.values())},
-                "weight_map": plan,
-            }
+        sizes = _write_weights(base_ckpt, opened, plan, staging, progress)
+        if len(sizes) > 1:
+            index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": plan}
             (staging / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
         for sidecar in base_ckpt.sidecar_files():
             shutil.copy2(sidecar, staging / sidecar.name)
     return Path(output)
+
+
+def with_deltas(base_tensor: torch.Tensor, packs: Sequence[SkillPack], name: str) -> torch.Tensor:
+    """theta_base + sum of the packs' decoded deltas for one parameter: the one summation of
+    skillhub. In float32, in the packs' order, cast once to the base dtype; the base tensor
+    itself when no pack changes the parameter."""
+    touching = [p for p in packs if name in p.modules]
+    if not touching:
+        return base_tensor
+    weight = base_tensor.to(torch.float32)
+    for pack in touching:
+        weight = weight + pack.decode(name).to(weight.device)
+    return weight.to(base_tensor.dtype)
+
+
+def _write_weights(base: Checkpoint, packs: Sequence[SkillPack], plan: dict[str, str], staging: Path,
+                   progress: ProgressCallback) -> dict[str, int]:
+    """Stream every base tensor plus its deltas into the planned shards; returns bytes per shard.
+    The base fingerprint, computed on the way, must be the one every pack was made for."""
+    fingerprint = Fingerprint()
+    writers: dict[str, TensorFileWriter] = {}
+    metadata = {"format": "pt", "skillhub_packs": json.dumps([f"{p.name}@{p.version}" for p in packs])}
+    names = base.names()
+    try:
+        for name in reporting(names, progress, "apply", len(names)):
+            base_tensor = base.read(name)
+            fingerprint.update(name, base_tensor)
+            if plan[name] not in writers:
+                writers[plan[name]] = TensorFileWriter(staging / plan[name])
+            writers[plan[name]].add(name, with_deltas(base_tensor, packs, name))
+        actual = fingerprint.hexdigest()
+        for pack in packs:
+            if pack.base_fingerprint != actual:
+                raise MismatchError(
+                    f"pack {pack.name} was made for base fingerprint {pack.base_fingerprint}, but "
+                    f"{base.ref.id} has {actual}: use the exact base model the pack was created from"
+                )
+        for writer in writers.values():
+            writer.finish(metadata)
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    return {shard: writer.data_bytes for shard, writer in writers.items()}
+
+
+@contextmanager
+def patched(model: torch.nn.Module, packs: Sequence[SkillPack]) -> Iterator[torch.nn.Module]:
+    """Patch a loaded model with the packs' deltas in place; restore its exact bits on exit.
+
+    Each patched weight is computed from a saved copy of the original (never by subtracting),
+    so switching from one set of packs to another never accumulates error.
+
+    Raises:
+        MismatchError: The model lacks a parameter the packs change.
+        PackError, OperatorError: A pack cannot be decoded.
+    """
+    for pack in packs:
+        pack.check_decodable()
+    parameters = dict(model.named_parameters())
+    touched = sorted({name for pack in packs for name in pack.modules})
+    missing = [n for n in touched if n not in parameters]
+    if missing:
+        raise MismatchError(f"the model has no parameter(s) {', '.join(missing[:5])} that the packs change")
+    originals = {name: parameters[name].detach().clone() for name in touched}
+    try:
+        with torch.no_grad():
+            for name in touched:
+                parameters[name].copy_(with_deltas(originals[name], packs, name))
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, original in originals.items():
+                parameters[name].copy_(original)
+
+
+def check_model_is_base(model: torch.nn.Module, fingerprint: str, name: str) -> None:
+    """Check that a loaded model holds exactly the base weights whose fingerprint is ``fingerprint``.
+
+    Raises:
+        MismatchError: It does not (another model, or loaded in another dtype).
+    """
+    state = model.state_dict()
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)  # tied: not a tensor of its own in the checkpoint
+    digest = Fingerprint()
+    for parameter, tensor in state.items():
+        digest.update(parameter, tensor)
+    if digest.hexdigest() != fingerprint:
+        raise MismatchError(
+            f"the model's weights are not the registered base {name}: load it unchanged, in its "
+            "stored dtype (or pass verify=False)"
+        )

@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 
-import skillhub.cli.main
+import skillhub.cli
 import skillhub.registry.front  # noqa: F401 - imported before the hook, so only the command is profiled
 
 target, wanted = sys.argv[1], int(sys.argv[2])
@@ -28,4 +28,4 @@ def hook(frame, event, arg):
 
 sys.argv = ["skillhub", *sys.argv[3:]]
 sys.setprofile(hook)
-skillhub.cli.main.main()
+skillhub.cli.main()

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from skillhub.evaluation.benchmark import compare_compression
-from skillhub.cli.main import main
+from skillhub.cli import main
 
 from conftest import FineTune
 

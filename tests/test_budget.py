@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from skillhub import create_pack
 from skillhub.compress.budget import LEVELS, _Module, allocate
-from skillhub.cli.main import main
+from skillhub.cli import main
 from skillhub.pack.format import TENSORS_FILE
 
 from conftest import FineTune

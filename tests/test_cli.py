@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from skillhub.cli.main import main
+from skillhub.cli import main
 from skillhub.io.outputs import MARKER_FILE
 from skillhub.pack.format import MANIFEST_FILE, TENSORS_FILE
 

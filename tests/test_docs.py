@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from skillhub.cli.main import main
+from skillhub.cli import main
 from skillhub.operators import catalog, operator_names
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from skillhub.cli.main import main
+from skillhub.cli import main
 from skillhub.evaluation.scoring import exact_match, perplexity
 from skillhub.evaluation.forgetting import accuracy_matrices, evaluate_tasks
 from skillhub.evaluation.metrics import continual_metrics

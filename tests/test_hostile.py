@@ -27,7 +27,7 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from conftest import FineTune, copy_tree, edit_config
-from skillhub.cli.main import main
+from skillhub.cli import main
 from skillhub.pack.format import load_pack, sha256_file
 from skillhub.registry.front import Registry
 from skillhub.io.tensorfile import TensorFile
@@ -442,12 +442,12 @@ def test_force_replaces_what_skillhub_wrote(world: World) -> None:
 
 
 REGISTRY_CASES: dict[str, tuple[Callable[[World], list[object]], str]] = {
-    "remove-underscore": (lambda w: ["remove", "_"], "'_' is not a pack id"),
-    "remove-percent": (lambda w: ["remove", "%"], "'%' is not a pack id"),
-    "show-percent": (lambda w: ["show", "%"], "'%' is not a pack id"),
-    "show-underscore-prefix": (lambda w: ["show", w.pack_id[:3] + "_"], "is not a pack id"),
-    "activate-packs-percent": (lambda w: ["activate", "--packs", "%", "-o", w.root / "o"], "'%' is not a pack id"),
-    "task-set-percent": (lambda w: ["task", "set", "t", "--packs", "%"], "'%' is not a pack id"),
+    "remove-underscore": (lambda w: ["remove", "_"], "no pack '_' in the registry (a pack id is hex digits"),
+    "remove-percent": (lambda w: ["remove", "%"], "no pack '%' in the registry (a pack id is hex digits"),
+    "show-percent": (lambda w: ["show", "%"], "no pack '%' in the registry (a pack id is hex digits"),
+    "show-underscore-prefix": (lambda w: ["show", w.pack_id[:3] + "_"], "(a pack id is hex digits"),
+    "activate-packs-percent": (lambda w: ["activate", "--packs", "%", "-o", w.root / "o"], "no pack '%' in the registry (a pack id is hex digits"),
+    "task-set-percent": (lambda w: ["task", "set", "t", "--packs", "%"], "no pack '%' in the registry (a pack id is hex digits"),
     "remove-unknown": (lambda w: ["remove", "ffffffffffff"], "no pack 'ffffffffffff'"),
     "add-task-escape": (lambda w: ["add", w.pack, "--task", "\x1b[2J"], "task name"),
     "add-task-100kb": (lambda w: ["add", w.pack, "--task", "x" * 100_000], "task name"),
@@ -674,7 +674,7 @@ def test_doctor_removes_what_a_killed_activate_left(world: World) -> None:
         "    real(self, name, tensor)\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
         "a.TensorFileWriter.add = add\n"
-        "from skillhub.cli.main import main\n"
+        "from skillhub.cli import main\n"
         "main(sys.argv[1:])\n"
     )
     out = world.root / "model"

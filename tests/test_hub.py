@@ -19,7 +19,7 @@ from huggingface_hub import CommitOperationAdd, HfApi, constants
 
 from conftest import HUB_TOKENS, copy_tree, edit_tensors
 from hubserver import FakeHub
-from skillhub.cli.main import main
+from skillhub.cli import main
 from skillhub.errors import HubError, MismatchError, PackError
 from skillhub.pack.format import load_pack, sha256_file
 from skillhub.registry.front import Registry

@@ -20,7 +20,7 @@ import torch
 from click.testing import CliRunner
 
 from skillhub import create_pack
-from skillhub.cli.main import main
+from skillhub.cli import main
 from skillhub.errors import OperatorError, RecipeError
 from skillhub.operators import Encoded, get_operator, operator_names
 from skillhub.operators.discovery import catalog, refresh

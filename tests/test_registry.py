@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from skillhub import apply_packs, load_pack
 from skillhub.errors import MismatchError, PackError
 from skillhub.io.checkpoint import Checkpoint, fingerprint
-from skillhub.registry.front import NotFoundError, RegistryError
+from skillhub.errors import NotFoundError, RegistryError
 from skillhub.demo.synthetic import build_tiny_model
 
 from conftest import FineTune

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from skillhub import create_pack
-from skillhub.cli.main import main
+from skillhub.cli import main
 from skillhub.io.checkpoint import Checkpoint, fingerprint
 
 from conftest import FineTune
@@ -62,7 +62,7 @@ def test_every_registry_command(three_packs, finetuned: FineTune, tmp_path: Path
 
 @pytest.mark.parametrize(("case", "message"), [
     ("unknown pack", "Error: no pack 'fedcba' in the registry; `skillhub list` shows the pack ids"),
-    ("unknown task", "Error: no task 'juggling' for base base; known tasks: shift"),
+    ("unknown task", "Error: no task 'juggling' for base base; known: shift; `skillhub task list` shows the tasks"),
     ("other base", "Error: the pack was made for base other-base"),
     ("corrupt blob", "does not match its sha256 in the manifest: the pack is corrupt"),
     ("unwritable", "Error: cannot use registry"),

@@ -58,7 +58,7 @@ class FreshEnvironment:
         return self.run("-c", f"import sys; sys.path.append({str(self.deps)!r}); {code}", *args, check=False, cwd=cwd)
 
     def skillhub(self, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-        return self.python_code("from skillhub.cli.main import main; sys.argv[0] = 'skillhub'; main()", *args, cwd=cwd)
+        return self.python_code("from skillhub.cli import main; sys.argv[0] = 'skillhub'; main()", *args, cwd=cwd)
 
 
 def build_wheel(source: Path, distribution: str, outdir: Path) -> Path:

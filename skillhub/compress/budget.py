@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from skillhub.errors import SkillhubError
+from skillhub.errors import BudgetError
 from skillhub.operators import EncodeContext, LayerStatistics, get_operator, resolve_params
 from skillhub.numerics.quantize import quantize_rtn, storage_bits
 from skillhub.numerics.svd import truncated_svd
@@ -46,10 +46,6 @@ LEVELS = (2, 3, 4, 8)  # bit widths of the staircase, lowest first
 GROUP_SIZE = 128  # quantization group size of the svd-mixed modules budget mode writes
 EMBEDDING_BITS = 4
 PAPER_KEEP = 0.5  # the paper's embedding/head keep ratio (Table 14)
-
-
-class BudgetError(SkillhubError):
-    """The byte budget is invalid or too small."""
 
 
 def check_ratio(ratio: float) -> None:

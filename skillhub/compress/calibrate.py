@@ -21,17 +21,13 @@ from typing import Any
 
 import torch
 
-from skillhub.errors import SkillhubError
+from skillhub.errors import CalibrationError
 from skillhub.io.jsonio import MAX_TEXT_BYTES, parse_json, read_regular
 from skillhub.operators import LayerStatistics
 from skillhub.progress import quiet_transformers
 from skillhub.compress.roles import is_transposed
 
 _LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
-
-
-class CalibrationError(SkillhubError):
-    """A calibration file is unusable."""
 
 
 def layer_index(name: str) -> int | None:

@@ -10,17 +10,69 @@ that higher is better everywhere.
 
 from __future__ import annotations
 
-from typing import Any
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from skillhub.compress.options import CompressionOptions
+from skillhub.errors import RegistryError, SkillhubError
 from skillhub.evaluation.datasets import load_eval_set
-from skillhub.evaluation.scoring import score
 from skillhub.evaluation.metrics import DEFINITIONS, continual_metrics
+from skillhub.evaluation.scoring import score
 from skillhub.progress import ProgressCallback, no_progress, quiet_transformers
-from skillhub.registry.front import Registry, RegistryError
+from skillhub.registry.front import Registry
+
+if TYPE_CHECKING:
+    from skillhub.pack.format import SkillPack
 
 POLICIES = ("subset", "fused")
+
+
+def add_and_score(registry: Registry, pack: str | os.PathLike[str] | SkillPack | None = None, *,
+                  from_models: tuple[str, str] | None = None, task: str, base: str | None = None,
+                  new_base: bool = False, base_location: str | None = None,
+                  compression: CompressionOptions = CompressionOptions(), eval_file: str | os.PathLike[str] | None = None,
+                  metric: str = "exact_match", evaluate: bool = True,
+                  progress: ProgressCallback = no_progress) -> dict[str, Any]:
+    """One step of continual learning: add a pack (or create it from a fine-tune first), give its
+    task an eval set, and score every task with one (the forgetting measured at this addition).
+
+    Args:
+        registry: Where to add it.
+        pack: A pack directory or an opened pack (or give ``from_models``).
+        from_models: (BASE, TUNED): compress their delta with ``compression`` first.
+        task: The task the pack teaches.
+        base, new_base, base_location: As :meth:`Registry.add` (``base_location`` defaults to
+            BASE with ``from_models``).
+        eval_file, metric: The task's eval set, checked before anything is written.
+        evaluate: Score every task with an eval set once the pack is in.
+        progress: Progress callback.
+
+    Returns:
+        The pack's registry entry, with ``scores`` when evaluated.
+    """
+    if (pack is None) == (from_models is None):
+        raise SkillhubError("give either a pack or from_models=(BASE, TUNED)")
+    if eval_file is not None:
+        load_eval_set(eval_file, metric)  # a bad eval file stops the add before anything is written
+    if from_models is not None:
+        from skillhub.compress.pipeline import create_pack
+
+        with tempfile.TemporaryDirectory(prefix="skillhub-add-") as scratch:
+            made = create_pack(*from_models, Path(scratch) / task, task=task, progress=progress,
+                               **compression.as_kwargs())
+            entry = registry.add(made, task=task, base=base, new_base=new_base,
+                                 base_location=base_location or from_models[0])
+    else:
+        entry = registry.add(pack, task=task, base=base, new_base=new_base, base_location=base_location)
+    if eval_file is not None:
+        registry.add_task(task, eval_file, metric=metric, base=entry["base"])
+    if evaluate:
+        entry["scores"] = evaluate_tasks(registry, base=entry["base"], step=entry["event"], progress=progress)
+    return entry
 
 
 def evaluate_tasks(registry: Registry, *, base: str | None = None, task: str | None = None,

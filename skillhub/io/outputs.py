@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from skillhub import config
-from skillhub.errors import OutputExistsError, SkillhubError
+from skillhub.errors import OutputConflictError, OutputExistsError, SkillhubError
 
 MARKER_FILE = ".skillhub-output.json"
 PACK_MANIFEST = "skillpack.json"  # a pack directory is skillhub's even without a marker (older packs)
@@ -35,10 +35,6 @@ JOURNAL_DIR = "writes"
 
 _log = logging.getLogger(__name__)
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-
-
-class OutputConflictError(OutputExistsError):
-    """The output would overwrite or nest inside an input, the registry, or the working directory."""
 
 
 def describe_os_error(exc: OSError, writing: str | os.PathLike[str]) -> str:
@@ -94,22 +90,22 @@ def check_output(output: str | os.PathLike[str], *, force: bool = False,
     target = _resolved(output)
     cwd = _resolved(Path.cwd())
     if target == cwd or target in cwd.parents:
-        raise OutputConflictError(f"output {output} is or contains the current directory; choose a new directory")
+        raise OutputConflictError(output, f"output {output} is or contains the current directory; choose a new directory")
     guarded = [(p, _resolved(p)) for p in (*protect, config.home()) if p is not None]
     for given, path in guarded:
         if _nested(target, path):
             relation = "is" if target == path else ("lies inside" if path in target.parents else "contains")
             raise OutputConflictError(
-                f"output {output} {relation} {given}, which this command reads or skillhub keeps: choose another -o"
+                output, f"output {output} {relation} {given}, which this command reads or skillhub keeps: choose another -o"
             )
     if output.is_symlink():
-        raise OutputConflictError(f"output {output} is a symbolic link; skillhub writes only real directories")
+        raise OutputConflictError(output, f"output {output} is a symbolic link; skillhub writes only real directories")
     if output.exists():
         if not force:
-            raise OutputExistsError(f"{output} already exists; choose another path or pass --force to replace it")
+            raise OutputExistsError(output)
         if not written_by_skillhub(output):
             raise OutputConflictError(
-                f"{output} exists and was not written by skillhub (no {MARKER_FILE} or {PACK_MANIFEST}); "
+                output, f"{output} exists and was not written by skillhub (no {MARKER_FILE} or {PACK_MANIFEST}); "
                 "--force replaces only skillhub's own outputs: choose another path"
             )
     return output

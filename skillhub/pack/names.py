@@ -9,15 +9,11 @@ from __future__ import annotations
 
 import re
 
-from skillhub.errors import SkillhubError
+from skillhub.errors import InvalidNameError
 
 IDENTIFIER = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"  # schemas/skillpack.schema.json $defs/identifier
 BASE_NAME = r"[A-Za-z0-9][A-Za-z0-9._/-]{0,255}"
 _PATTERNS = {"pack": IDENTIFIER, "task": IDENTIFIER, "base": BASE_NAME}
-
-
-class InvalidNameError(SkillhubError):
-    """A name given by a user or a file breaks the naming rule."""
 
 
 def check_name(value: object, kind: str) -> str:

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 def pull_pack(reference: str, *, registry: Registry | None = None, path: str | None = None, register: bool = True,
               output: str | os.PathLike[str] | None = None, force: bool = False, base: str | None = None,
-              new_base: bool = False, base_location: str | None = None,
+              new_base: bool = False, base_location: str | None = None, evaluate: bool = False,
               progress: ProgressCallback = no_progress) -> dict[str, Any]:
     """Pull a pack, or a whole lineage, from the Hub.
 
@@ -52,6 +52,8 @@ def pull_pack(reference: str, *, registry: Registry | None = None, path: str | N
             ``./<repo name>`` for a lineage, one folder per pack).
         force: Without ``register``: replace ``output`` if it exists.
         base, new_base, base_location: As :meth:`Registry.add`.
+        evaluate: With ``register``, score every task with an eval set once the packs are in,
+            recorded at the step of the last pack added (as ``skillhub add`` does).
         progress: Called as ``progress(file name, bytes done, bytes total)``.
 
     Returns:
@@ -82,10 +84,17 @@ def pull_pack(reference: str, *, registry: Registry | None = None, path: str | N
         registry.check_base(manifest["base"], base=base, new_base=new_base)
     staging = registry.store.incoming("pull")
     try:
-        return _pull_into_registry(at, folder, plan, staging, registry, base=base, new_base=new_base,
-                                   base_location=base_location, progress=progress)
+        result = _pull_into_registry(at, folder, plan, staging, registry, base=base, new_base=new_base,
+                                     base_location=base_location, progress=progress)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    added = [p["entry"] for p in result["packs"] if p["status"] == "added"]
+    if added and evaluate:
+        from skillhub.evaluation.forgetting import evaluate_tasks
+
+        result["scores"] = evaluate_tasks(registry, base=added[-1]["base"], step=added[-1]["event"],
+                                          progress=progress)
+    return result
 
 
 @dataclass
@@ -229,7 +238,7 @@ def _pull_into_registry(at: Snapshot, folder: str, plan: _Plan, staging: Path, r
 
 
 def _registered(registry: Registry, sha256: str) -> dict[str, Any] | None:
-    from skillhub.registry.front import NotFoundError
+    from skillhub.errors import NotFoundError
 
     try:
         entry = registry.show(sha256[:12])

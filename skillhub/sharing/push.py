@@ -85,12 +85,12 @@ def push_lineage(repo_id: str, *, registry: Registry, base: str | None = None, r
     from skillhub.io import hub
     from skillhub.pack.schemas import validate
 
-    from skillhub.registry.front import NotFoundError
+    from skillhub.errors import NotFoundError
 
     check_repo_id(repo_id)
     entries = registry.list_packs(base=base)
     if not entries:
-        raise NotFoundError("the registry has no active pack to publish for this base model")
+        raise NotFoundError("active pack to publish", None)
     folders = _folder_names(entries)
     by_id = {e["id"]: e for e in entries}
     files: dict[str, Path] = {}

@@ -1,0 +1,106 @@
+"""The remaining commands: ``plugins`` and ``demo``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from skillhub.cli.app import main
+from skillhub.cli.options import json_option
+from skillhub.cli.output import emit_json, format_forgetting, print_table, progress_bar, wants_json
+from skillhub.errors import SkillhubError
+
+@main.command()
+@click.option("--check", is_flag=True, help="Exit 1 if any plugin is broken or conflicts with another.")
+@json_option
+@click.pass_context
+def plugins(ctx: click.Context, check: bool, as_json: bool) -> None:
+    """List every compression operator: version, distribution, built-in or plugin, params schema.
+
+    Broken plugins (import errors, contract violations) and name conflicts are listed with
+    their error; SKILLHUB_LOAD_PLUGINS=a,b limits which plugins load (empty: built-ins only).
+    """
+    from skillhub.operators.discovery import catalog, report
+
+    rows = report()
+    allowlist = catalog().allowlist
+    if wants_json(ctx, as_json):
+        emit_json({"allowlist": list(allowlist) if allowlist is not None else None, "operators": rows})
+    else:
+        print_table(
+            ["operator", "version", "distribution", "kind", "status", "params"],
+            [[r["name"], r["version"] or "-", f"{r['distribution']} {r['distribution_version']}",
+              "built-in" if r["builtin"] else "plugin", r["status"], _schema_summary(r["params_schema"])]
+             for r in rows],
+            title="Compression operators",
+        )
+        for r in rows:
+            if r["error"] and r["status"] != "filtered":
+                click.echo(f"{r['name']} ({r['distribution']}): {r['error']}", err=True)
+        if allowlist is not None:
+            click.echo(f"SKILLHUB_LOAD_PLUGINS={','.join(allowlist)}: other plugins are not loaded", err=True)
+    problems = [r for r in rows if r["status"] in ("broken", "conflict")]
+    if check and problems:
+        raise SkillhubError(f"{len(problems)} operator entry point(s) are broken or conflict: "
+                            + ", ".join(f"{r['name']} ({r['distribution']})" for r in problems))
+
+
+def _schema_summary(schema: dict[str, Any] | None) -> str:
+    # name=default for each param; the full schema is in --json.
+    if not schema:
+        return "-"
+    required = set(schema.get("required", []))
+    parts = []
+    for key, spec in schema.get("properties", {}).items():
+        shown = f"{key}={json.dumps(spec['default'])}" if "default" in spec else key
+        parts.append(shown + ("*" if key in required else ""))
+    return ", ".join(parts) or "(none)"
+
+
+@main.command()
+@click.option("--workdir", type=click.Path(path_type=Path), default=Path("demo-output"), show_default=True,
+              help="Where the models, packs and registry go (replaced).")
+@click.option("--fast", is_flag=True, help="Fewer training steps and test prompts (about a minute; for tests).")
+@json_option
+@click.pass_context
+def demo(ctx: click.Context, workdir: Path, fast: bool, as_json: bool) -> None:
+    """The embedded end to end: three tasks in sequence, forgetting of fine-tuning vs skillhub, unlearning."""
+    from skillhub.demo.run import run_demo
+
+    as_json = wants_json(ctx, as_json)
+    with progress_bar(not as_json) as progress:
+        result = run_demo(workdir, fast=fast, progress=progress)
+    if as_json:
+        emit_json(result)
+        return
+    click.echo(format_demo(result))
+
+
+def format_demo(result: dict[str, Any]) -> str:
+    """The demo's report: forgetting tables side by side, unlearning, where things are."""
+    matrices = result["matrices"]
+    removal = result["removal"]
+    lines = [
+        f"Tasks learned in sequence: {', '.join(result['tasks'])} "
+        f"({result['train_steps']} fine-tuning steps each, exact match on {result['test_examples']} held-out prompts)",
+        "",
+        format_forgetting(matrices),
+        "",
+        f"Unlearning: removed the pack of task {removal['task']} ({removal['pack']}); scores under each task's own set:",
+        "| task | before | after | base |",
+        "|---|---:|---:|---:|",
+    ]
+    base_of = dict(zip(matrices["tasks"], matrices["base"]))
+    for task in result["tasks"]:
+        lines.append(f"| {task} | {removal['before'][task]:.2f} | {removal['after'][task]:.2f} | {base_of[task]:.2f} |")
+    lines += [
+        "",
+        "Packs: " + ", ".join(f"{t} {p['id']} ({p['ratio']:.2%} of its fp16 delta)" for t, p in result["packs"].items()),
+        f"Registry: {result['paths']['registry']}  (try: skillhub --registry {result['paths']['registry']} log)",
+        f"Packs: {result['paths']['packs']}",
+        f"Plot: {result['paths']['plot'] or 'not written (pip install matplotlib)'}",
+    ]
+    return "\n".join(lines)

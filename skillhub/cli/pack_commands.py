@@ -1,0 +1,201 @@
+"""Commands on packs without a registry: ``create``, ``inspect``, ``apply``, ``bench compress``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from skillhub.cli.app import main
+from skillhub.cli.options import compression_options, force_option, json_option
+from skillhub.cli.output import emit_json, markup_safe, new_table, progress_bar, stdout, wants_json
+from skillhub.compress.options import CompressionOptions
+
+
+@main.command()
+@click.argument("base")
+@click.argument("tuned")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Pack directory to create.")
+@click.option("--task", help="Task the pack teaches (default: the pack name).")
+@click.option("--name", help="Pack name (default: the output directory's name).")
+@click.option("--pack-version", "version", default="1.0.0", show_default=True, help="Version of the pack.")
+@compression_options()
+@click.option("--parent", type=click.Path(path_type=Path), help="Pack this fine-tune started from (lineage).")
+@click.option("--revision", "base_revision", help="Hub revision of BASE.")
+@click.option("--tuned-revision", help="Hub revision of TUNED.")
+@force_option
+@json_option
+@click.pass_context
+def create(ctx: click.Context, base: str, tuned: str, output: Path, task: str | None, name: str | None,
+           version: str, compression: CompressionOptions, parent: Path | None, base_revision: str | None,
+           tuned_revision: str | None, force: bool, as_json: bool) -> None:
+    """Compress TUNED - BASE into a SkillPack directory.
+
+    BASE and TUNED are local Hugging Face model directories or Hub ids.
+    """
+    from skillhub.compress.pipeline import create_pack
+
+    as_json = wants_json(ctx, as_json)
+    with progress_bar(not as_json) as progress:
+        pack = create_pack(base, tuned, output, task=task, name=name, version=version, parent=parent,
+                           base_revision=base_revision, tuned_revision=tuned_revision, force=force,
+                           progress=progress, **compression.as_kwargs())
+    summary = _pack_summary(pack)
+    if as_json:
+        emit_json(summary)
+        return
+    totals = summary["totals"]
+    click.echo(
+        f"Wrote {pack.path}: {totals['modules']} modules, {totals['stored_bytes']:,} bytes stored for a "
+        f"{totals['delta_fp16_bytes']:,}-byte fp16 delta (ratio {totals['ratio']:.2%}), "
+        f"relative error {totals['relative_error']:.4f}"
+    )
+
+
+def _pack_summary(pack: Any) -> dict[str, Any]:
+    manifest = pack.manifest
+    from skillhub.pack.manifest import MANIFEST_FILE
+
+    disk_bytes = sum((pack.path / name).stat().st_size for name in (MANIFEST_FILE, *manifest["files"]))
+    totals = dict(manifest["totals"])
+    totals["disk_bytes"] = disk_bytes
+    totals["disk_ratio"] = disk_bytes / totals["delta_fp16_bytes"] if totals["delta_fp16_bytes"] else 0.0
+    return {
+        "path": str(pack.path),
+        "name": manifest["name"],
+        "task": manifest["task"],
+        "version": manifest["version"],
+        "base": manifest["base"],
+        "recipe": manifest["recipe"]["name"],
+        "quantizer": manifest["quantizer"],
+        "modules": [
+            {"name": name, **{k: entry[k] for k in ("role", "operator", "operator_version", "params", "meta",
+                                                     "shape", "stored_bytes", "delta_fp16_bytes", "error")}}
+            for name, entry in manifest["modules"].items()
+        ],
+        "unchanged": manifest["unchanged"],
+        "files": manifest.get("files", {}),
+        "totals": totals,
+    }
+
+
+def _short_params(params: dict[str, Any], meta: dict[str, Any]) -> str:
+    shown = {k: v for k, v in params.items() if k in ("keep", "bits", "dtype", "rank", "rank_fraction", "energy")}
+    if "groups" in meta:
+        shown["groups"] = "/".join(f"{r}@{b}b" for r, b in meta["groups"])
+    elif "rank" in meta:
+        shown["rank"] = meta["rank"]
+    return " ".join(f"{k}={v}" for k, v in shown.items())
+
+
+@main.command()
+@click.argument("pack", type=click.Path(path_type=Path))
+@json_option
+@click.pass_context
+def inspect(ctx: click.Context, pack: Path, as_json: bool) -> None:
+    """Show what a SkillPack holds: per module role, operator, params, bytes and error."""
+    from skillhub.pack.format import load_pack
+
+    summary = _pack_summary(load_pack(pack))
+    if wants_json(ctx, as_json):
+        emit_json(summary)
+        return
+    console = stdout()
+    base, safe = summary["base"], markup_safe  # every string below comes from the pack's files
+    console.print(f"[bold]{safe(summary['name'])}[/bold] {safe(summary['version'])}  "
+                  f"task [bold]{safe(summary['task'])}[/bold]  recipe {safe(summary['recipe'])}  "
+                  f"quantizer {safe(summary['quantizer']['method'])}")
+    console.print(safe(f"base {base['id']} ({base['architecture']}, {base['dtype']})  {base['fingerprint']}"))
+    grid = new_table(show_edge=False)
+    for column in ("module", "role", "operator", "params", "bytes", "ratio", "error"):
+        grid.add_column(column, justify="right" if column in ("bytes", "ratio", "error") else "left")
+    for module in summary["modules"]:
+        grid.add_row(safe(module["name"]), safe(module["role"]), safe(module["operator"]),
+                      safe(_short_params(module["params"], module["meta"])),
+                      f"{module['stored_bytes']:,}", f"{module['stored_bytes'] / module['delta_fp16_bytes']:.2%}",
+                      f"{module['error']:.4f}")
+    console.print(grid)
+    totals = summary["totals"]
+    console.print(
+        f"{totals['modules']} modules ({len(summary['unchanged'])} unchanged), {totals['parameters']:,} parameters; "
+        f"stored {totals['stored_bytes']:,} of {totals['delta_fp16_bytes']:,} fp16 delta bytes "
+        f"(ratio {totals['ratio']:.2%}); on disk {totals['disk_bytes']:,} bytes ({totals['disk_ratio']:.2%}); "
+        f"relative error {totals['relative_error']:.4f}"
+    )
+
+
+@main.command()
+@click.argument("base")
+@click.argument("packs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Checkpoint directory to write.")
+@click.option("--revision", "base_revision", help="Hub revision of BASE.")
+@force_option
+@json_option
+@click.pass_context
+def apply(ctx: click.Context, base: str, packs: tuple[Path, ...], output: Path, base_revision: str | None,
+          force: bool, as_json: bool) -> None:
+    """Write BASE + sum of PACKS as a Hugging Face checkpoint (no registry involved)."""
+    from skillhub.activation import apply_packs
+
+    as_json = wants_json(ctx, as_json)
+    with progress_bar(not as_json) as progress:
+        written = apply_packs(base, list(packs), output, base_revision=base_revision, force=force, progress=progress)
+    if as_json:
+        emit_json({"output": str(written), "packs": [str(p) for p in packs]})
+    else:
+        click.echo(f"Wrote {written} = {base} + {len(packs)} pack(s); load it with AutoModelForCausalLM.from_pretrained")
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks to run on your own checkpoints."""
+
+
+@bench.command("compress")
+@click.argument("base")
+@click.argument("tuned")
+@compression_options(ratio=1 / 16, calib_samples=64, calib_seqlen=256, with_recipe=False)
+@click.option("--eval", "eval_file", type=click.Path(path_type=Path), help="JSONL prompt/answer set: accuracy retention.")
+@json_option
+@click.pass_context
+def bench_compress(ctx: click.Context, base: str, tuned: str, compression: CompressionOptions, eval_file: Path | None,
+                   as_json: bool) -> None:
+    """Compare the paper recipe, budget mode and baselines at equal bytes on TUNED - BASE.
+
+    With --calib, half of the calibration windows fit GPTQ and the other half are held out.
+    """
+    from skillhub.evaluation.benchmark import compare_compression
+
+    as_json = wants_json(ctx, as_json)
+    options = compression.as_kwargs()
+    with progress_bar(not as_json) as progress:
+        report = compare_compression(base, tuned, ratio=options["ratio"], calib=options["calib"],
+                                     calib_samples=options["calib_samples"], calib_seqlen=options["calib_seqlen"],
+                                     eval_file=eval_file, device=options["device"], progress=progress)
+    if as_json:
+        emit_json(report)
+        return
+    click.echo(format_compress_report(report))
+
+
+def format_compress_report(report: dict[str, Any]) -> str:
+    """The benchmark as a Markdown table (what the README shows)."""
+    with_accuracy = "tuned_accuracy" in report
+    header = "| method | bytes | ratio | held-out relative output error |" + (" accuracy | retention |" if with_accuracy else "")
+    rule = "|---|---:|---:|---:|" + ("---:|---:|" if with_accuracy else "")
+    lines = [
+        f"{report['matrices']} attention/MLP matrices, {report['delta_fp16_bytes']:,} fp16 delta bytes, "
+        f"budget ratio {report['ratio']:.4f}; error on {report['error_measure']}; quantizer {report['quantizer']}",
+        "",
+        header,
+        rule,
+    ]
+    for row in report["methods"]:
+        line = (f"| {row['method']} | {row['bytes']:,} | {row['ratio']:.2%} | {row['heldout_relative_error']:.4f} |")
+        if with_accuracy:
+            line += f" {row['accuracy']:.1%} | {row['retention']:.1%} |"
+        lines.append(line)
+    if with_accuracy:
+        lines.append(f"\nfine-tuned model (uncompressed delta): {report['tuned_accuracy']:.1%}")
+    return "\n".join(lines)

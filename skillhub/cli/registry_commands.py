@@ -1,0 +1,269 @@
+"""Registry commands: ``init``, ``add``, ``list``, ``show``, ``log``, ``task``, ``activate``,
+``remove``, ``doctor``, ``eval`` and ``metrics``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from skillhub.cli.app import main, registry_of
+from skillhub.cli.options import compression_options, force_option, json_option
+from skillhub.cli.output import emit_json, format_forgetting, print_scores, print_table, progress_bar, wants_json
+from skillhub.compress.options import CompressionOptions
+from skillhub.errors import SkillhubError
+
+@main.command()
+@json_option
+@click.pass_context
+def init(ctx: click.Context, as_json: bool) -> None:
+    """Create (or upgrade) the registry and show where it is."""
+    registry = registry_of(ctx)
+    if wants_json(ctx, as_json):
+        emit_json({"registry": registry.display_url, "store": str(registry.store.root)})
+    else:
+        click.echo(f"Registry ready at {registry.display_url} (packs in {registry.store.root})")
+
+
+@main.command()
+@click.argument("pack", required=False, type=click.Path(path_type=Path))
+@click.option("--from", "from_models", nargs=2, metavar="BASE TUNED", help="Create the pack from a fine-tune first.")
+@click.option("--task", required=True, help="The task the pack teaches.")
+@click.option("--base", help="Registered base model the pack must belong to.")
+@click.option("--new-base", is_flag=True, help="Start a lineage for the pack's base even if other bases exist.")
+@click.option("--base-location", help="Where the base weights are, for activation (default: the id in the pack).")
+@compression_options(for_add=True)
+@click.option("--eval", "eval_file", type=click.Path(path_type=Path), help="Eval set of the task (as `task add`).")
+@click.option("--metric", type=click.Choice(["exact_match", "perplexity"]), default="exact_match", show_default=True)
+@click.option("--no-eval", is_flag=True, help="Do not score the registered tasks after adding.")
+@json_option
+@click.pass_context
+def add(ctx: click.Context, pack: Path | None, from_models: tuple[str, str] | None, task: str, base: str | None,
+        new_base: bool, base_location: str | None, compression: CompressionOptions, eval_file: Path | None,
+        metric: str, no_eval: bool, as_json: bool) -> None:
+    """Add PACK (or a pack made --from BASE TUNED) to the registry as task T, then score every task."""
+    from skillhub.evaluation.forgetting import add_and_score
+
+    if (pack is None) == (from_models is None):
+        raise click.UsageError("give either PACK or --from BASE TUNED")
+    as_json = wants_json(ctx, as_json)
+    with progress_bar(not as_json) as progress:
+        entry = add_and_score(registry_of(ctx), pack, from_models=from_models, task=task, base=base,
+                              new_base=new_base, base_location=base_location, compression=compression,
+                              eval_file=eval_file, metric=metric, evaluate=not no_eval, progress=progress)
+    if as_json:
+        emit_json(entry)
+        return
+    click.echo(f"Added pack {entry['id']} ({entry['name']} {entry['version']}) for task {entry['task']} "
+               f"of base {entry['base']}")
+    if entry.get("scores"):
+        print_scores(entry["scores"])
+
+
+@main.command("list")
+@click.option("--base", help="Only this base model's packs.")
+@click.option("--all", "include_removed", is_flag=True, help="Include removed packs.")
+@json_option
+@click.pass_context
+def list_packs(ctx: click.Context, base: str | None, include_removed: bool, as_json: bool) -> None:
+    """List the packs of the registry, oldest first."""
+    packs = registry_of(ctx).list_packs(base=base, include_removed=include_removed)
+    if wants_json(ctx, as_json):
+        emit_json(packs)
+        return
+    print_table(["id", "name", "version", "task", "base", "bytes", "ratio", "state"],
+                 [[p["id"], p["name"], p["version"], p["task"], p["base"], f"{p['bytes']:,}", f"{p['ratio']:.2%}",
+                   p["state"] + (" (purged)" if p["purged"] else "")] for p in packs])
+
+
+@main.command()
+@click.argument("pack_id")
+@json_option
+@click.pass_context
+def show(ctx: click.Context, pack_id: str, as_json: bool) -> None:
+    """Show one pack of the registry."""
+    entry = registry_of(ctx).show(pack_id)
+    if wants_json(ctx, as_json):
+        emit_json(entry)
+        return
+    for key in ("id", "name", "version", "task", "base", "state", "bytes", "ratio", "parent", "added_at", "path"):
+        click.echo(f"{key:>9}: {entry[key]}")
+    click.echo(f"{'in tasks':>9}: {', '.join(entry['in_tasks']) or '-'}")
+
+
+@main.command()
+@click.option("--base", help="Only this base model's lineage.")
+@json_option
+@click.pass_context
+def log(ctx: click.Context, base: str | None, as_json: bool) -> None:
+    """The lineage: every add, remove and task-set change, oldest first."""
+    events = registry_of(ctx).log(base=base)
+    if wants_json(ctx, as_json):
+        emit_json(events)
+        return
+    for e in events:
+        what = " ".join(f"{k}={v}" for k, v in e["detail"].items())
+        click.echo(f"{e['id']:>5} {e['at'][:19]} {e['base']} {e['kind']:<8} {e['pack'] or '-':<12} "
+                   f"{e['task'] or '-'} {what} ({e['actor']})")
+
+
+@main.group()
+def task() -> None:
+    """Tasks and their activation sets."""
+
+
+@task.command("list")
+@click.option("--base", help="Base model (needed when the registry holds several).")
+@json_option
+@click.pass_context
+def task_list(ctx: click.Context, base: str | None, as_json: bool) -> None:
+    """Every task with the packs of its activation set."""
+    tasks = registry_of(ctx).tasks(base=base)
+    if wants_json(ctx, as_json):
+        emit_json(tasks)
+        return
+    print_table(["task", "activation set", "chosen"],
+                 [[t["name"], ", ".join(t["packs"]) or "(base only)", "explicit" if t["explicit"] else "default"]
+                  for t in tasks])
+
+
+@task.command("add")
+@click.argument("name")
+@click.option("--eval", "eval_file", required=True, type=click.Path(path_type=Path),
+              help="JSONL eval set: {prompt, answer} for exact_match, {text} for perplexity.")
+@click.option("--metric", type=click.Choice(["exact_match", "perplexity"]), default="exact_match", show_default=True)
+@click.option("--base", help="Base model (needed when the registry holds several).")
+@json_option
+@click.pass_context
+def task_add(ctx: click.Context, name: str, eval_file: Path, metric: str, base: str | None, as_json: bool) -> None:
+    """Give task NAME an eval set, scored at every later addition."""
+    result = registry_of(ctx).add_task(name, eval_file, metric=metric, base=base)
+    if wants_json(ctx, as_json):
+        emit_json(result)
+    else:
+        click.echo(f"Task {name}: eval set {result['eval']} ({result['metric']}, sha256 {result['sha256'][:12]})")
+
+
+@task.command("set")
+@click.argument("name")
+@click.option("--packs", required=True, help="Comma-separated pack ids (empty: the base alone).")
+@click.option("--base", help="Base model (needed when the registry holds several).")
+@json_option
+@click.pass_context
+def task_set(ctx: click.Context, name: str, packs: str, base: str | None, as_json: bool) -> None:
+    """Make the activation set of task NAME exactly --packs."""
+    ids = [p.strip() for p in packs.split(",") if p.strip()]
+    result = registry_of(ctx).set_task(name, ids, base=base)
+    if wants_json(ctx, as_json):
+        emit_json(result)
+    else:
+        click.echo(f"Task {name}: {', '.join(result['packs']) or '(base only)'}")
+
+
+@main.command()
+@click.option("--task", "task_name", help="Activate this task's set S_t.")
+@click.option("--packs", help="Or: comma-separated pack ids.")
+@click.option("--base", help="Registered base model (needed when the registry holds several).")
+@click.option("--base-path", help="Where the base weights are (default: the location recorded at add).")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Checkpoint directory to write.")
+@force_option
+@json_option
+@click.pass_context
+def activate(ctx: click.Context, task_name: str | None, packs: str | None, base: str | None, base_path: str | None,
+             output: Path, force: bool, as_json: bool) -> None:
+    """Write theta_base + sum of the activation set as a Hugging Face checkpoint (Eq. 10)."""
+    if (task_name is None) == (packs is None):
+        raise click.UsageError("give exactly one of --task or --packs")
+    ids = [p.strip() for p in packs.split(",") if p.strip()] if packs is not None else None
+    as_json = wants_json(ctx, as_json)
+    with progress_bar(not as_json) as progress:
+        written = registry_of(ctx).activate(output, task=task_name, packs=ids, base=base, base_location=base_path,
+                                          force=force, progress=progress)
+    if as_json:
+        emit_json({"output": str(written)})
+    else:
+        click.echo(f"Wrote {written}; load it with AutoModelForCausalLM.from_pretrained")
+
+
+@main.command()
+@click.argument("pack_id")
+@click.option("--purge", is_flag=True, help="Also delete the pack's files from the store.")
+@json_option
+@click.pass_context
+def remove(ctx: click.Context, pack_id: str, purge: bool, as_json: bool) -> None:
+    """Unlearn a pack: remove it from the lineage and from every activation set."""
+    entry = registry_of(ctx).remove(pack_id, purge=purge)
+    if wants_json(ctx, as_json):
+        emit_json(entry)
+    else:
+        click.echo(f"Removed pack {entry['id']} ({entry['name']} {entry['version']})" + (", files purged" if purge else ""))
+
+
+@main.command()
+@click.option("--repair", is_flag=True, help="Delete unreferenced stored packs and interrupted writes.")
+@json_option
+@click.pass_context
+def doctor(ctx: click.Context, repair: bool, as_json: bool) -> None:
+    """Verify every stored pack against the registry database."""
+    report = registry_of(ctx).doctor(repair=repair)
+    if wants_json(ctx, as_json):
+        emit_json(report)
+    else:
+        click.echo(f"{report['checked']} pack(s) checked: " + ("consistent" if report["consistent"] else "INCONSISTENT"))
+        for problem in report["problems"]:
+            click.echo(f"  problem: pack {problem['pack']}: {problem['problem']}")
+        for orphan in report["orphans"]:
+            click.echo(f"  leftover: stored pack {orphan[:12]} is not referenced (doctor --repair deletes it)")
+        for leftover in report["leftovers"]:
+            click.echo(f"  leftover: interrupted write {leftover} (doctor --repair deletes it)")
+        for done in report["repaired"]:
+            click.echo(f"  repaired: {done}")
+        for left in report["kept"]:
+            click.echo(f"  kept: {left}")
+    if not report["consistent"]:
+        ctx.exit(1)
+
+
+@main.command("eval")
+@click.option("--task", "task_name", help="Only this task (default: every task with an eval set).")
+@click.option("--base", help="Base model (needed when the registry holds several).")
+@click.option("--base-path", help="Where the base weights are (default: the location recorded at add).")
+@json_option
+@click.pass_context
+def eval_command(ctx: click.Context, task_name: str | None, base: str | None, base_path: str | None,
+                 as_json: bool) -> None:
+    """Score tasks now under their own set, all packs fused, and the base; record the scores."""
+    from skillhub.evaluation.forgetting import evaluate_tasks
+
+    as_json = wants_json(ctx, as_json)
+    with progress_bar(not as_json) as progress:
+        records = evaluate_tasks(registry_of(ctx), base=base, task=task_name, base_location=base_path,
+                                 progress=progress)
+    if as_json:
+        emit_json(records)
+    elif records:
+        print_scores(records)
+    else:
+        click.echo("No task has an eval set yet: `skillhub task add T --eval FILE`")
+
+
+@main.command()
+@click.option("--base", help="Base model (needed when the registry holds several).")
+@click.option("--plot", type=click.Path(path_type=Path), help="Also write heatmaps of R to this PNG (matplotlib).")
+@json_option
+@click.pass_context
+def metrics(ctx: click.Context, base: str | None, plot: Path | None, as_json: bool) -> None:
+    """The accuracy matrix R[k][j] per policy, with ACC, BWT, FWT and average forgetting."""
+    from skillhub.evaluation.forgetting import accuracy_matrices, plot_matrices
+
+    if plot is not None and not plot.parent.is_dir():
+        raise SkillhubError(f"cannot write the plot to {plot}: directory {plot.parent} does not exist")
+    result = accuracy_matrices(registry_of(ctx), base=base)
+    if plot is not None:
+        plot_matrices(result, str(plot))
+    if wants_json(ctx, as_json):
+        emit_json(result)
+        return
+    click.echo(format_forgetting(result))
+    if plot is not None:
+        click.echo(f"\nPlot written to {plot}")

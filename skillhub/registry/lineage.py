@@ -1,0 +1,202 @@
+"""The lineage of a base model: packs added in order, removed (unlearned), listed, and the
+event log that replays how the registry got where it is.
+
+Adding writes a pack's files to the store first and then, in one transaction, its row and
+its event, so an interrupted add leaves either nothing or at worst an unreferenced stored
+copy that ``doctor`` reports and a retry reuses.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import func, select
+from sqlmodel import Session
+
+from skillhub.errors import MismatchError, RegistryError
+from skillhub.pack.names import base_name_from, check_name
+from skillhub.registry.database import Database, find_base, find_pack, log_event, now
+from skillhub.registry.store import PackStore
+from skillhub.registry.tables import BaseModelRow, EventRow, PackRow, TaskPackRow
+from skillhub.registry.tasks import ensure_task, replace_task_set, task_sets
+
+if TYPE_CHECKING:
+    from skillhub.pack.format import SkillPack
+
+# A pack's public fields and the columns they come from: one table for entries and listings.
+PACK_FIELDS = {
+    "id": PackRow.id, "name": PackRow.name, "task": PackRow.task, "version": PackRow.version,
+    "sha256": PackRow.sha256, "bytes": PackRow.bytes, "ratio": PackRow.ratio, "parent": PackRow.parent_id,
+    "state": PackRow.state, "purged": PackRow.purged, "position": PackRow.position, "added_at": PackRow.added_at,
+}
+
+
+def describe(row: PackRow, base: BaseModelRow | None = None) -> dict[str, Any]:
+    """A pack's registry entry."""
+    described = {field: getattr(row, column.key) for field, column in PACK_FIELDS.items()}
+    if base is not None:
+        described["base"] = base.name
+    return described
+
+
+def match_base(bases: list[BaseModelRow], recorded: Mapping[str, Any], *, base: str | None,
+               new_base: bool) -> BaseModelRow | None:
+    """The registered base a pack made for ``recorded`` belongs to (None: it starts a new one)."""
+    fingerprint = recorded["fingerprint"]
+    if base is not None:
+        named = next((b for b in bases if b.name == base), None)
+        if named is not None and named.fingerprint != fingerprint:
+            raise MismatchError(
+                f"the pack was made for base {recorded['id']} ({fingerprint[:19]}...), not for the registered base "
+                f"{named.name} ({named.fingerprint[:19]}...): the weights differ"
+            )
+        if named is not None:
+            return named
+    same = next((b for b in bases if b.fingerprint == fingerprint), None)
+    if same is not None or not bases or new_base or base is not None:
+        return same
+    known = ", ".join(f"{b.name} ({b.fingerprint[:19]}...)" for b in bases)
+    raise MismatchError(
+        f"the pack was made for base {recorded['id']} ({fingerprint[:19]}...), which differs from the registered "
+        f"base model(s) {known}; pass --new-base to start a lineage for it"
+    )
+
+
+def add_lineage(db: Database, store: PackStore, packs: Sequence[SkillPack], *, tasks: Sequence[str | None],
+                task_sets_by_sha: Mapping[str, Sequence[str]], base: str | None, new_base: bool,
+                base_location: str | None, adopt: bool) -> list[dict[str, Any]]:
+    """See :meth:`skillhub.registry.Registry.add_lineage`."""
+    tasks = [check_name(t, "task") if t is not None else None for t in tasks]
+    for pack in packs:
+        pack.check_decodable(decode=True)  # a registered pack must be activatable: decode it once
+    if len({p.base_fingerprint for p in packs}) > 1:
+        raise MismatchError("the packs of one lineage must share a base model; these were made for different bases")
+    recorded = packs[0].manifest["base"]
+    with db.session() as session:
+        known = match_base(list(session.scalars(select(BaseModelRow))), recorded, base=base, new_base=new_base)
+    if known is None and base is not None:
+        check_name(base, "base")  # a new base gets this name: checked before copying any file
+    addresses = [store.put(p, adopt=adopt) for p in packs]
+    with db.session(write=True) as session:
+        base_row = match_base(list(session.scalars(select(BaseModelRow))), recorded, base=base, new_base=new_base)
+        if base_row is None:
+            base_row = _new_base(session, recorded, base, base_location)
+        added = [_add_row(session, base_row, pack, sha256, task or pack.task)
+                 for pack, sha256, task in zip(packs, addresses, tasks)]
+        for task_name, members in task_sets_by_sha.items():
+            rows = [session.scalars(select(PackRow).where(PackRow.sha256 == sha)).first() for sha in members]
+            if None in rows:
+                raise RegistryError(f"the activation set of task {task_name!r} names a pack that is not registered")
+            replace_task_set(session, base_row, task_name, rows)
+        return [{**describe(row, base_row), "event": event.id} for row, event in added]
+
+
+def _new_base(session: Session, recorded: Mapping[str, Any], base: str | None,
+              base_location: str | None) -> BaseModelRow:
+    row = BaseModelRow(
+        name=check_name(base, "base") if base else base_name_from(recorded["id"]),
+        location=base_location or recorded["id"], revision=recorded["revision"],
+        architecture=recorded["architecture"], model_type=recorded["model_type"],
+        fingerprint=recorded["fingerprint"], registered_at=now(),
+    )
+    session.add(row)
+    session.flush()
+    log_event(session, row, "base", name=row.name, fingerprint=row.fingerprint)
+    return row
+
+
+def _add_row(session: Session, base_row: BaseModelRow, opened: SkillPack, sha256: str,
+             task_name: str) -> tuple[PackRow, EventRow]:
+    existing = session.scalars(select(PackRow).where(PackRow.sha256 == sha256)).first()
+    if existing is not None and existing.state == "active":
+        raise RegistryError(f"pack {existing.id} ({existing.name} {existing.version}) is already in the registry")
+    position = (session.scalar(select(func.max(PackRow.position))) or 0) + 1
+    if existing is not None:  # re-adding a removed pack starts it over at the end of the lineage
+        row = existing
+        row.state, row.purged, row.position, row.task, row.added_at = "active", False, position, task_name, now()
+    else:
+        row = PackRow(
+            id=sha256[:12], base_id=base_row.id, name=opened.name, task=task_name, version=opened.version,
+            sha256=sha256, bytes=opened.manifest["totals"]["stored_bytes"],
+            ratio=opened.manifest["totals"]["ratio"], parent_id=_parent_id(session, opened),
+            state="active", purged=False, position=position, added_at=now(),
+            manifest=json.dumps(opened.manifest),
+        )
+        session.add(row)
+    ensure_task(session, base_row, task_name)
+    source = opened.manifest.get("source")
+    event = log_event(session, base_row, "add", pack=row.id, task=task_name, name=row.name,
+                      version=row.version, sha256=sha256, **({"source": source} if source else {}))
+    session.flush()
+    return row, event
+
+
+def _parent_id(session: Session, pack: SkillPack) -> str | None:
+    parent = pack.manifest.get("parent")
+    if not parent:
+        return None
+    row = session.scalars(select(PackRow).where(PackRow.sha256 == parent["sha256"])).first()
+    return row.id if row else None
+
+
+def remove(db: Database, store: PackStore, pack_id: str, *, purge: bool) -> dict[str, Any]:
+    """See :meth:`skillhub.registry.Registry.remove`."""
+    with db.session(write=True) as session:
+        row = find_pack(session, pack_id)
+        base = session.get(BaseModelRow, row.base_id)
+        if row.state == "removed" and (row.purged or not purge):
+            raise RegistryError(f"pack {row.id} was already removed")
+        was_active = row.state == "active"
+        row.state = "removed"
+        for link in session.scalars(select(TaskPackRow).where(TaskPackRow.pack_id == row.id)):
+            session.delete(link)
+        if was_active:
+            log_event(session, base, "remove", pack=row.id, task=row.task, name=row.name, version=row.version)
+        if purge:
+            row.purged = True
+            log_event(session, base, "purge", pack=row.id, task=row.task, sha256=row.sha256)
+        described = describe(row, base)
+    if purge:
+        store.delete(described["sha256"])
+    return described
+
+
+def list_packs(db: Database, *, base: str | None, include_removed: bool) -> list[dict[str, Any]]:
+    """Packs in lineage order (oldest first)."""
+    with db.session() as session:
+        # Plain column rows: building an ORM object per pack costs more than the query itself.
+        query = select(*PACK_FIELDS.values(), BaseModelRow.name).join(BaseModelRow, PackRow.base_id == BaseModelRow.id)
+        if base is not None:
+            query = query.where(PackRow.base_id == find_base(session, base).id)
+        if not include_removed:
+            query = query.where(PackRow.state == "active")
+        keys = (*PACK_FIELDS, "base")
+        return [dict(zip(keys, row)) for row in session.execute(query.order_by(PackRow.position))]
+
+
+def show(db: Database, store: PackStore, pack_id: str) -> dict[str, Any]:
+    """One pack's entry, with its manifest and the tasks whose activation set holds it."""
+    with db.session() as session:
+        row = find_pack(session, pack_id)
+        base = session.get(BaseModelRow, row.base_id)
+        described = describe(row, base)
+        described["manifest"] = json.loads(row.manifest)
+        described["in_tasks"] = [t["name"] for t in task_sets(session, base) if row.id in t["packs"]]
+        described["path"] = str(store.path(row.sha256)) if not row.purged else None
+        return described
+
+
+def log(db: Database, *, base: str | None) -> list[dict[str, Any]]:
+    """The lineage event log, oldest first."""
+    with db.session() as session:
+        query = select(EventRow.id, BaseModelRow.name, EventRow.kind, EventRow.pack_id, EventRow.task,
+                       EventRow.detail, EventRow.actor, EventRow.at).join(BaseModelRow, EventRow.base_id == BaseModelRow.id)
+        if base is not None:
+            query = query.where(EventRow.base_id == find_base(session, base).id)
+        return [
+            {"id": id_, "base": base_name, "kind": kind, "pack": pack, "task": task, "detail": json.loads(detail),
+             "actor": actor, "at": at}
+            for id_, base_name, kind, pack, task, detail, actor, at in session.execute(query.order_by(EventRow.id))
+        ]
