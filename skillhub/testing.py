@@ -39,7 +39,7 @@ import jsonschema
 import torch
 
 from skillhub.errors import OperatorError
-from skillhub.operators import EncodeContext, Encoded, Operator, expected_fields, resolve_params
+from skillhub.operators import EncodeContext, Encoded, Operator, encode_module, expected_fields, resolve_params
 from skillhub.operators.discovery import catalog, contract_problems, load
 
 DEFAULT_SHAPES: tuple[tuple[int, ...], ...] = ((64, 96), (96, 40))
@@ -236,9 +236,8 @@ def _check_determinism(operator: Operator, cases: list[dict[str, Any]], shapes: 
         runs = []
         for global_seed in (1, 2):  # randomness must come from the context, not the global RNG
             torch.manual_seed(global_seed)
-            encoded = operator.encode(delta, copy.deepcopy(params), _context(seed))
-            runs.append((encoded, operator.decode(encoded.tensors, encoded.meta, params, tuple(shape),
-                                                  version=operator.version)))
+            result = encode_module(operator, delta, copy.deepcopy(params), _context(seed))
+            runs.append((result.encoded, result.decoded))
         (first, first_decoded), (second, second_decoded) = runs
         where = f"params {given}, shape {shape}"
         assert first.meta == second.meta, f"{where}: meta differs between two encodes with the same seed"
@@ -265,14 +264,12 @@ def _check_byte_accounting(operator: Operator, cases: list[dict[str, Any]], shap
             params = resolve_params(operator, given, where="conformance")
             delta = sample_delta(shape, seed=seed)
             module = f"model.layers.{number}.mlp.up_proj.weight"
-            encoded = operator.encode(delta, copy.deepcopy(params), _context(seed, name=module))
-            own_bytes = sum(t.numel() * t.element_size() for t in encoded.tensors.values())
-            decoded = operator.decode(encoded.tensors, encoded.meta, params, tuple(shape), version=operator.version)
-            stored = writer.add_module(module, {k: v.detach().cpu() for k, v in encoded.tensors.items()})
-            assert stored == own_bytes, f"params {given}, shape {shape}: the pack stores {stored} bytes, " \
-                                        f"the tensors hold {own_bytes}"
-            modules[module] = _module_entry(operator, params, encoded, shape, stored, relative_error(delta, decoded))
-            expected[module] = (decoded, own_bytes)
+            result = encode_module(operator, delta, copy.deepcopy(params), _context(seed, name=module))
+            stored = writer.add_module(module, {k: v.detach().cpu() for k, v in result.encoded.tensors.items()})
+            assert stored == result.stored_bytes, f"params {given}, shape {shape}: the pack stores {stored} " \
+                                                  f"bytes, the tensors hold {result.stored_bytes}"
+            modules[module] = _module_entry(operator, params, result.encoded, shape, stored, result.relative_error)
+            expected[module] = (result.decoded, result.stored_bytes)
         writer.finish(_manifest(operator, modules), "conformance pack\n")
         pack = load_pack(staging, verify=True)  # sha256, sizes and per-module stored bytes
         assert pack.manifest["totals"]["stored_bytes"] == sum(b for _, b in expected.values())

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from skillhub.errors import BudgetError
-from skillhub.operators import EncodeContext, LayerStatistics, get_operator, resolve_params
+from skillhub.operators import EncodeContext, LayerStatistics, get_operator, resolve_params, stored_bytes
 from skillhub.numerics.quantize import quantize_rtn, storage_bits
 from skillhub.numerics.svd import truncated_svd
 
@@ -154,7 +154,7 @@ def prune_size(delta: torch.Tensor, keep: float, *, ctx: EncodeContext) -> int:
     """Bytes ``magnitude-prune`` stores for ``delta`` at ``keep`` and 4 bits (by encoding it)."""
     operator = get_operator("magnitude-prune")
     params = resolve_params(operator, {"keep": keep, "bits": EMBEDDING_BITS}, where="budget")
-    return sum(t.numel() * t.element_size() for t in operator.encode(delta, params, ctx).tensors.values())
+    return stored_bytes(operator.encode(delta, params, ctx).tensors)
 
 
 def prune_keep_for(delta: torch.Tensor, target_bytes: int, *, ctx: EncodeContext) -> tuple[float, int] | None:

@@ -1,16 +1,21 @@
-"""Building a SkillPack: stream the delta, compress each module with its recipe's operator, write the pack."""
+"""Building a SkillPack, in named stages: open the inputs, prepare calibration, plan every
+module (recipe or budget mode), encode module by module while the delta streams, write the
+manifest. Each stage is a function below :func:`create_pack`; ``encode_module`` (one
+operator on one delta) is the seam where parallel workers will plug in."""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from skillhub import __version__
+from skillhub import __version__, config
 from skillhub.compress.budget import budget_recipe, check_ratio, plan_budget
 from skillhub.compress.calibrate import (
     StatisticsCursor,
@@ -21,15 +26,18 @@ from skillhub.compress.calibrate import (
 )
 from skillhub.pack.card import render_card
 from skillhub.compress.delta import check_compatible, iter_deltas
-from skillhub.errors import OperatorError, SkillhubError
+from skillhub.errors import SkillhubError
 from skillhub.pack.manifest import FORMAT_VERSION, TENSORS_FILE, check_pack_identity, totals
 from skillhub.io.checkpoint import Checkpoint, Fingerprint, open_checkpoint
-from skillhub.operators import EncodeContext, provenance
+from skillhub.operators import EncodeContext, encode_module, provenance
 from skillhub.io.outputs import check_output, staged_directory
 from skillhub.pack.format import PackWriter, SkillPack, load_pack
 from skillhub.progress import ProgressCallback, no_progress, reporting
 from skillhub.compress.recipe import ModulePlan, Recipe
 from skillhub.io.tensorfile import dtype_name
+
+
+_log = logging.getLogger(__name__)
 
 
 def _parent_reference(parent: str | os.PathLike[str] | None) -> dict[str, str] | None:
@@ -72,7 +80,7 @@ def create_pack(
     calib: str | os.PathLike[str] | None = None,
     calib_samples: int = 128,
     calib_seqlen: int = 512,
-    device: str = "cpu",
+    device: str | None = None,
     seed: int = 0,
     force: bool = False,
     progress: ProgressCallback = no_progress,
@@ -100,7 +108,7 @@ def create_pack(
             without it, round-to-nearest (recorded in the manifest).
         calib_samples: Calibration windows.
         calib_seqlen: Tokens per window.
-        device: Where the compression maths runs (``cpu``, ``cuda``...).
+        device: Where the compression maths runs (``cpu``, ``cuda``...; default ``$SKILLHUB_DEVICE``, else cpu).
         seed: Seed of randomized operators.
         force: Replace ``output`` if it exists.
         progress: Called as ``progress("compress", done, total)``.
@@ -115,122 +123,160 @@ def create_pack(
     if ratio is not None:
         check_ratio(ratio)
     plan_recipe = Recipe(recipe)
-    base_ckpt = _checkpoint(base, base_revision)
-    tuned_ckpt = _checkpoint(tuned, tuned_revision)
-    check_compatible(base_ckpt, tuned_ckpt)
-    inputs = [base_ckpt.path, tuned_ckpt.path, parent, calib,
-              recipe if isinstance(recipe, (str, os.PathLike)) and recipe != "paper" else None]
-    check_output(output, force=force, protect=inputs)
+    inputs = _Inputs.open(base, tuned, base_revision=base_revision, tuned_revision=tuned_revision)
+    protect = [inputs.base.path, inputs.tuned.path, parent, calib,
+               recipe if isinstance(recipe, (str, os.PathLike)) and recipe != "paper" else None]
+    check_output(output, force=force, protect=protect)
     name = name or output.name
     task = task or name
     check_pack_identity(name=name, task=task, version=version)
-    plans = _plan_every_parameter(plan_recipe, base_ckpt)
-    parent_ref = _parent_reference(parent)
+    plans = _plan_every_parameter(plan_recipe, inputs.base)  # every parameter has an operator: checked first
+    identity = {"name": name, "task": task, "version": version, "parent": _parent_reference(parent)}
+    torch_device = _device(device or config.default_device())
+    calibration = _Calibration.prepare(inputs.tuned, calib, samples=calib_samples, seqlen=calib_seqlen,
+                                       device=torch_device)
+    if ratio is not None:
+        plans, plan_recipe, budget = _plan_budget(inputs, plans, ratio, calibration, torch_device, seed, progress)
+    else:
+        budget = None
+    with staged_directory(output, force=force, protect=protect, kind="pack") as staging:
+        writer = PackWriter(staging)
+        encoded = _encode_all(inputs, plans, writer, calibration.cursor(), torch_device, seed, progress)
+        manifest = _manifest(identity, inputs, plan_recipe, plans, encoded, calibration.quantizer, budget)
+        writer.finish(manifest, render_card(manifest))
+    return load_pack(output, verify=False)
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """Stage 1: the two checkpoints, opened (headers only) and checked to fit together."""
+
+    base: Checkpoint
+    tuned: Checkpoint
+
+    @classmethod
+    def open(cls, base: str | os.PathLike[str] | Checkpoint, tuned: str | os.PathLike[str] | Checkpoint, *,
+             base_revision: str | None, tuned_revision: str | None) -> _Inputs:
+        opened = cls(_checkpoint(base, base_revision), _checkpoint(tuned, tuned_revision))
+        check_compatible(opened.base, opened.tuned)
+        return opened
+
+
+def _device(device: str) -> torch.device:
     try:
         torch_device = torch.device(device)
         torch.empty(0, device=torch_device)
     except (RuntimeError, AssertionError) as exc:
         raise SkillhubError(f"device {device!r} is not usable here: {exc}") from exc
-    calibration = model = None
-    if calib is not None:
-        calibration = build_calibration_set(calib, _tokenizer(tuned_ckpt), samples=calib_samples, seqlen=calib_seqlen)
-        quantizer = {"method": "gptq", "calibration": calibration.source}
-        model = load_for_calibration(tuned_ckpt.path, device=device)
-    else:
-        quantizer = {"method": "rtn", "note": "no calibration data: factors quantized by round-to-nearest"}
+    return torch_device
 
-    def statistics() -> StatisticsCursor | None:
-        return StatisticsCursor(capture_statistics(model, calibration)) if calibration is not None else None
 
-    budget = None
-    if ratio is not None:
-        planning = iter_deltas(base_ckpt, tuned_ckpt, names=layer_order(list(plans)))
-        chosen, budget = plan_budget(
-            reporting(planning, progress, "plan", len(plans)),
-            roles={n: p.role for n, p in plans.items()},
-            numels={n: math.prod(base_ckpt.shape(n)) for n in plans},
-            ratio=ratio, statistics=statistics(), device=torch_device, seed=seed,
-        )
-        description = f"chosen by budget mode for ratio {ratio} ({budget['weighting']} weighting)"
-        plan_recipe = Recipe(budget_recipe(f"budget-{ratio:g}", chosen, description))
-        plans = _plan_every_parameter(plan_recipe, base_ckpt)
-    cursor = statistics()
+@dataclass
+class _Calibration:
+    """Stage 2: the calibration text and the tuned model it runs through (or none: round-to-nearest)."""
 
+    quantizer: dict[str, Any]
+    windows: Any = None
+    model: Any = None
+
+    @classmethod
+    def prepare(cls, tuned: Checkpoint, calib: str | os.PathLike[str] | None, *, samples: int, seqlen: int,
+                device: torch.device) -> _Calibration:
+        if calib is None:
+            return cls({"method": "rtn", "note": "no calibration data: factors quantized by round-to-nearest"})
+        windows = build_calibration_set(calib, _tokenizer(tuned), samples=samples, seqlen=seqlen)
+        _log.info("calibration: %d windows of %d tokens from %s", samples, seqlen, calib)
+        return cls({"method": "gptq", "calibration": windows.source}, windows,
+                   load_for_calibration(tuned.path, device=str(device)))
+
+    def cursor(self) -> StatisticsCursor | None:
+        """A fresh pass of layer-by-layer statistics over the tuned model (None without calibration)."""
+        return StatisticsCursor(capture_statistics(self.model, self.windows)) if self.windows is not None else None
+
+
+def _plan_budget(inputs: _Inputs, plans: dict[str, ModulePlan], ratio: float, calibration: _Calibration,
+                 device: torch.device, seed: int,
+                 progress: ProgressCallback) -> tuple[dict[str, ModulePlan], Recipe, dict[str, Any]]:
+    """Stage 3 with --ratio: budget mode chooses every module's settings (the recipe gave the roles)."""
+    planning = iter_deltas(inputs.base, inputs.tuned, names=layer_order(list(plans)))
+    chosen, budget = plan_budget(
+        reporting(planning, progress, "plan", len(plans)),
+        roles={n: p.role for n, p in plans.items()},
+        numels={n: math.prod(inputs.base.shape(n)) for n in plans},
+        ratio=ratio, statistics=calibration.cursor(), device=device, seed=seed,
+    )
+    _log.info("budget mode: %d of %d target bytes planned", budget["planned_bytes"], budget["target_bytes"])
+    description = f"chosen by budget mode for ratio {ratio} ({budget['weighting']} weighting)"
+    recipe = Recipe(budget_recipe(f"budget-{ratio:g}", chosen, description))
+    return _plan_every_parameter(recipe, inputs.base), recipe, budget
+
+
+@dataclass
+class _Encoded:
+    """What stage 4 produced: per-module manifest entries and whole-delta statistics."""
+
+    modules: dict[str, dict[str, Any]]
+    unchanged: list[str]
+    fingerprint: str
+    parameters: int
+    squared_error: float
+    squared_norm: float
+
+
+def _encode_all(inputs: _Inputs, plans: dict[str, ModulePlan], writer: PackWriter, cursor: StatisticsCursor | None,
+                device: torch.device, seed: int, progress: ProgressCallback) -> _Encoded:
+    """Stage 4: stream the delta tensor by tensor, encode each module, write its tensors."""
     modules: dict[str, dict[str, Any]] = {}
     unchanged: list[str] = []
     fingerprint = Fingerprint()
-    parameters = squared_error = squared_norm = 0.0
-    with staged_directory(output, force=force, protect=inputs, kind="pack") as staging:
-        writer = PackWriter(staging)
-        deltas = iter_deltas(base_ckpt, tuned_ckpt, names=layer_order(list(plans)), fingerprint=fingerprint)
-        for item in reporting(deltas, progress, "compress", len(plans)):
-            parameters += item.delta.numel()
-            if not torch.any(item.delta):
-                unchanged.append(item.name)
-            else:
-                plan = plans[item.name]
-                ctx = EncodeContext(name=item.name, role=plan.role, device=torch_device, seed=seed,
-                                    calibration=cursor.get(item.name) if cursor else None)
-                delta = item.delta.to(torch_device)
-                try:
-                    encoded = plan.operator.encode(delta, plan.params, ctx)
-                    decoded = plan.operator.decode(
-                        {k: v.cpu() for k, v in encoded.tensors.items()}, encoded.meta, plan.params, tuple(delta.shape),
-                        version=plan.operator.version,
-                    )
-                except ValueError as exc:  # operators' documented way to refuse an input
-                    raise OperatorError(f"operator {plan.operator.name} cannot encode {item.name}: {exc}") from exc
-                error = float(torch.linalg.vector_norm(decoded - item.delta))
-                norm = float(torch.linalg.vector_norm(item.delta))
-                squared_error += error**2
-                squared_norm += norm**2
-                modules[item.name] = {
-                    "role": plan.role,
-                    "operator": plan.operator.name,
-                    "operator_version": plan.operator.version,
-                    "params": plan.params,
-                    "meta": encoded.meta,
-                    "shape": list(item.delta.shape),
-                    "dtype": dtype_name(item.base_dtype),
-                    "fields": list(encoded.tensors),
-                    "stored_bytes": writer.add_module(item.name, encoded.tensors),
-                    "delta_fp16_bytes": 2 * item.delta.numel(),
-                    "error": error / norm,
-                }
-        manifest: dict[str, Any] = {
-            "format": "skillpack",
-            "format_version": FORMAT_VERSION,
-            "name": name,
-            "task": task,
-            "version": version,
-            "created_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "skillhub_version": __version__,
-            "parent": parent_ref,
-            "base": {
-                "id": base_ckpt.ref.id,
-                "revision": base_ckpt.ref.revision,
-                "architecture": base_ckpt.architecture,
-                "model_type": base_ckpt.model_type,
-                "fingerprint": fingerprint.hexdigest(),
-                "dtype": base_ckpt.dominant_dtype(),
-                "tie_word_embeddings": base_ckpt.tie_word_embeddings,
-            },
-            "tuned": {"id": tuned_ckpt.ref.id, "revision": tuned_ckpt.ref.revision},
-            "recipe": plan_recipe.document,
-            "operators": {p.operator.name: provenance(p.operator)
-                          for p in sorted(plans.values(), key=lambda p: p.operator.name) if p.name in modules},
-            "quantizer": quantizer,
-            **({"budget": budget} if budget else {}),
-            "modules": modules,
-            "unchanged": unchanged,
-            "totals": totals(
-                modules,
-                parameters=int(parameters),
-                delta_fp16_bytes=2 * int(parameters),
-                squared_error=squared_error,
-                squared_norm=squared_norm,
-            ),
+    parameters, squared_error, squared_norm = 0, 0.0, 0.0
+    deltas = iter_deltas(inputs.base, inputs.tuned, names=layer_order(list(plans)), fingerprint=fingerprint)
+    for item in reporting(deltas, progress, "compress", len(plans)):
+        parameters += item.delta.numel()
+        if not torch.any(item.delta):
+            unchanged.append(item.name)
+            continue
+        plan = plans[item.name]
+        ctx = EncodeContext(name=item.name, role=plan.role, device=device, seed=seed,
+                            calibration=cursor.get(item.name) if cursor else None)
+        result = encode_module(plan.operator, item.delta, plan.params, ctx, device=device)
+        squared_error += result.error_norm**2
+        squared_norm += result.delta_norm**2
+        modules[item.name] = {
+            "role": plan.role, "operator": plan.operator.name, "operator_version": plan.operator.version,
+            "params": plan.params, "meta": result.encoded.meta, "shape": list(item.delta.shape),
+            "dtype": dtype_name(item.base_dtype), "fields": list(result.encoded.tensors),
+            "stored_bytes": writer.add_module(item.name, result.encoded.tensors),
+            "delta_fp16_bytes": 2 * item.delta.numel(), "error": result.relative_error,
         }
-        writer.finish(manifest, render_card(manifest))
-    return load_pack(output, verify=False)
+    _log.info("compressed %d modules (%d unchanged)", len(modules), len(unchanged))
+    return _Encoded(modules, unchanged, fingerprint.hexdigest(), parameters, squared_error, squared_norm)
 
+
+def _manifest(identity: dict[str, Any], inputs: _Inputs, recipe: Recipe, plans: dict[str, ModulePlan],
+              encoded: _Encoded, quantizer: dict[str, Any], budget: dict[str, Any] | None) -> dict[str, Any]:
+    """Stage 5: the manifest (files are added when the pack is written)."""
+    base, tuned = inputs.base, inputs.tuned
+    return {
+        "format": "skillpack",
+        "format_version": FORMAT_VERSION,
+        **{key: identity[key] for key in ("name", "task", "version")},
+        "created_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "skillhub_version": __version__,
+        "parent": identity["parent"],
+        "base": {
+            "id": base.ref.id, "revision": base.ref.revision, "architecture": base.architecture,
+            "model_type": base.model_type, "fingerprint": encoded.fingerprint, "dtype": base.dominant_dtype(),
+            "tie_word_embeddings": base.tie_word_embeddings,
+        },
+        "tuned": {"id": tuned.ref.id, "revision": tuned.ref.revision},
+        "recipe": recipe.document,
+        "operators": {p.operator.name: provenance(p.operator)
+                      for p in sorted(plans.values(), key=lambda p: p.operator.name) if p.name in encoded.modules},
+        "quantizer": quantizer,
+        **({"budget": budget} if budget else {}),
+        "modules": encoded.modules,
+        "unchanged": encoded.unchanged,
+        "totals": totals(encoded.modules, parameters=encoded.parameters, delta_fp16_bytes=2 * encoded.parameters,
+                         squared_error=encoded.squared_error, squared_norm=encoded.squared_norm),
+    }

@@ -47,7 +47,7 @@ from skillhub.errors import SkillhubError
 from skillhub.evaluation.datasets import load_eval_set
 from skillhub.evaluation.scoring import exact_match
 from skillhub.io.checkpoint import Checkpoint, open_checkpoint
-from skillhub.operators import EncodeContext, LayerStatistics, get_operator, resolve_params
+from skillhub.operators import EncodeContext, LayerStatistics, encode_module, get_operator, resolve_params
 from skillhub.numerics.bitpack import packed_nbytes
 from skillhub.numerics.svd import svd_mixed_bytes
 from skillhub.operators.builtin.svd import resolve_rank_groups
@@ -58,10 +58,6 @@ METHODS = ("paper", "budget", "svd-mixed-rtn", "lowrank-fp16", "prune-fp16", "bi
 DEFAULT_RATIO = 1 / 16
 PAPER_GROUPS = {rule["match"]["role"]: rule["params"]["groups"]
                 for rule in PAPER_RECIPE["rules"] if rule["operator"] == "svd-mixed"}
-
-
-def _stored(tensors: dict[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def paper_groups_for(role: str, rows: int, cols: int, target_bytes: int) -> list[tuple[int, int]]:
@@ -80,31 +76,30 @@ def _svd_mixed(delta: torch.Tensor, groups: list[tuple[int, int]], quantizer: st
     operator = get_operator("svd-mixed")
     params = resolve_params(operator, {"groups": [list(g) for g in groups], "group_size": GROUP_SIZE,
                                        "quantizer": quantizer}, where="bench")
-    encoded = operator.encode(delta, params, ctx)
-    return operator.decode(encoded.tensors, encoded.meta, params, tuple(delta.shape), version=operator.version), _stored(encoded.tensors)
+    result = encode_module(operator, delta, params, ctx)
+    return result.decoded, result.stored_bytes
 
 
 def _lowrank(delta: torch.Tensor, target_bytes: int, ctx: EncodeContext):
     rows, cols = delta.shape
     operator = get_operator("lowrank")
     params = resolve_params(operator, {"rank": max(1, target_bytes // (2 * (rows + cols)))}, where="bench")
-    encoded = operator.encode(delta, params, ctx)
-    return operator.decode(encoded.tensors, encoded.meta, params, tuple(delta.shape), version=operator.version), _stored(encoded.tensors)
+    result = encode_module(operator, delta, params, ctx)
+    return result.decoded, result.stored_bytes
 
 
 def _prune(delta: torch.Tensor, target_bytes: int, ctx: EncodeContext):
     operator = get_operator("magnitude-prune")
 
     def encode(keep: float):
-        params = resolve_params(operator, {"keep": keep, "bits": 16}, where="bench")
-        return params, operator.encode(delta, params, ctx)
+        return encode_module(operator, delta, resolve_params(operator, {"keep": keep, "bits": 16}, where="bench"), ctx)
 
     low, high = 1.0 / delta.numel(), 1.0
     for _ in range(20):  # the index size depends on the data, so fit the keep ratio by encoding
         middle = (low + high) / 2
-        low, high = (middle, high) if _stored(encode(middle)[1].tensors) <= target_bytes else (low, middle)
-    params, encoded = encode(low)
-    return operator.decode(encoded.tensors, encoded.meta, params, tuple(delta.shape), version=operator.version), _stored(encoded.tensors)
+        low, high = (middle, high) if encode(middle).stored_bytes <= target_bytes else (low, middle)
+    result = encode(low)
+    return result.decoded, result.stored_bytes
 
 
 def _bitdelta(delta: torch.Tensor):

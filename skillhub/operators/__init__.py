@@ -16,6 +16,7 @@ from skillhub.operators.protocol import (
     meta_int,
     resolve_params,
 )
+from skillhub.operators.encoding import EncodedModule, encode_module, stored_bytes  # noqa: E402
 from skillhub.operators.discovery import (  # noqa: E402,I001  (discovery needs the protocol)
     ENTRY_POINT_GROUP,
     catalog,
@@ -26,7 +27,7 @@ from skillhub.operators.discovery import (  # noqa: E402,I001  (discovery needs 
 )
 
 __all__ = [
-    "ENTRY_POINT_GROUP", "EncodeContext", "Encoded", "FieldLayout", "LayerStatistics", "Operator",
-    "catalog", "decoder_for", "expected_fields", "get_operator", "meta_int", "operator_names", "provenance",
-    "resolve_params",
+    "ENTRY_POINT_GROUP", "EncodeContext", "Encoded", "EncodedModule", "FieldLayout", "LayerStatistics", "Operator",
+    "catalog", "decoder_for", "encode_module", "expected_fields", "get_operator", "meta_int", "operator_names", "provenance",
+    "resolve_params", "stored_bytes",
 ]
