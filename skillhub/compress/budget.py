@@ -224,54 +224,14 @@ def plan_budget(
         BudgetError: The budget cannot hold the fixed parts (norms, biases) or a minimal pack.
     """
     check_ratio(ratio)
-    delta_bytes = 2 * sum(numels.values())
-    budget_bits = int(ratio * delta_bytes * 8)
-    plans: dict[str, tuple[str, dict[str, Any]]] = {}
-    fixed_bits = 0
-    profiles: list[_Module] = []
-    held: dict[str, torch.Tensor] = {}  # embedding/head deltas wait until the rest is sized
+    budget_bits = int(ratio * 2 * sum(numels.values()) * 8)
 
     def context(name: str) -> EncodeContext:
         return EncodeContext(name=name, role=roles[name], device=device, seed=seed)
 
-    for item in deltas:
-        name, role = item.name, roles[item.name]
-        if not torch.any(item.delta):
-            continue
-        if item.delta.dim() < 2 or role not in ("embedding", "head", "attention", "mlp"):
-            plans[name] = ("raw", {"dtype": "float16"})
-            fixed_bits += 16 * item.delta.numel()
-            if fixed_bits > budget_bits:
-                raise BudgetError(
-                    f"a budget of {budget_bits // 8:,} bytes (ratio {ratio}) cannot hold even the norms and "
-                    f"biases stored raw ({fixed_bits // 8:,}+ bytes): raise --ratio"
-                )
-        elif role in ("embedding", "head"):
-            held[name] = item.delta
-        else:
-            layer_stats = statistics.get(name) if statistics is not None else None
-            m, n = item.delta.shape[0], item.delta.numel() // item.delta.shape[0]
-            share_bits = ratio * 16 * m * n
-            two_bit_cost = storage_bits(1, m, 2, GROUP_SIZE) + storage_bits(1, n, 2, GROUP_SIZE) + 16
-            max_rank = max(1, min(min(m, n), math.ceil(4 * share_bits / two_bit_cost)))
-            profiles.append(direction_profile(name, item.delta, layer_stats, max_rank=max_rank,
-                                              group_size=GROUP_SIZE, ctx=context(name)))
-            plans[name] = ("svd-mixed", {})  # filled in after allocation
-            fixed_bits += _ROUNDING_BITS_PER_MODULE
+    plans, fixed_bits, profiles, held = _profile_modules(deltas, roles, ratio, budget_bits, statistics, context)
     minimum = sum(p.cost[LEVELS[0]] for p in profiles)
-    paper_bits = {name: 8 * prune_size(delta, PAPER_KEEP, ctx=context(name)) for name, delta in held.items()}
-    roomy = fixed_bits + minimum + sum(paper_bits.values()) <= budget_bits
-    for name, delta in held.items():
-        if roomy:
-            plans[name] = ("magnitude-prune", {"keep": PAPER_KEEP, "bits": EMBEDDING_BITS})
-            fixed_bits += paper_bits[name]
-            continue
-        chosen = prune_keep_for(delta, int(ratio * 2 * numels[name]), ctx=context(name))
-        if chosen is None:
-            raise BudgetError(f"a ratio of {ratio} leaves no room to store any of {name}: raise --ratio")
-        plans[name] = ("magnitude-prune", {"keep": chosen[0], "bits": EMBEDDING_BITS})
-        fixed_bits += 8 * chosen[1]
-    held.clear()
+    fixed_bits += _plan_embeddings(held, plans, numels, ratio, budget_bits - fixed_bits - minimum, context)
     # Every matrix keeps at least its top direction at 2 bits; the greedy search spends the rest.
     available = budget_bits - fixed_bits - minimum
     if available < 0:
@@ -291,3 +251,57 @@ def plan_budget(
         "weighting": "calibration" if statistics is not None else "identity (no calibration data)",
     }
     return plans, summary
+
+
+def _profile_modules(deltas: Any, roles: dict[str, str], ratio: float, budget_bits: int, statistics: Any,
+                     context: Any) -> tuple[dict[str, tuple[str, dict[str, Any]]], int, list[_Module],
+                                            dict[str, torch.Tensor]]:
+    """One pass over the deltas: norms and biases stored raw, each attention/MLP matrix profiled
+    (what each direction at each bit width gains and costs), embedding/head deltas held back
+    until the rest is sized. Returns plans so far, their fixed bits, the profiles, the held deltas."""
+    plans: dict[str, tuple[str, dict[str, Any]]] = {}
+    fixed_bits = 0
+    profiles: list[_Module] = []
+    held: dict[str, torch.Tensor] = {}
+    for item in deltas:
+        name, role = item.name, roles[item.name]
+        if not torch.any(item.delta):
+            continue
+        if item.delta.dim() < 2 or role not in ("embedding", "head", "attention", "mlp"):
+            plans[name] = ("raw", {"dtype": "float16"})
+            fixed_bits += 16 * item.delta.numel()
+            if fixed_bits > budget_bits:
+                raise BudgetError(
+                    f"a budget of {budget_bits // 8:,} bytes (ratio {ratio}) cannot hold even the norms and "
+                    f"biases stored raw ({fixed_bits // 8:,}+ bytes): raise --ratio"
+                )
+        elif role in ("embedding", "head"):
+            held[name] = item.delta
+        else:
+            layer_stats = statistics.get(name) if statistics is not None else None
+            m, n = item.delta.shape[0], item.delta.numel() // item.delta.shape[0]
+            two_bit_cost = storage_bits(1, m, 2, GROUP_SIZE) + storage_bits(1, n, 2, GROUP_SIZE) + 16
+            max_rank = max(1, min(min(m, n), math.ceil(4 * ratio * 16 * m * n / two_bit_cost)))
+            profiles.append(direction_profile(name, item.delta, layer_stats, max_rank=max_rank,
+                                              group_size=GROUP_SIZE, ctx=context(name)))
+            plans[name] = ("svd-mixed", {})  # filled in after allocation
+            fixed_bits += _ROUNDING_BITS_PER_MODULE
+    return plans, fixed_bits, profiles, held
+
+
+def _plan_embeddings(held: dict[str, torch.Tensor], plans: dict[str, tuple[str, dict[str, Any]]],
+                     numels: dict[str, int], ratio: float, room_bits: int, context: Any) -> int:
+    """Embeddings and head keep the paper's pruning when it fits in ``room_bits``, else the keep
+    ratio that fits their share; returns the bits they take."""
+    paper_bits = {name: 8 * prune_size(delta, PAPER_KEEP, ctx=context(name)) for name, delta in held.items()}
+    if sum(paper_bits.values()) <= room_bits:
+        plans.update({name: ("magnitude-prune", {"keep": PAPER_KEEP, "bits": EMBEDDING_BITS}) for name in held})
+        return sum(paper_bits.values())
+    spent = 0
+    for name, delta in held.items():
+        chosen = prune_keep_for(delta, int(ratio * 2 * numels[name]), ctx=context(name))
+        if chosen is None:
+            raise BudgetError(f"a ratio of {ratio} leaves no room to store any of {name}: raise --ratio")
+        plans[name] = ("magnitude-prune", {"keep": chosen[0], "bits": EMBEDDING_BITS})
+        spent += 8 * chosen[1]
+    return spent

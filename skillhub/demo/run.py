@@ -78,19 +78,7 @@ def run_demo(
 
     # 2. skillhub: a pack per task, added in sequence to a fresh registry with eval sets.
     registry = Registry(workdir / "registry")
-    pack_ids = {}
-    for number, task in enumerate(DEMO_TASKS):
-        train, _ = data[task]
-        tuned = finetune(base, train, workdir / "tuned" / task, steps=steps, learning_rate=1e-3, progress=progress)
-        calib = write_jsonl(train[:400], workdir / "tuned" / task / "calib.jsonl")
-        pack = create_pack(base, tuned, workdir / "packs" / task, task=task, calib=calib, calib_samples=64,
-                           calib_seqlen=64, progress=progress)
-        entry = registry.add(pack, task=task, base_location=str(base))
-        if number == 0:  # the first add registers the base; now every task can get its eval set
-            for each in DEMO_TASKS:
-                registry.add_task(each, write_jsonl(data[each][1], workdir / "packs" / f"{each}-eval.jsonl"))
-        evaluate_tasks(registry, step=entry["event"], progress=progress)
-        pack_ids[task] = entry["id"]
+    pack_ids = _add_in_sequence(registry, base, data, workdir, steps, progress)
     result = accuracy_matrices(registry)
     result["policies"] = {"sequential fine-tuning": {"R": sequential, "complete": True,
                                                      "metrics": continual_metrics(sequential, base_scores)},
@@ -120,3 +108,22 @@ def run_demo(
         "paths": {"registry": str(registry.url), "packs": str(workdir / "packs"), "base": str(base),
                   "plot": str(plot) if plot else None},
     }
+
+
+def _add_in_sequence(registry: Registry, base: Path, data: dict[str, Any], workdir: Path, steps: int,
+                     progress: ProgressCallback) -> dict[str, str]:
+    """Fine-tune the base on each task, pack it (calibrated), add it, score every task; returns pack ids."""
+    pack_ids = {}
+    for number, task in enumerate(DEMO_TASKS):
+        train, _ = data[task]
+        tuned = finetune(base, train, workdir / "tuned" / task, steps=steps, learning_rate=1e-3, progress=progress)
+        calib = write_jsonl(train[:400], workdir / "tuned" / task / "calib.jsonl")
+        pack = create_pack(base, tuned, workdir / "packs" / task, task=task, calib=calib, calib_samples=64,
+                           calib_seqlen=64, progress=progress)
+        entry = registry.add(pack, task=task, base_location=str(base))
+        if number == 0:  # the first add registers the base; now every task can get its eval set
+            for each in DEMO_TASKS:
+                registry.add_task(each, write_jsonl(data[each][1], workdir / "packs" / f"{each}-eval.jsonl"))
+        evaluate_tasks(registry, step=entry["event"], progress=progress)
+        pack_ids[task] = entry["id"]
+    return pack_ids

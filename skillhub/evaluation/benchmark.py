@@ -29,10 +29,12 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from skillhub import config
 from skillhub.compress.budget import GROUP_SIZE, check_ratio, plan_budget
 from skillhub.compress.calibrate import (
     CalibrationSet,
@@ -132,7 +134,7 @@ def compare_compression(
     calib_samples: int = 64,
     calib_seqlen: int = 256,
     eval_file: str | os.PathLike[str] | None = None,
-    device: str = "cpu",
+    device: str | None = None,
     seed: int = 0,
     progress: ProgressCallback = no_progress,
 ) -> dict[str, Any]:
@@ -154,62 +156,30 @@ def compare_compression(
               and roles.role(n, model_type=base_ckpt.model_type, ndim=2) in ("attention", "mlp")]
     role_of = {n: roles.role(n, model_type=base_ckpt.model_type, ndim=2) for n in linear}
     examples = load_eval_set(eval_file) if eval_file is not None else None
-
-    fit = heldout = model = None
-    if calib is not None:
-        if calib_samples < 2:
-            raise SkillhubError("--calib-samples must be at least 2: half fits GPTQ, half is held out")
-        from transformers import AutoTokenizer
-
-        windows = build_calibration_set(calib, AutoTokenizer.from_pretrained(tuned_ckpt.path),
-                                        samples=calib_samples, seqlen=calib_seqlen)
-        half = calib_samples // 2
-        fit = CalibrationSet(windows.input_ids[:half], windows.source)
-        heldout = CalibrationSet(windows.input_ids[half:], windows.source)
-        model = load_for_calibration(tuned_ckpt.path, device=device)
-
-    def cursor(windows: CalibrationSet | None) -> StatisticsCursor | None:
-        return StatisticsCursor(capture_statistics(model, windows)) if windows is not None else None
-
+    device = device or config.default_device()
+    halves = _CalibrationHalves.prepare(tuned_ckpt, calib, samples=calib_samples, seqlen=calib_seqlen, device=device)
     torch_device = torch.device(device)
     budget_plans, _ = plan_budget(
         iter_deltas(base_ckpt, tuned_ckpt, names=linear), roles=role_of,
-        numels={n: math.prod(base_ckpt.shape(n)) for n in linear}, ratio=ratio, statistics=cursor(fit),
+        numels={n: math.prod(base_ckpt.shape(n)) for n in linear}, ratio=ratio, statistics=halves.cursor("fit"),
         device=torch_device, seed=seed,
     )
-    fit_cursor, heldout_cursor = cursor(fit), cursor(heldout)
+    fit_cursor, heldout_cursor = halves.cursor("fit"), halves.cursor("heldout")
     stored = {m: 0 for m in METHODS}
     errors: dict[str, list[float]] = {m: [] for m in METHODS}
     patches: dict[str, dict[str, torch.Tensor]] = {m: {} for m in METHODS}
     for item in reporting(iter_deltas(base_ckpt, tuned_ckpt, names=linear), progress, "bench", len(linear)):
-        delta, name = item.delta, item.name
-        fit_stats = fit_cursor.get(name) if fit_cursor else None
-        heldout_stats = heldout_cursor.get(name) if heldout_cursor else None
-        ctx = EncodeContext(name=name, role=role_of[name], device=torch_device, seed=seed, calibration=fit_stats)
-        target = int(ratio * 2 * delta.numel())
-        paper = paper_groups_for(role_of[name], *delta.shape, target)
-        runs: dict[str, Callable[[], tuple[torch.Tensor, int]]] = {
-            "paper": lambda: _svd_mixed(delta, paper, "auto", ctx),
-            "budget": lambda: _svd_mixed(delta, [tuple(g) for g in budget_plans[name][1]["groups"]], "auto", ctx),
-            "svd-mixed-rtn": lambda: _svd_mixed(delta, paper, "rtn", ctx),
-            "lowrank-fp16": lambda: _lowrank(delta, target, ctx),
-            "prune-fp16": lambda: _prune(delta, target, ctx),
-            "bitdelta": lambda: _bitdelta(delta),
-        }
-        for method, run in runs.items():
-            approximation, nbytes = run()
+        ctx = EncodeContext(name=item.name, role=role_of[item.name], device=torch_device, seed=seed,
+                            calibration=fit_cursor.get(item.name) if fit_cursor else None)
+        heldout_stats = heldout_cursor.get(item.name) if heldout_cursor else None
+        for method, (approximation, nbytes) in _every_method(item.delta, ratio, ctx, budget_plans).items():
             stored[method] += nbytes
-            errors[method].append(_relative_error(delta, approximation, heldout_stats))
+            errors[method].append(_relative_error(item.delta, approximation, heldout_stats))
             if examples is not None:
-                patches[method][name] = base_ckpt.read(name).float() + approximation
-
+                patches[method][item.name] = base_ckpt.read(item.name).float() + approximation
     delta_bytes = 2 * sum(math.prod(base_ckpt.shape(n)) for n in linear)
-    rows = [{
-        "method": method,
-        "bytes": stored[method],
-        "ratio": stored[method] / delta_bytes,
-        "heldout_relative_error": sum(errors[method]) / len(errors[method]),
-    } for method in METHODS]
+    rows = [{"method": method, "bytes": stored[method], "ratio": stored[method] / delta_bytes,
+             "heldout_relative_error": sum(errors[method]) / len(errors[method])} for method in METHODS]
     report: dict[str, Any] = {
         "ratio": ratio,
         "matrices": len(linear),
@@ -221,6 +191,52 @@ def compare_compression(
     if examples is not None:
         report.update(_accuracies(tuned_ckpt, examples, patches, rows))
     return report
+
+
+@dataclass
+class _CalibrationHalves:
+    """Calibration windows split in two: the first half fits GPTQ and budget mode, the second
+    measures the error on inputs neither has seen (none without calibration: H = I)."""
+
+    fit: CalibrationSet | None = None
+    heldout: CalibrationSet | None = None
+    model: Any = None
+
+    @classmethod
+    def prepare(cls, tuned: Checkpoint, calib: str | os.PathLike[str] | None, *, samples: int, seqlen: int,
+                device: str) -> _CalibrationHalves:
+        if calib is None:
+            return cls()
+        if samples < 2:
+            raise SkillhubError("--calib-samples must be at least 2: half fits GPTQ, half is held out")
+        from transformers import AutoTokenizer
+
+        windows = build_calibration_set(calib, AutoTokenizer.from_pretrained(tuned.path), samples=samples,
+                                        seqlen=seqlen)
+        half = samples // 2
+        return cls(CalibrationSet(windows.input_ids[:half], windows.source),
+                   CalibrationSet(windows.input_ids[half:], windows.source),
+                   load_for_calibration(tuned.path, device=device))
+
+    def cursor(self, which: str) -> StatisticsCursor | None:
+        windows = getattr(self, which)
+        return StatisticsCursor(capture_statistics(self.model, windows)) if windows is not None else None
+
+
+def _every_method(delta: torch.Tensor, ratio: float, ctx: EncodeContext,
+                  budget_plans: dict[str, tuple[str, dict[str, Any]]]) -> dict[str, tuple[torch.Tensor, int]]:
+    """Every method's approximation of one matrix delta at ``ratio`` of its fp16 bytes, and its bytes."""
+    target = int(ratio * 2 * delta.numel())
+    paper = paper_groups_for(ctx.role, *delta.shape, target)
+    runs: dict[str, Callable[[], tuple[torch.Tensor, int]]] = {
+        "paper": lambda: _svd_mixed(delta, paper, "auto", ctx),
+        "budget": lambda: _svd_mixed(delta, [tuple(g) for g in budget_plans[ctx.name][1]["groups"]], "auto", ctx),
+        "svd-mixed-rtn": lambda: _svd_mixed(delta, paper, "rtn", ctx),
+        "lowrank-fp16": lambda: _lowrank(delta, target, ctx),
+        "prune-fp16": lambda: _prune(delta, target, ctx),
+        "bitdelta": lambda: _bitdelta(delta),
+    }
+    return {method: run() for method, run in runs.items()}
 
 
 def _accuracies(tuned: Checkpoint, examples: list[dict[str, str]], patches: dict[str, dict[str, torch.Tensor]],
