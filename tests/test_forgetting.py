@@ -96,8 +96,8 @@ def evaluated_registry(three_packs, finetuned: FineTune, tmp_path: Path) -> tupl
             for each in ("shift", "reverse", "sort"):
                 _, test = split_examples(each, train=10, test=40, seed=5)
                 registry.add_task(each, write_jsonl(test, tmp_path / f"{each}.jsonl"))
-        evaluate_tasks(registry, step=entry["event"])
-        ids[task] = entry["id"]
+        evaluate_tasks(registry, step=entry.event)
+        ids[task] = entry.id
     return registry, ids
 
 
@@ -135,7 +135,7 @@ def test_eval_command_records_a_new_step(evaluated_registry) -> None:
     result = CliRunner().invoke(main, ["--registry", registry.url, "eval", "--task", "sort", "--json"])
     assert result.exit_code == 0, result.output
     assert {r["policy"] for r in json.loads(result.stdout)} == {"subset", "fused", "base"}
-    assert registry.log()[-1]["kind"] == "eval"
+    assert registry.log()[-1].kind == "eval"
 
 
 @pytest.mark.parametrize("case", ["missing field", "empty", "unknown task", "plot directory", "changed file"])
@@ -159,7 +159,7 @@ def test_bad_evaluation_input_exits_1_and_records_nothing(evaluated_registry, tm
         args += ["metrics", "--plot", str(tmp_path / "missing" / "r.png")]
         expected = "directory " + str(tmp_path / "missing") + " does not exist"
     else:
-        eval_file = Path(registry.eval_sets(task="sort")[0]["path"])
+        eval_file = registry.eval_sets(task="sort")[0].path
         eval_file.write_text(eval_file.read_text() + '{"prompt": "sort ab=", "answer": "ab"}\n')
         args += ["eval"]
         expected = "changed or vanished since it was added"

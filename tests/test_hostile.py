@@ -79,7 +79,7 @@ def world(tmp_path: Path, finetuned: FineTune, paper_pack, monkeypatch: pytest.M
     evals = root / "shift-eval.jsonl"
     evals.write_text('{"prompt": "a", "answer": "b"}\n')
     return World(root=root, base=base, tuned=tuned, pack=pack, home=home, cwd=cwd, mine=mine, mine_file=mine_file,
-                 calib=Path(shutil.copy(finetuned.calib, root / "calib.jsonl")), evals=evals, pack_id=entry["id"])
+                 calib=Path(shutil.copy(finetuned.calib, root / "calib.jsonl")), evals=evals, pack_id=entry.id)
 
 
 def snapshot(world: World) -> tuple[dict[str, str], list[str]]:
@@ -128,7 +128,7 @@ def assert_refused(world: World, args: list[object], fragment: str, *, env: dict
     assert not changed, f"the command changed these files: {changed}"
     assert after[1] == before[1], "the command changed registry rows"
     report = Registry().doctor()
-    assert report["consistent"] and not report["orphans"] and not report["leftovers"], report
+    assert report.consistent and not report.orphans and not report.leftovers, report
 
 
 # --------------------------------------------------------------------------- crafting hostile packs

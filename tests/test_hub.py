@@ -62,10 +62,10 @@ def tensors_of(directory: Path) -> dict[str, torch.Tensor]:
 def test_push_then_pull_into_a_fresh_registry_gives_every_byte_back(paper_pack, finetuned, tmp_path: Path) -> None:
     source = Registry(tmp_path / "source")
     entry = registered(source, paper_pack.path)
-    pushed = cli("--registry", str(tmp_path / "source"), "push", entry["id"], "--repo", "alice/shift", "--json")
+    pushed = cli("--registry", str(tmp_path / "source"), "push", entry.id, "--repo", "alice/shift", "--json")
     assert pushed.exit_code == 0, pushed.output
     result = json.loads(pushed.output)
-    assert (result["tag"], result["unchanged"], result["sha256"]) == ("v1.0.0", False, entry["sha256"])
+    assert (result["tag"], result["unchanged"], result["sha256"]) == ("v1.0.0", False, entry.sha256)
 
     # The Hub holds the pack, its card with Hub metadata, and the version tag on the commit.
     info = api().model_info("alice/shift")
@@ -85,14 +85,14 @@ def test_push_then_pull_into_a_fresh_registry_gives_every_byte_back(paper_pack, 
     assert document["commit"] == result["commit"]
     target = Registry(tmp_path / "target")
     [listed] = target.list_packs()
-    assert listed["sha256"] == entry["sha256"] and listed["task"] == "shift"
-    stored = target.store.path(listed["sha256"])
+    assert listed.sha256 == entry.sha256 and listed.task == "shift"
+    stored = target.store.path(listed.sha256)
     for name in ("skillpack.safetensors", "README.md"):
         assert (stored / name).read_bytes() == (paper_pack.path / name).read_bytes(), name
     manifest = json.loads((stored / "skillpack.json").read_text())
     assert manifest.pop("source") == {"repo": "alice/shift", "revision": "main", "commit": result["commit"], "path": ""}
     assert manifest == json.loads((paper_pack.path / "skillpack.json").read_text())
-    assert target.show(listed["id"])["manifest"]["source"]["commit"] == result["commit"]
+    assert target.show(listed.id).manifest["source"]["commit"] == result["commit"]
 
     # Activating the pulled pack gives the same weights, bit for bit, as activating the original.
     for registry, out in ((source, tmp_path / "a"), (target, tmp_path / "b")):
@@ -127,9 +127,9 @@ def test_pull_at_a_tag_and_at_a_commit_id(paper_pack, finetuned, tmp_path: Path)
         registry = Registry(tmp_path / f"r-{len(list(tmp_path.iterdir()))}")
         result = pull_pack(reference, registry=registry)
         [entry] = registry.list_packs()
-        assert entry["sha256"] == expected["sha256"], reference
-        source = registry.show(entry["id"])["manifest"]["source"]
-        assert source["commit"] == expected["commit"] == result["commit"]
+        assert entry.sha256 == expected["sha256"], reference
+        source = registry.show(entry.id).manifest["source"]
+        assert source["commit"] == expected["commit"] == result.commit
         assert source["revision"] == (reference.split("@")[1] if "@" in reference else "main")
 
 
@@ -138,7 +138,7 @@ def test_push_to_a_new_branch_and_pull_it(paper_pack, tmp_path: Path) -> None:
     branches = {b.name: b.target_commit for b in api().list_repo_refs("alice/branches").branches}
     assert branches["dev"] == result["commit"] and result["revision"] == "dev"
     registry = Registry(tmp_path / "r")
-    assert pull_pack("alice/branches@dev", registry=registry)["commit"] == result["commit"]
+    assert pull_pack("alice/branches@dev", registry=registry).commit == result["commit"]
 
 
 def test_pull_without_registering_writes_a_verified_pack(paper_pack, tmp_path: Path) -> None:
@@ -172,7 +172,7 @@ def test_push_a_lineage_of_three_packs_and_pull_it_in_order(registry_factory, th
                                                             tmp_path: Path) -> None:
     source = registry_factory()
     entries = [source.add(three_packs[t]) for t in ("shift", "reverse", "sort")]
-    source.set_task("shift-and-sort", [entries[0]["id"], entries[2]["id"]])
+    source.set_task("shift-and-sort", [entries[0].id, entries[2].id])
     repo = f"alice/lineage-{tmp_path.name[-12:]}"
     pushed = push_lineage(repo, registry=source)
     lineage = pushed["lineage"]
@@ -185,15 +185,15 @@ def test_push_a_lineage_of_three_packs_and_pull_it_in_order(registry_factory, th
 
     target = registry_factory()
     result = pull_pack(repo, registry=target)
-    assert [(p["path"], p["status"]) for p in result["packs"]] == [
+    assert [(p.path, p.status) for p in result.packs] == [
         ("shift-1.0.0", "added"), ("reverse-1.0.0", "added"), ("sort-1.0.0", "added")]
-    assert [(e["name"], e["sha256"], e["position"]) for e in target.list_packs()] == \
-        [(e["name"], e["sha256"], e["position"]) for e in source.list_packs()]
-    assert {t["name"]: t["packs"] for t in target.tasks()} == {t["name"]: t["packs"] for t in source.tasks()}
-    assert [e["kind"] for e in target.log()][-4:] == ["add", "add", "add", "task-set"]
+    assert [(e.name, e.sha256, e.position) for e in target.list_packs()] == \
+        [(e.name, e.sha256, e.position) for e in source.list_packs()]
+    assert {t.name: t.packs for t in target.tasks()} == {t.name: t.packs for t in source.tasks()}
+    assert [e.kind for e in target.log()][-4:] == ["add", "add", "add", "task-set"]
 
     # Pulling again adds nothing; every task activates to the same weights as in the source.
-    assert [p["status"] for p in pull_pack(repo, registry=target)["packs"]] == ["present"] * 3
+    assert [p.status for p in pull_pack(repo, registry=target).packs] == ["present"] * 3
     for task in ("reverse", "shift-and-sort"):
         source.activate(tmp_path / f"s-{task}", task=task, base_location=str(finetuned.base))
         target.activate(tmp_path / f"t-{task}", task=task, base_location=str(finetuned.base))
@@ -325,7 +325,7 @@ def test_a_killed_pull_leaves_nothing_that_doctor_does_not_clean(paper_pack, tmp
     assert len(registry.store.leftovers()) == 1  # the half-downloaded pull, outside the store proper
     report = registry.doctor(repair=True)
     assert registry.store.leftovers() == [] and report is not None
-    assert pull_pack("alice/killed", registry=registry)["packs"][0]["status"] == "added"
+    assert pull_pack("alice/killed", registry=registry).packs[0].status == "added"
 
 
 # --------------------------------------------------------------------------- authentication and Hub errors

@@ -13,6 +13,7 @@ from skillhub import apply_packs, load_pack
 from skillhub.errors import MismatchError, PackError
 from skillhub.io.checkpoint import Checkpoint, fingerprint
 from skillhub.errors import NotFoundError, RegistryError
+from skillhub.registry.results import TaskSet
 from skillhub.demo.synthetic import build_tiny_model
 
 from conftest import FineTune
@@ -28,21 +29,21 @@ def _same_bits(a: Path, b: Path) -> bool:
 
 
 def _add_all(registry, three_packs: dict[str, Path], finetuned: FineTune, tasks=("shift", "reverse", "sort")):
-    return {t: registry.add(three_packs[t], task=t, base_location=str(finetuned.base))["id"] for t in tasks}
+    return {t: registry.add(three_packs[t], task=t, base_location=str(finetuned.base)).id for t in tasks}
 
 
 def test_three_tasks_in_sequence(registry_factory, three_packs, finetuned: FineTune, tmp_path: Path) -> None:
     registry = registry_factory()
     ids = _add_all(registry, three_packs, finetuned)
     listed = registry.list_packs()
-    assert [p["id"] for p in listed] == [ids["shift"], ids["reverse"], ids["sort"]]
-    assert [p["position"] for p in listed] == [1, 2, 3]
-    assert {t["name"]: t["packs"] for t in registry.tasks()} == {t: [i] for t, i in ids.items()}
+    assert [p.id for p in listed] == [ids["shift"], ids["reverse"], ids["sort"]]
+    assert [p.position for p in listed] == [1, 2, 3]
+    assert {t.name: list(t.packs) for t in registry.tasks()} == {t: [i] for t, i in ids.items()}
     for task_name in ids:
         activated = registry.activate(tmp_path / f"act-{task_name}", task=task_name)
         applied = apply_packs(finetuned.base, [three_packs[task_name]], tmp_path / f"apply-{task_name}")
         assert _same_bits(activated, applied), task_name
-    assert [(e["kind"], e["pack"]) for e in registry.log()] == [
+    assert [(e.kind, e.pack) for e in registry.log()] == [
         ("base", None), ("add", ids["shift"]), ("add", ids["reverse"]), ("add", ids["sort"])]
 
 
@@ -61,24 +62,24 @@ def test_removal_is_exact_unlearning(registry_factory, three_packs, finetuned: F
         assert _same_bits(after, reference), task_name
     # The removed pack's own task falls back to the base model, bit for bit.
     assert _same_bits(registry.activate(tmp_path / "reverse", task="reverse"), finetuned.base)
-    assert not registry.store.path(registry.show(ids["reverse"])["sha256"]).exists()
-    assert [e["kind"] for e in registry.log()] == ["base", "add", "add", "add", "task-set", "remove", "purge"]
-    assert [p["id"] for p in registry.list_packs()] == [ids["shift"], ids["sort"]]
-    assert registry.list_packs(include_removed=True)[1]["state"] == "removed"
+    assert not registry.store.path(registry.show(ids["reverse"]).sha256).exists()
+    assert [e.kind for e in registry.log()] == ["base", "add", "add", "add", "task-set", "remove", "purge"]
+    assert [p.id for p in registry.list_packs()] == [ids["shift"], ids["sort"]]
+    assert registry.list_packs(include_removed=True)[1].state == "removed"
 
 
 def test_task_set_and_explicit_packs(registry_factory, three_packs, finetuned: FineTune, tmp_path: Path) -> None:
     registry = registry_factory()
     ids = _add_all(registry, three_packs, finetuned)
     result = registry.set_task("shift", [ids["sort"], ids["shift"]])
-    assert result == {"name": "shift", "explicit": True, "packs": [ids["shift"], ids["sort"]]}  # lineage order
+    assert result == TaskSet(name="shift", explicit=True, packs=(ids["shift"], ids["sort"]))  # lineage order
     activated = registry.activate(tmp_path / "a", task="shift")
     applied = apply_packs(finetuned.base, [three_packs["shift"], three_packs["sort"]], tmp_path / "b")
     assert _same_bits(activated, applied)
     by_ids = registry.activate(tmp_path / "c", packs=[ids["sort"][:6], ids["shift"]])
     assert _same_bits(by_ids, applied)
     event = registry.log()[-1]
-    assert (event["kind"], event["task"], event["detail"]) == ("task-set", "shift", {"packs": [ids["sort"], ids["shift"]]})
+    assert (event.kind, event.task, event.detail) == ("task-set", "shift", {"packs": [ids["sort"], ids["shift"]]})
 
 
 def test_activated_patches_in_place_and_restores_exact_bits(registry_factory, three_packs, finetuned: FineTune,
@@ -121,7 +122,7 @@ def test_pack_for_another_base_is_refused(registry_factory, three_packs, finetun
         registry.add(other.path, task="shift", base="base")
     assert registry.log() == before and len(registry.list_packs()) == 1
     entry = registry.add(other.path, task="shift", new_base=True)
-    assert entry["base"] == "other-base" and len(registry.list_packs()) == 2
+    assert entry.base == "other-base" and len(registry.list_packs()) == 2
     with pytest.raises(RegistryError, match="several base models"):
         registry.tasks()
 
@@ -154,14 +155,14 @@ def test_corrupt_blob_is_refused_and_reported(registry_factory, three_packs, fin
                                               tmp_path: Path) -> None:
     registry = registry_factory()
     ids = _add_all(registry, three_packs, finetuned, tasks=("shift", "sort"))
-    stored = registry.store.path(registry.show(ids["sort"])["sha256"]) / "skillpack.safetensors"
+    stored = registry.store.path(registry.show(ids["sort"]).sha256) / "skillpack.safetensors"
     data = bytearray(stored.read_bytes())
     data[100] ^= 0xFF
     stored.write_bytes(bytes(data))
     with pytest.raises(PackError, match="does not match its sha256"):
         registry.activate(tmp_path / "out", task="sort")
     report = registry.doctor()
-    assert not report["consistent"] and report["problems"][0]["pack"] == ids["sort"]
+    assert not report.consistent and report.problems[0]["pack"] == ids["sort"]
     assert registry.activate(tmp_path / "fine", task="shift").is_dir()  # the other task is unaffected
 
 
@@ -171,10 +172,10 @@ def test_doctor_finds_and_repairs_leftovers(registry_factory, three_packs, finet
     orphan = registry.store.put(load_pack(three_packs["sort"]))  # stored, never recorded: a crash before commit
     registry.store.incoming("pull")  # an interrupted pull
     report = registry.doctor()
-    assert report["consistent"] and report["orphans"] == [orphan] and len(report["leftovers"]) == 1
+    assert report.consistent and report.orphans == (orphan,) and len(report.leftovers) == 1
     repaired = registry.doctor(repair=True)
-    assert len(repaired["repaired"]) == 2 and registry.doctor()["orphans"] == []
-    assert registry.add(three_packs["sort"], task="sort")["state"] == "active"  # a retry after a crash succeeds
+    assert len(repaired.repaired) == 2 and registry.doctor().orphans == ()
+    assert registry.add(three_packs["sort"], task="sort").state == "active"  # a retry after a crash succeeds
 
 
 def test_schema_invalid_manifest_is_refused(registry_factory, three_packs, finetuned: FineTune,

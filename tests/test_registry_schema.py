@@ -84,9 +84,9 @@ def test_stored_first_version_registry_upgrades_with_its_rows(tmp_path: Path) ->
 
     registry = Registry(directory)
     assert applied_migrations(registry.engine) == migration_names()
-    assert [(p["id"], p["task"]) for p in registry.list_packs()] == [("0123456789ab", "math"), ("ba9876543210", "code")]
-    assert [e["kind"] for e in registry.log()] == ["add", "add"]
-    assert {t["name"]: t["packs"] for t in registry.tasks()} == {"math": ["0123456789ab"], "code": ["ba9876543210"]}
+    assert [(p.id, p.task) for p in registry.list_packs()] == [("0123456789ab", "math"), ("ba9876543210", "code")]
+    assert [e.kind for e in registry.log()] == ["add", "add"]
+    assert {t.name: t.packs for t in registry.tasks()} == {"math": ("0123456789ab",), "code": ("ba9876543210",)}
     with registry.engine.connect() as connection:
         columns = {c["name"] for c in sa.inspect(connection).get_columns("tasks")}
     assert {"eval_path", "eval_sha256", "metric"} <= columns

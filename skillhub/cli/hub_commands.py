@@ -84,10 +84,10 @@ def pull(ctx: click.Context, reference: str, folder: str | None, no_register: bo
     if as_json:
         emit_json(result)
         return
-    for pack in result["packs"]:
-        where = f" as {pack['entry']['id']}" if "entry" in pack else ""
-        click.echo(f"{pack['name']} {pack['version']}: {pack['status']}{where}")
-    click.echo(f"from {result['repo']}@{result['revision']} (commit {result['commit'][:12]})"
-               + (f" into {result['output']}" if "output" in result else ""))
-    if result.get("scores"):
-        print_scores(result["scores"])
+    for pack in result.packs:
+        where = f" as {pack.entry.id}" if pack.entry else ""
+        click.echo(f"{pack.name} {pack.version}: {pack.status}{where}")
+    click.echo(f"from {result.repo}@{result.revision} (commit {result.commit[:12]})"
+               + (f" into {result.output}" if result.output else ""))
+    if result.scores:
+        print_scores(result.scores)

@@ -79,8 +79,10 @@ def emit_json(document: Any) -> None:
     # (indentation forces the pure-Python one: 0.3 s for a 10,000-pack listing).
     import sys
 
+    from skillhub.registry.results import as_json
+
     indent = 2 if sys.stdout.isatty() else None
-    click.echo(json.dumps(document, indent=indent))
+    click.echo(json.dumps(as_json(document), indent=indent))
 
 
 def print_table(columns: list[str], rows: list[list[str]], title: str | None = None) -> None:

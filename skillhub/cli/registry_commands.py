@@ -9,6 +9,7 @@ import click
 
 from skillhub.cli.app import main, registry_of
 from skillhub.cli.options import compression_options, force_option, json_option
+from skillhub.cli.errors import plain
 from skillhub.cli.output import emit_json, format_forgetting, print_scores, print_table, progress_bar, wants_json
 from skillhub.compress.options import CompressionOptions
 from skillhub.errors import SkillhubError
@@ -48,16 +49,16 @@ def add(ctx: click.Context, pack: Path | None, from_models: tuple[str, str] | No
         raise click.UsageError("give either PACK or --from BASE TUNED")
     as_json = wants_json(ctx, as_json)
     with progress_bar(not as_json) as progress:
-        entry = add_and_score(registry_of(ctx), pack, from_models=from_models, task=task, base=base,
+        added = add_and_score(registry_of(ctx), pack, from_models=from_models, task=task, base=base,
                               new_base=new_base, base_location=base_location, compression=compression,
                               eval_file=eval_file, metric=metric, evaluate=not no_eval, progress=progress)
     if as_json:
-        emit_json(entry)
+        emit_json(added)
         return
-    click.echo(f"Added pack {entry['id']} ({entry['name']} {entry['version']}) for task {entry['task']} "
-               f"of base {entry['base']}")
-    if entry.get("scores"):
-        print_scores(entry["scores"])
+    entry = added.entry
+    click.echo(f"Added pack {entry.id} ({entry.name} {entry.version}) for task {entry.task} of base {entry.base}")
+    if added.scores:
+        print_scores(added.scores)
 
 
 @main.command("list")
@@ -72,8 +73,8 @@ def list_packs(ctx: click.Context, base: str | None, include_removed: bool, as_j
         emit_json(packs)
         return
     print_table(["id", "name", "version", "task", "base", "bytes", "ratio", "state"],
-                 [[p["id"], p["name"], p["version"], p["task"], p["base"], f"{p['bytes']:,}", f"{p['ratio']:.2%}",
-                   p["state"] + (" (purged)" if p["purged"] else "")] for p in packs])
+                 [[p.id, p.name, p.version, p.task, p.base, f"{p.bytes:,}", f"{p.ratio:.2%}",
+                   p.state + (" (purged)" if p.purged else "")] for p in packs])
 
 
 @main.command()
@@ -87,8 +88,8 @@ def show(ctx: click.Context, pack_id: str, as_json: bool) -> None:
         emit_json(entry)
         return
     for key in ("id", "name", "version", "task", "base", "state", "bytes", "ratio", "parent", "added_at", "path"):
-        click.echo(f"{key:>9}: {entry[key]}")
-    click.echo(f"{'in tasks':>9}: {', '.join(entry['in_tasks']) or '-'}")
+        click.echo(plain(f"{key:>9}: {getattr(entry, key)}"))
+    click.echo(f"{'in tasks':>9}: {', '.join(entry.in_tasks) or '-'}")
 
 
 @main.command()
@@ -102,9 +103,9 @@ def log(ctx: click.Context, base: str | None, as_json: bool) -> None:
         emit_json(events)
         return
     for e in events:
-        what = " ".join(f"{k}={v}" for k, v in e["detail"].items())
-        click.echo(f"{e['id']:>5} {e['at'][:19]} {e['base']} {e['kind']:<8} {e['pack'] or '-':<12} "
-                   f"{e['task'] or '-'} {what} ({e['actor']})")
+        what = " ".join(f"{k}={v}" for k, v in e.detail.items())
+        click.echo(plain(f"{e.id:>5} {e.at[:19]} {e.base} {e.kind:<8} {e.pack or '-':<12} {e.task or '-'} {what} "
+                         f"({e.actor})"))
 
 
 @main.group()
@@ -123,7 +124,7 @@ def task_list(ctx: click.Context, base: str | None, as_json: bool) -> None:
         emit_json(tasks)
         return
     print_table(["task", "activation set", "chosen"],
-                 [[t["name"], ", ".join(t["packs"]) or "(base only)", "explicit" if t["explicit"] else "default"]
+                 [[t.name, ", ".join(t.packs) or "(base only)", "explicit" if t.explicit else "default"]
                   for t in tasks])
 
 
@@ -141,7 +142,7 @@ def task_add(ctx: click.Context, name: str, eval_file: Path, metric: str, base: 
     if wants_json(ctx, as_json):
         emit_json(result)
     else:
-        click.echo(f"Task {name}: eval set {result['eval']} ({result['metric']}, sha256 {result['sha256'][:12]})")
+        click.echo(f"Task {name}: eval set {result.eval} ({result.metric}, sha256 {result.sha256[:12]})")
 
 
 @task.command("set")
@@ -157,7 +158,7 @@ def task_set(ctx: click.Context, name: str, packs: str, base: str | None, as_jso
     if wants_json(ctx, as_json):
         emit_json(result)
     else:
-        click.echo(f"Task {name}: {', '.join(result['packs']) or '(base only)'}")
+        click.echo(f"Task {name}: {', '.join(result.packs) or '(base only)'}")
 
 
 @main.command()
@@ -196,7 +197,7 @@ def remove(ctx: click.Context, pack_id: str, purge: bool, as_json: bool) -> None
     if wants_json(ctx, as_json):
         emit_json(entry)
     else:
-        click.echo(f"Removed pack {entry['id']} ({entry['name']} {entry['version']})" + (", files purged" if purge else ""))
+        click.echo(f"Removed pack {entry.id} ({entry.name} {entry.version})" + (", files purged" if purge else ""))
 
 
 @main.command()
@@ -209,18 +210,18 @@ def doctor(ctx: click.Context, repair: bool, as_json: bool) -> None:
     if wants_json(ctx, as_json):
         emit_json(report)
     else:
-        click.echo(f"{report['checked']} pack(s) checked: " + ("consistent" if report["consistent"] else "INCONSISTENT"))
-        for problem in report["problems"]:
+        click.echo(f"{report.checked} pack(s) checked: " + ("consistent" if report.consistent else "INCONSISTENT"))
+        for problem in report.problems:
             click.echo(f"  problem: pack {problem['pack']}: {problem['problem']}")
-        for orphan in report["orphans"]:
+        for orphan in report.orphans:
             click.echo(f"  leftover: stored pack {orphan[:12]} is not referenced (doctor --repair deletes it)")
-        for leftover in report["leftovers"]:
+        for leftover in report.leftovers:
             click.echo(f"  leftover: interrupted write {leftover} (doctor --repair deletes it)")
-        for done in report["repaired"]:
+        for done in report.repaired:
             click.echo(f"  repaired: {done}")
-        for left in report["kept"]:
+        for left in report.kept:
             click.echo(f"  kept: {left}")
-    if not report["consistent"]:
+    if not report.consistent:
         ctx.exit(1)
 
 

@@ -104,7 +104,7 @@ def run_demo(
         "matrices": result,
         "removal": {"task": removed, "pack": pack_ids[removed], "base": base_scores[1], "before": before,
                     "after": after},
-        "packs": {t: {"id": i, "ratio": registry.show(i)["ratio"]} for t, i in pack_ids.items()},
+        "packs": {t: {"id": i, "ratio": registry.show(i).ratio} for t, i in pack_ids.items()},
         "paths": {"registry": str(registry.url), "packs": str(workdir / "packs"), "base": str(base),
                   "plot": str(plot) if plot else None},
     }
@@ -124,6 +124,6 @@ def _add_in_sequence(registry: Registry, base: Path, data: dict[str, Any], workd
         if number == 0:  # the first add registers the base; now every task can get its eval set
             for each in DEMO_TASKS:
                 registry.add_task(each, write_jsonl(data[each][1], workdir / "packs" / f"{each}-eval.jsonl"))
-        evaluate_tasks(registry, step=entry["event"], progress=progress)
-        pack_ids[task] = entry["id"]
+        evaluate_tasks(registry, step=entry.event, progress=progress)
+        pack_ids[task] = entry.id
     return pack_ids

@@ -24,6 +24,7 @@ from skillhub.evaluation.metrics import DEFINITIONS, continual_metrics
 from skillhub.evaluation.scoring import score
 from skillhub.progress import ProgressCallback, no_progress, quiet_transformers
 from skillhub.registry.front import Registry
+from skillhub.registry.results import EvalRecord, Scored
 
 if TYPE_CHECKING:
     from skillhub.pack.format import SkillPack
@@ -36,7 +37,7 @@ def add_and_score(registry: Registry, pack: str | os.PathLike[str] | SkillPack |
                   new_base: bool = False, base_location: str | None = None,
                   compression: CompressionOptions = CompressionOptions(), eval_file: str | os.PathLike[str] | None = None,
                   metric: str = "exact_match", evaluate: bool = True,
-                  progress: ProgressCallback = no_progress) -> dict[str, Any]:
+                  progress: ProgressCallback = no_progress) -> Scored:
     """One step of continual learning: add a pack (or create it from a fine-tune first), give its
     task an eval set, and score every task with one (the forgetting measured at this addition).
 
@@ -52,7 +53,7 @@ def add_and_score(registry: Registry, pack: str | os.PathLike[str] | SkillPack |
         progress: Progress callback.
 
     Returns:
-        The pack's registry entry, with ``scores`` when evaluated.
+        The pack's registry entry and, when evaluated, the scores recorded at its addition.
     """
     if (pack is None) == (from_models is None):
         raise SkillhubError("give either a pack or from_models=(BASE, TUNED)")
@@ -69,10 +70,9 @@ def add_and_score(registry: Registry, pack: str | os.PathLike[str] | SkillPack |
     else:
         entry = registry.add(pack, task=task, base=base, new_base=new_base, base_location=base_location)
     if eval_file is not None:
-        registry.add_task(task, eval_file, metric=metric, base=entry["base"])
-    if evaluate:
-        entry["scores"] = evaluate_tasks(registry, base=entry["base"], step=entry["event"], progress=progress)
-    return entry
+        registry.add_task(task, eval_file, metric=metric, base=entry.base)
+    scores = evaluate_tasks(registry, base=entry.base, step=entry.event, progress=progress) if evaluate else []
+    return Scored(entry=entry, scores=tuple(scores))
 
 
 def evaluate_tasks(registry: Registry, *, base: str | None = None, task: str | None = None,
@@ -96,11 +96,11 @@ def evaluate_tasks(registry: Registry, *, base: str | None = None, task: str | N
     sets = registry.eval_sets(base=base, task=task)
     if not sets:
         return []
-    examples = {s["name"]: load_eval_set(s["path"], s["metric"]) for s in sets}
-    active = [p["id"] for p in registry.list_packs(base=base)]
-    tasks = {t["name"]: t["packs"] for t in registry.tasks(base=base)}
+    examples = {s.name: load_eval_set(s.path, s.metric) for s in sets}
+    active = [p.id for p in registry.list_packs(base=base)]
+    tasks = {t.name: list(t.packs) for t in registry.tasks(base=base)}
     base_entry, _ = registry.activation_set(packs=[], base=base)
-    location = base_location or base_entry["location"]
+    location = base_location or base_entry.location
     with quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(location, dtype="auto")
         tokenizer = AutoTokenizer.from_pretrained(location)
@@ -112,13 +112,13 @@ def evaluate_tasks(registry: Registry, *, base: str | None = None, task: str | N
         nonlocal done
         with registry.activated(model, packs=chosen, base=base, verify=False):
             for name in names:
-                metric = next(s["metric"] for s in sets if s["name"] == name)
+                metric = next(s.metric for s in sets if s.name == name)
                 records.append({"task": name, "policy": policy, "metric": metric,
                                 "score": score(model, tokenizer, examples[name], metric)})
                 done += 1
                 progress("evaluate", done, total)
 
-    names = [s["name"] for s in sets]
+    names = [s.name for s in sets]
     measure("base", [], names)
     measure("fused", active, names)
     for name in names:
@@ -127,8 +127,8 @@ def evaluate_tasks(registry: Registry, *, base: str | None = None, task: str | N
     return records
 
 
-def _higher_is_better(record: dict[str, Any]) -> float:
-    return record["score"] if record["metric"] == "exact_match" else -record["score"]
+def _higher_is_better(record: EvalRecord) -> float:
+    return record.score if record.metric == "exact_match" else -record.score
 
 
 def accuracy_matrices(registry: Registry, *, base: str | None = None) -> dict[str, Any]:
@@ -140,26 +140,26 @@ def accuracy_matrices(registry: Registry, *, base: str | None = None) -> dict[st
     records = registry.scores(base=base)
     steps: list[tuple[int, str]] = []  # (step, task learned there), first pack of each task
     for record in records:
-        if record["event"] == "add" and record["event_task"] not in [t for _, t in steps]:
-            steps.append((record["step"], record["event_task"]))
-    evaluated = {r["task"] for r in records}
+        if record.event == "add" and record.event_task not in [t for _, t in steps]:
+            steps.append((record.step, record.event_task))
+    evaluated = {r.task for r in records}
     order = [t for _, t in steps if t in evaluated]
     steps = [(s, t) for s, t in steps if t in evaluated]
     if not order:
         raise RegistryError("no task has been scored at its addition yet: give tasks eval sets "
                             "(`skillhub task add T --eval FILE`) and add their packs without --no-eval")
-    table = {(r["step"], r["task"], r["policy"]): r for r in records}
+    table = {(r.step, r.task, r.policy): r for r in records}
 
-    def cell(step: int, task: str, policy: str) -> dict[str, Any] | None:
+    def cell(step: int, task: str, policy: str) -> EvalRecord | None:
         return table.get((step, task, policy))
 
     result: dict[str, Any] = {"tasks": order, "definitions": DEFINITIONS, "policies": {}}
     learned_at = {task: step for step, task in steps}
     base_records = [cell(learned_at[task], task, "base") for task in order]
-    result["base"] = [r["score"] if r else None for r in base_records]
+    result["base"] = [r.score if r else None for r in base_records]
     for policy in POLICIES:
         cells = [[cell(step, task, policy) for task in order] for step, _ in steps]
-        matrix = [[c["score"] if c else None for c in row] for row in cells]
+        matrix = [[c.score if c else None for c in row] for row in cells]
         complete = all(c is not None for row in cells for c in row) and all(base_records)
         metrics = None
         if complete:

@@ -21,12 +21,13 @@ from skillhub.errors import PackError
 from skillhub.io.outputs import interrupted_writes, remove_interrupted
 from skillhub.pack.manifest import TENSORS_FILE
 from skillhub.registry.database import Database
+from skillhub.registry.results import DoctorReport
 from skillhub.registry.store import PackStore
 from skillhub.registry.tables import PackRow
 
 
-def doctor(db: Database, store: PackStore, *, repair: bool) -> dict[str, Any]:
-    """See the module docstring; returns consistent, checked, problems, orphans, leftovers, repaired, kept."""
+def doctor(db: Database, store: PackStore, *, repair: bool) -> DoctorReport:
+    """See the module docstring."""
     if repair:
         db.require_writable()
     with db.session() as session:
@@ -46,15 +47,9 @@ def doctor(db: Database, store: PackStore, *, repair: bool) -> dict[str, Any]:
     writes = interrupted_writes()
     leftovers = [str(p) for p in store.leftovers()] + [p for write in writes for p in write["leftovers"]]
     repaired, kept = _repair(store, orphans, writes) if repair else ([], [])
-    return {
-        "consistent": not problems,
-        "checked": checked,
-        "problems": problems,
-        "orphans": [] if repair else orphans,
-        "leftovers": [] if repair else leftovers,
-        "repaired": repaired,
-        "kept": kept,
-    }
+    return DoctorReport(consistent=not problems, checked=checked, problems=tuple(problems),
+                        orphans=() if repair else tuple(orphans), leftovers=() if repair else tuple(leftovers),
+                        repaired=tuple(repaired), kept=tuple(kept))
 
 
 def _repair(store: PackStore, orphans: list[str], writes: list[dict[str, Any]]) -> tuple[list[str], list[str]]:

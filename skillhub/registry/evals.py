@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from skillhub.registry.database import Database, find_base, log_event, now
+from skillhub.registry.results import EvalRecord
 from skillhub.registry.tables import EvalRecordRow, EventRow
 
 
@@ -24,11 +25,11 @@ def record_scores(db: Database, records: list[dict[str, Any]], *, base: str | No
         return step
 
 
-def scores(db: Database, *, base: str | None) -> list[dict[str, Any]]:
+def scores(db: Database, *, base: str | None) -> list[EvalRecord]:
     """Every evaluation record with the event it belongs to, oldest first."""
     with db.session() as session:
         base_row = find_base(session, base)
         query = (select(EvalRecordRow, EventRow).join(EventRow, EvalRecordRow.step == EventRow.id)
                  .where(EvalRecordRow.base_id == base_row.id).order_by(EvalRecordRow.step, EvalRecordRow.id))
-        return [{"step": r.step, "event": e.kind, "event_task": e.task, "task": r.task, "policy": r.policy,
-                 "metric": r.metric, "score": r.score} for r, e in session.execute(query)]
+        return [EvalRecord(step=r.step, event=e.kind, event_task=e.task, task=r.task, policy=r.policy,
+                           metric=r.metric, score=r.score) for r, e in session.execute(query)]

@@ -29,6 +29,18 @@ from skillhub.registry import doctor as doctor_checks
 from skillhub.registry import evals, lineage
 from skillhub.registry import tasks as task_store
 from skillhub.registry.database import STORE_DIR, Database, display
+from skillhub.registry.results import (
+    AddedPack,
+    BaseEntry,
+    DoctorReport,
+    EvalRecord,
+    EvalSet,
+    Event,
+    PackDetails,
+    PackEntry,
+    TaskEval,
+    TaskSet,
+)
 from skillhub.registry.store import PackStore
 from skillhub.registry.tables import BaseModelRow
 
@@ -83,7 +95,7 @@ class Registry:
     # ------------------------------------------------------------------ the lineage
 
     def add(self, pack: str | os.PathLike[str] | SkillPack, *, task: str | None = None, base: str | None = None,
-            new_base: bool = False, base_location: str | None = None) -> dict[str, Any]:
+            new_base: bool = False, base_location: str | None = None) -> AddedPack:
         """Add a pack (verified, decoded once, stored by content) to the lineage of its base model.
 
         Args:
@@ -107,7 +119,7 @@ class Registry:
     def add_lineage(self, packs: Sequence[str | os.PathLike[str] | SkillPack], *,
                     tasks: Sequence[str | None] | None = None, task_sets: Mapping[str, Sequence[str]] | None = None,
                     base: str | None = None, new_base: bool = False, base_location: str | None = None,
-                    adopt: bool = False) -> list[dict[str, Any]]:
+                    adopt: bool = False) -> list[AddedPack]:
         """Add packs of one base model in lineage order, all or none (one transaction).
 
         Args:
@@ -143,40 +155,40 @@ class Registry:
         with self.db.session() as session:
             lineage.match_base(list(session.scalars(select(BaseModelRow))), recorded, base=base, new_base=new_base)
 
-    def remove(self, pack_id: str, *, purge: bool = False) -> dict[str, Any]:
+    def remove(self, pack_id: str, *, purge: bool = False) -> PackEntry:
         """Unlearn a pack: drop it from the lineage's active packs and every activation set.
 
         With ``purge`` its files are deleted from the store as well.
         """
         return lineage.remove(self.db, self.store, pack_id, purge=purge)
 
-    def list_packs(self, *, base: str | None = None, include_removed: bool = False) -> list[dict[str, Any]]:
+    def list_packs(self, *, base: str | None = None, include_removed: bool = False) -> list[PackEntry]:
         """Packs in lineage order (oldest first)."""
         return lineage.list_packs(self.db, base=base, include_removed=include_removed)
 
-    def show(self, pack_id: str) -> dict[str, Any]:
+    def show(self, pack_id: str) -> PackDetails:
         """One pack's entry, with its manifest and the tasks whose activation set holds it."""
         return lineage.show(self.db, self.store, pack_id)
 
-    def log(self, *, base: str | None = None) -> list[dict[str, Any]]:
+    def log(self, *, base: str | None = None) -> list[Event]:
         """The lineage event log, oldest first."""
         return lineage.log(self.db, base=base)
 
     # ------------------------------------------------------------------ tasks
 
-    def tasks(self, *, base: str | None = None) -> list[dict[str, Any]]:
+    def tasks(self, *, base: str | None = None) -> list[TaskSet]:
         """Every task of a base with its activation set S_t (pack ids in lineage order)."""
         from skillhub.registry.database import find_base
 
         with self.db.session() as session:
             return task_store.task_sets(session, find_base(session, base))
 
-    def set_task(self, task: str, pack_ids: Sequence[str], *, base: str | None = None) -> dict[str, Any]:
+    def set_task(self, task: str, pack_ids: Sequence[str], *, base: str | None = None) -> TaskSet:
         """Make S_t exactly ``pack_ids`` (an empty list: the base model alone)."""
         return task_store.set_task(self.db, task, pack_ids, base=base)
 
     def add_task(self, name: str, eval_path: str | os.PathLike[str], *, metric: str = "exact_match",
-                 base: str | None = None) -> dict[str, Any]:
+                 base: str | None = None) -> TaskEval:
         """Give task ``name`` an eval set (its sha256 is kept, so a changed file is noticed).
 
         Raises:
@@ -184,7 +196,7 @@ class Registry:
         """
         return task_store.add_eval_set(self.db, name, eval_path, metric=metric, base=base)
 
-    def eval_sets(self, *, base: str | None = None, task: str | None = None) -> list[dict[str, Any]]:
+    def eval_sets(self, *, base: str | None = None, task: str | None = None) -> list[EvalSet]:
         """Tasks with an eval set, checked against the sha256 recorded when they were added.
 
         Raises:
@@ -199,14 +211,14 @@ class Registry:
         """Store evaluation records at lineage step ``step`` (default: a new ``eval`` event); returns the step."""
         return evals.record_scores(self.db, records, base=base, step=step)
 
-    def scores(self, *, base: str | None = None) -> list[dict[str, Any]]:
+    def scores(self, *, base: str | None = None) -> list[EvalRecord]:
         """Every evaluation record with the event it belongs to, oldest first."""
         return evals.scores(self.db, base=base)
 
     # ------------------------------------------------------------------ activation
 
     def activation_set(self, *, task: str | None = None, packs: Sequence[str] | None = None,
-                       base: str | None = None) -> tuple[dict[str, Any], list[SkillPack]]:
+                       base: str | None = None) -> tuple[BaseEntry, list[SkillPack]]:
         """The base entry and the opened packs of S_t (or of an explicit list), in lineage order."""
         base_entry, addresses = task_store.activation_rows(self.db, task=task, packs=packs, base=base)
         return base_entry, [self.store.open(sha) for sha in addresses]
@@ -218,7 +230,7 @@ class Registry:
         from skillhub.activation import apply_packs
 
         base_entry, opened = self.activation_set(task=task, packs=packs, base=base)
-        location = base_location or base_entry["location"]
+        location = base_location or base_entry.location
         return apply_packs(location, opened, output, force=force, progress=progress,
                            protect=[location if Path(location).exists() else None, self.store.root,
                                     None if "://" in self.url else self.url])
@@ -236,7 +248,7 @@ class Registry:
 
         base_entry, opened = self.activation_set(task=task, packs=packs, base=base)
         if verify:
-            check_model_is_base(model, base_entry["fingerprint"], base_entry["name"])
+            check_model_is_base(model, base_entry.fingerprint, base_entry.name)
         with patched(model, opened):
             yield model
 
@@ -249,11 +261,11 @@ class Registry:
         from skillhub.activation import check_model_is_base
 
         base_entry, _ = self.activation_set(packs=[], base=base)
-        check_model_is_base(model, base_entry["fingerprint"], base_entry["name"])
+        check_model_is_base(model, base_entry.fingerprint, base_entry.name)
 
     # ------------------------------------------------------------------ consistency
 
-    def doctor(self, *, repair: bool = False) -> dict[str, Any]:
+    def doctor(self, *, repair: bool = False) -> DoctorReport:
         """Check every stored pack against the database; with ``repair``, remove leftovers that
         provably are skillhub's (see :mod:`skillhub.registry.doctor`)."""
         return doctor_checks.doctor(self.db, self.store, repair=repair)

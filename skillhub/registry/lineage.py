@@ -18,6 +18,7 @@ from sqlmodel import Session
 from skillhub.errors import MismatchError, RegistryError
 from skillhub.pack.names import base_name_from, check_name
 from skillhub.registry.database import Database, find_base, find_pack, log_event, now
+from skillhub.registry.results import AddedPack, Event, PackDetails, PackEntry
 from skillhub.registry.store import PackStore
 from skillhub.registry.tables import BaseModelRow, EventRow, PackRow, TaskPackRow
 from skillhub.registry.tasks import ensure_task, replace_task_set, task_sets
@@ -33,12 +34,13 @@ PACK_FIELDS = {
 }
 
 
-def describe(row: PackRow, base: BaseModelRow | None = None) -> dict[str, Any]:
+def describe(row: PackRow, base: BaseModelRow) -> PackEntry:
     """A pack's registry entry."""
-    described = {field: getattr(row, column.key) for field, column in PACK_FIELDS.items()}
-    if base is not None:
-        described["base"] = base.name
-    return described
+    return PackEntry(**_fields(row), base=base.name)
+
+
+def _fields(row: PackRow) -> dict[str, Any]:
+    return {field: getattr(row, column.key) for field, column in PACK_FIELDS.items()}
 
 
 def match_base(bases: list[BaseModelRow], recorded: Mapping[str, Any], *, base: str | None,
@@ -66,7 +68,7 @@ def match_base(bases: list[BaseModelRow], recorded: Mapping[str, Any], *, base: 
 
 def add_lineage(db: Database, store: PackStore, packs: Sequence[SkillPack], *, tasks: Sequence[str | None],
                 task_sets_by_sha: Mapping[str, Sequence[str]], base: str | None, new_base: bool,
-                base_location: str | None, adopt: bool) -> list[dict[str, Any]]:
+                base_location: str | None, adopt: bool) -> list[AddedPack]:
     """See :meth:`skillhub.registry.Registry.add_lineage`."""
     tasks = [check_name(t, "task") if t is not None else None for t in tasks]
     for pack in packs:
@@ -90,7 +92,7 @@ def add_lineage(db: Database, store: PackStore, packs: Sequence[SkillPack], *, t
             if None in rows:
                 raise RegistryError(f"the activation set of task {task_name!r} names a pack that is not registered")
             replace_task_set(session, base_row, task_name, rows)
-        return [{**describe(row, base_row), "event": event.id} for row, event in added]
+        return [AddedPack(**_fields(row), base=base_row.name, event=event.id) for row, event in added]
 
 
 def _new_base(session: Session, recorded: Mapping[str, Any], base: str | None,
@@ -141,7 +143,7 @@ def _parent_id(session: Session, pack: SkillPack) -> str | None:
     return row.id if row else None
 
 
-def remove(db: Database, store: PackStore, pack_id: str, *, purge: bool) -> dict[str, Any]:
+def remove(db: Database, store: PackStore, pack_id: str, *, purge: bool) -> PackEntry:
     """See :meth:`skillhub.registry.Registry.remove`."""
     with db.session(write=True) as session:
         row = find_pack(session, pack_id)
@@ -159,11 +161,11 @@ def remove(db: Database, store: PackStore, pack_id: str, *, purge: bool) -> dict
             log_event(session, base, "purge", pack=row.id, task=row.task, sha256=row.sha256)
         described = describe(row, base)
     if purge:
-        store.delete(described["sha256"])
+        store.delete(described.sha256)
     return described
 
 
-def list_packs(db: Database, *, base: str | None, include_removed: bool) -> list[dict[str, Any]]:
+def list_packs(db: Database, *, base: str | None, include_removed: bool) -> list[PackEntry]:
     """Packs in lineage order (oldest first)."""
     with db.session() as session:
         # Plain column rows: building an ORM object per pack costs more than the query itself.
@@ -173,22 +175,20 @@ def list_packs(db: Database, *, base: str | None, include_removed: bool) -> list
         if not include_removed:
             query = query.where(PackRow.state == "active")
         keys = (*PACK_FIELDS, "base")
-        return [dict(zip(keys, row)) for row in session.execute(query.order_by(PackRow.position))]
+        return [PackEntry(**dict(zip(keys, row))) for row in session.execute(query.order_by(PackRow.position))]
 
 
-def show(db: Database, store: PackStore, pack_id: str) -> dict[str, Any]:
+def show(db: Database, store: PackStore, pack_id: str) -> PackDetails:
     """One pack's entry, with its manifest and the tasks whose activation set holds it."""
     with db.session() as session:
         row = find_pack(session, pack_id)
         base = session.get(BaseModelRow, row.base_id)
-        described = describe(row, base)
-        described["manifest"] = json.loads(row.manifest)
-        described["in_tasks"] = [t["name"] for t in task_sets(session, base) if row.id in t["packs"]]
-        described["path"] = str(store.path(row.sha256)) if not row.purged else None
-        return described
+        return PackDetails(**_fields(row), base=base.name, manifest=json.loads(row.manifest),
+                           in_tasks=tuple(t.name for t in task_sets(session, base) if row.id in t.packs),
+                           path=str(store.path(row.sha256)) if not row.purged else None)
 
 
-def log(db: Database, *, base: str | None) -> list[dict[str, Any]]:
+def log(db: Database, *, base: str | None) -> list[Event]:
     """The lineage event log, oldest first."""
     with db.session() as session:
         query = select(EventRow.id, BaseModelRow.name, EventRow.kind, EventRow.pack_id, EventRow.task,
@@ -196,7 +196,6 @@ def log(db: Database, *, base: str | None) -> list[dict[str, Any]]:
         if base is not None:
             query = query.where(EventRow.base_id == find_base(session, base).id)
         return [
-            {"id": id_, "base": base_name, "kind": kind, "pack": pack, "task": task, "detail": json.loads(detail),
-             "actor": actor, "at": at}
+            Event(id=id_, base=base_name, kind=kind, pack=pack, task=task, detail=json.loads(detail), actor=actor, at=at)
             for id_, base_name, kind, pack, task, detail, actor, at in session.execute(query.order_by(EventRow.id))
         ]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy import select
 from sqlmodel import Session
@@ -17,6 +16,7 @@ from sqlmodel import Session
 from skillhub.errors import NotFoundError, RegistryError
 from skillhub.pack.names import check_name
 from skillhub.registry.database import Database, find_base, find_pack, log_event
+from skillhub.registry.results import BaseEntry, EvalSet, TaskEval, TaskSet
 from skillhub.registry.tables import BaseModelRow, PackRow, TaskPackRow, TaskRow
 
 
@@ -31,7 +31,7 @@ def ensure_task(session: Session, base: BaseModelRow, name: str) -> TaskRow:
     return row
 
 
-def task_sets(session: Session, base: BaseModelRow) -> list[dict[str, Any]]:
+def task_sets(session: Session, base: BaseModelRow) -> list[TaskSet]:
     """Every task of ``base`` with its activation set (pack ids in lineage order)."""
     active = list(session.scalars(
         select(PackRow).where(PackRow.base_id == base.id, PackRow.state == "active").order_by(PackRow.position)))
@@ -41,7 +41,7 @@ def task_sets(session: Session, base: BaseModelRow) -> list[dict[str, Any]]:
     tasks = []
     for task in session.scalars(select(TaskRow).where(TaskRow.base_id == base.id).order_by(TaskRow.name)):
         chosen = members.get(task.id, set()) if task.explicit else {p.id for p in active if p.task == task.name}
-        tasks.append({"name": task.name, "explicit": task.explicit, "packs": [p.id for p in active if p.id in chosen]})
+        tasks.append(TaskSet(name=task.name, explicit=task.explicit, packs=tuple(p.id for p in active if p.id in chosen)))
     return tasks
 
 
@@ -60,16 +60,16 @@ def replace_task_set(session: Session, base_row: BaseModelRow, task: str, packs:
     log_event(session, base_row, "task-set", task=task, packs=[p.id for p in packs])
 
 
-def set_task(db: Database, task: str, pack_ids: Sequence[str], *, base: str | None) -> dict[str, Any]:
+def set_task(db: Database, task: str, pack_ids: Sequence[str], *, base: str | None) -> TaskSet:
     """See :meth:`skillhub.registry.Registry.set_task`."""
     with db.session(write=True) as session:
         base_row = find_base(session, base)
         replace_task_set(session, base_row, task, [find_pack(session, p) for p in pack_ids])
-        return next(t for t in task_sets(session, base_row) if t["name"] == task)
+        return next(t for t in task_sets(session, base_row) if t.name == task)
 
 
 def activation_rows(db: Database, *, task: str | None, packs: Sequence[str] | None,
-                    base: str | None) -> tuple[dict[str, Any], list[str]]:
+                    base: str | None) -> tuple[BaseEntry, list[str]]:
     """The base entry and the store addresses of S_t (or of an explicit list), in lineage order."""
     if (task is None) == (packs is None):
         raise RegistryError("give exactly one of a task or a list of packs")
@@ -77,22 +77,21 @@ def activation_rows(db: Database, *, task: str | None, packs: Sequence[str] | No
         base_row = find_base(session, base)
         if task is not None:
             sets = task_sets(session, base_row)
-            found = next((t for t in sets if t["name"] == task), None)
+            found = next((t for t in sets if t.name == task), None)
             if found is None:
-                raise NotFoundError("task", task, known=[t["name"] for t in sets], where=f"for base {base_row.name}")
-            ids = found["packs"]
+                raise NotFoundError("task", task, known=[t.name for t in sets], where=f"for base {base_row.name}")
+            ids = found.packs
         else:
             ids = [find_pack(session, p).id for p in packs]
         rows = sorted((find_pack(session, i) for i in ids), key=lambda r: r.position)
         for row in rows:
             if row.state != "active" or row.base_id != base_row.id:
                 raise RegistryError(f"pack {row.id} is not an active pack of base {base_row.name}")
-        base_entry = {"name": base_row.name, "location": base_row.location, "fingerprint": base_row.fingerprint}
-        return base_entry, [r.sha256 for r in rows]
+        return BaseEntry(base_row.name, base_row.location, base_row.fingerprint), [r.sha256 for r in rows]
 
 
 def add_eval_set(db: Database, name: str, eval_path: str | os.PathLike[str], *, metric: str,
-                 base: str | None) -> dict[str, Any]:
+                 base: str | None) -> TaskEval:
     """See :meth:`skillhub.registry.Registry.add_task`."""
     from skillhub.evaluation.datasets import load_eval_set
     from skillhub.pack.format import sha256_file
@@ -105,10 +104,10 @@ def add_eval_set(db: Database, name: str, eval_path: str | os.PathLike[str], *, 
         row = ensure_task(session, base_row, name)
         row.eval_path, row.eval_sha256, row.metric = str(path), digest, metric
         log_event(session, base_row, "task-add", task=name, eval=str(path), sha256=digest, metric=metric)
-        return {"name": name, "eval": str(path), "sha256": digest, "metric": metric}
+        return TaskEval(name=name, eval=str(path), sha256=digest, metric=metric)
 
 
-def eval_sets(db: Database, *, base: str | None, task: str | None) -> list[dict[str, Any]]:
+def eval_sets(db: Database, *, base: str | None, task: str | None) -> list[EvalSet]:
     """See :meth:`skillhub.registry.Registry.eval_sets`."""
     from skillhub.pack.format import sha256_file
 
@@ -128,5 +127,5 @@ def eval_sets(db: Database, *, base: str | None, task: str | None) -> list[dict[
                 f"the eval file of task {row.name} ({path}) changed or vanished since it was added; "
                 f"register it again with `skillhub task add {row.name} --eval FILE`"
             )
-        sets.append({"name": row.name, "path": path, "metric": row.metric})
+        sets.append(EvalSet(name=row.name, path=path, metric=row.metric))
     return sets

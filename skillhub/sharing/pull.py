@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +21,7 @@ from skillhub import config
 from skillhub.errors import HubError, PackError
 from skillhub.pack.manifest import MANIFEST_FILE, TENSORS_FILE, validate_manifest
 from skillhub.progress import ProgressCallback, no_progress
+from skillhub.registry.results import PackEntry, Result
 from skillhub.sharing.common import (
     LINEAGE_FILE,
     MAX_LINEAGE_BYTES,
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
 def pull_pack(reference: str, *, registry: Registry | None = None, path: str | None = None, register: bool = True,
               output: str | os.PathLike[str] | None = None, force: bool = False, base: str | None = None,
               new_base: bool = False, base_location: str | None = None, evaluate: bool = False,
-              progress: ProgressCallback = no_progress) -> dict[str, Any]:
+              progress: ProgressCallback = no_progress) -> PullResult:
     """Pull a pack, or a whole lineage, from the Hub.
 
     Args:
@@ -88,12 +89,12 @@ def pull_pack(reference: str, *, registry: Registry | None = None, path: str | N
                                      base_location=base_location, progress=progress)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    added = [p["entry"] for p in result["packs"] if p["status"] == "added"]
+    added = result.added
     if added and evaluate:
         from skillhub.evaluation.forgetting import evaluate_tasks
 
-        result["scores"] = evaluate_tasks(registry, base=added[-1]["base"], step=added[-1]["event"],
-                                          progress=progress)
+        scores = evaluate_tasks(registry, base=added[-1].base, step=added[-1].event, progress=progress)
+        result = replace(result, scores=tuple(scores))
     return result
 
 
@@ -195,8 +196,36 @@ def _download_pack(at: Snapshot, pack_folder: str, manifest: dict[str, Any], tar
     return load_pack(target, verify=False, checked_manifest=manifest)
 
 
+@dataclass(frozen=True)
+class PulledPack(Result):
+    """One pack of a pull: its folder in the repo, and what happened to it."""
+
+    path: str
+    name: str
+    version: str
+    status: str  # "added", "present" (already registered) or "downloaded" (--no-register)
+    entry: PackEntry | None = None
+
+
+@dataclass(frozen=True)
+class PullResult(Result):
+    """What a pull fetched, from which commit, and where it went."""
+
+    repo: str
+    revision: str
+    commit: str
+    packs: tuple[PulledPack, ...]
+    output: str | None = None  # --no-register: the directory written
+    scores: tuple[dict[str, Any], ...] = ()
+
+    @property
+    def added(self) -> list[PackEntry]:
+        """Registry entries of the packs this pull added, in lineage order."""
+        return [p.entry for p in self.packs if p.status == "added" and p.entry is not None]
+
+
 def _pull_to_directory(at: Snapshot, folder: str, plan: _Plan, output: str | os.PathLike[str] | None, *,
-                       force: bool, progress: ProgressCallback) -> dict[str, Any]:
+                       force: bool, progress: ProgressCallback) -> PullResult:
     from skillhub.io.outputs import staged_directory
 
     default = at.repo_id.split("/")[1] if plan.lineage is not None else plan.packs[0][1]["name"]
@@ -206,42 +235,38 @@ def _pull_to_directory(at: Snapshot, folder: str, plan: _Plan, output: str | os.
         for pack_folder, manifest in plan.packs:
             target = staging / pack_folder if plan.lineage is not None else staging
             _download_pack(at, join(folder, pack_folder), manifest, target, progress)
-            packs.append({"path": pack_folder, "name": manifest["name"], "version": manifest["version"],
-                          "status": "downloaded"})
-    return {"repo": at.repo_id, "revision": at.revision, "commit": at.commit, "packs": packs, "output": str(output)}
+            packs.append(PulledPack(pack_folder, manifest["name"], manifest["version"], "downloaded"))
+    return PullResult(at.repo_id, at.revision, at.commit, tuple(packs), output=str(output))
 
 
 def _pull_into_registry(at: Snapshot, folder: str, plan: _Plan, staging: Path, registry: Registry, *,
                         base: str | None, new_base: bool, base_location: str | None,
-                        progress: ProgressCallback) -> dict[str, Any]:
+                        progress: ProgressCallback) -> PullResult:
     packs, opened, tasks = [], [], []
     for index, (pack_folder, manifest) in enumerate(plan.packs):
-        summary = {"path": pack_folder, "name": manifest["name"], "version": manifest["version"]}
-        sha256 = manifest["files"][TENSORS_FILE]["sha256"]
-        present = _registered(registry, sha256)
+        summary = (pack_folder, manifest["name"], manifest["version"])
+        present = _registered(registry, manifest["files"][TENSORS_FILE]["sha256"])
         if present is not None:
-            packs.append({**summary, "status": "present", "entry": present})
+            packs.append(PulledPack(*summary, "present", present))
             continue
         opened.append(_download_pack(at, join(folder, pack_folder), manifest, staging / f"{index:04d}", progress))
         tasks.append(plan.lineage["packs"][index]["task"] if plan.lineage is not None else None)
-        packs.append({**summary, "status": "added"})
+        packs.append(PulledPack(*summary, "added"))
     task_sets = {}
     if plan.lineage is not None:
         sha_of = {p["path"]: p["sha256"] for p in plan.lineage["packs"]}
         task_sets = {task: [sha_of[f] for f in members] for task, members in plan.lineage["tasks"].items()}
     entries = iter(registry.add_lineage(opened, tasks=tasks, task_sets=task_sets, base=base, new_base=new_base,
                                         base_location=base_location, adopt=True) if opened else [])
-    for pack in packs:
-        if pack["status"] == "added":
-            pack["entry"] = next(entries)
-    return {"repo": at.repo_id, "revision": at.revision, "commit": at.commit, "packs": packs}
+    packs = [replace(p, entry=next(entries)) if p.status == "added" else p for p in packs]
+    return PullResult(at.repo_id, at.revision, at.commit, tuple(packs))
 
 
-def _registered(registry: Registry, sha256: str) -> dict[str, Any] | None:
+def _registered(registry: Registry, sha256: str) -> PackEntry | None:
     from skillhub.errors import NotFoundError
 
     try:
         entry = registry.show(sha256[:12])
     except NotFoundError:
         return None
-    return entry if entry.get("state") == "active" and entry.get("sha256") == sha256 else None
+    return entry if entry.state == "active" and entry.sha256 == sha256 else None

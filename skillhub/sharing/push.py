@@ -24,6 +24,7 @@ from skillhub.sharing.common import LINEAGE_FILE, TAG_PREFIX, check_repo_id, joi
 if TYPE_CHECKING:
     from skillhub.pack.format import SkillPack
     from skillhub.registry.front import Registry
+    from skillhub.registry.results import PackEntry
 
 
 def push_pack(pack: str | os.PathLike[str] | SkillPack, repo_id: str, *, registry: Registry | None = None,
@@ -92,28 +93,26 @@ def push_lineage(repo_id: str, *, registry: Registry, base: str | None = None, r
     if not entries:
         raise NotFoundError("active pack to publish", None)
     folders = _folder_names(entries)
-    by_id = {e["id"]: e for e in entries}
+    by_id = {e.id: e for e in entries}
     files: dict[str, Path] = {}
     expected: dict[str, str] = {}
     packs = []
     with tempfile.TemporaryDirectory(prefix="skillhub-push-") as scratch:
         for entry in entries:
-            opened = registry.store.open(entry["sha256"], verify=False)  # the upload hashes every file
-            pack_files, pack_expected = _pack_files(opened, folders[entry["id"]], Path(scratch))
+            opened = registry.store.open(entry.sha256, verify=False)  # the upload hashes every file
+            pack_files, pack_expected = _pack_files(opened, folders[entry.id], Path(scratch))
             files.update(pack_files)
             expected.update(pack_expected)
-            parent = by_id.get(entry["parent"]) if entry["parent"] else None
-            packs.append({"path": folders[entry["id"]], "name": entry["name"], "version": entry["version"],
-                          "task": entry["task"], "sha256": entry["sha256"],
-                          "parent": parent["sha256"] if parent else None})
+            parent = by_id.get(entry.parent) if entry.parent else None
+            packs.append({"path": folders[entry.id], "name": entry.name, "version": entry.version,
+                          "task": entry.task, "sha256": entry.sha256, "parent": parent.sha256 if parent else None})
         recorded = opened.manifest["base"]
         lineage = {
             "format": "skillhub-lineage", "format_version": 1,
             "created_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "skillhub_version": __version__,
             "base": {key: recorded.get(key) for key in ("id", "revision", "architecture", "model_type", "fingerprint")},
             "packs": packs,
-            "tasks": {t["name"]: [folders[p] for p in t["packs"]]
-                      for t in registry.tasks(base=entries[0]["base"]) if t["explicit"]},
+            "tasks": {t.name: [folders[p] for p in t.packs] for t in registry.tasks(base=entries[0].base) if t.explicit},
         }
         validate(lineage, "lineage", error=PackError, what="the lineage export")
         files[LINEAGE_FILE] = Path(scratch) / LINEAGE_FILE
@@ -136,7 +135,7 @@ def _open_for_push(pack: str | os.PathLike[str] | SkillPack, registry: Registry 
     if registry is None:
         raise SkillhubError(f"{pack} is neither a pack directory nor a pack id (no registry given)")
     entry = registry.show(str(pack))
-    return registry.store.open(entry["sha256"], verify=False)
+    return registry.store.open(entry.sha256, verify=False)
 
 
 def _pack_files(pack: SkillPack, folder: str, scratch: Path) -> tuple[dict[str, Path], dict[str, str]]:
@@ -157,10 +156,10 @@ def _pack_files(pack: SkillPack, folder: str, scratch: Path) -> tuple[dict[str, 
     return files, expected
 
 
-def _folder_names(entries: list[dict[str, Any]]) -> dict[str, str]:
+def _folder_names(entries: list[PackEntry]) -> dict[str, str]:
     """One folder per pack: ``<name>-<version>``, with the pack id added if that repeats."""
-    names = [f"{e['name']}-{e['version']}" for e in entries]
-    return {e["id"]: (n if names.count(n) == 1 else f"{n}-{e['id']}") for e, n in zip(entries, names)}
+    names = [f"{e.name}-{e.version}" for e in entries]
+    return {e.id: (n if names.count(n) == 1 else f"{n}-{e.id}") for e, n in zip(entries, names)}
 
 
 def _lineage_card(lineage: dict[str, Any], repo_id: str) -> str:

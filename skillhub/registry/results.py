@@ -1,0 +1,158 @@
+"""What registry operations return: frozen dataclasses, turned into JSON in one place
+(:func:`as_json`) for the command line and for scripts.
+
+``Result.as_dict()`` gives the JSON-ready form (paths as strings, nested results expanded);
+the field names are the keys of ``skillhub ... --json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Result:
+    """Base of every result; :meth:`as_dict` is its JSON form."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: as_json(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def as_json(value: Any) -> Any:
+    """``value`` with every result, path and tuple turned into JSON types (recursively)."""
+    if isinstance(value, Result):
+        return value.as_dict()
+    if isinstance(value, dict):
+        return {key: as_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [as_json(item) for item in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+@dataclass(frozen=True)
+class PackEntry(Result):
+    """A pack in the registry."""
+
+    id: str
+    name: str
+    task: str
+    version: str
+    sha256: str
+    bytes: int
+    ratio: float
+    parent: str | None
+    state: str  # "active" or "removed"
+    purged: bool
+    position: int
+    added_at: str
+    base: str
+
+
+@dataclass(frozen=True)
+class AddedPack(PackEntry):
+    """A pack just added, with the lineage event that added it."""
+
+    event: int
+
+
+@dataclass(frozen=True)
+class PackDetails(PackEntry):
+    """One pack with its manifest, the tasks whose activation set holds it, and where it is stored."""
+
+    manifest: dict[str, Any]
+    in_tasks: tuple[str, ...]
+    path: str | None
+
+
+@dataclass(frozen=True)
+class Event(Result):
+    """One step of a lineage's event log."""
+
+    id: int
+    base: str
+    kind: str  # base, add, remove, purge, task-set, task-add, eval
+    pack: str | None
+    task: str | None
+    detail: dict[str, Any]
+    actor: str
+    at: str
+
+
+@dataclass(frozen=True)
+class TaskSet(Result):
+    """A task and its activation set S_t (pack ids in lineage order)."""
+
+    name: str
+    explicit: bool
+    packs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TaskEval(Result):
+    """A task's registered eval set."""
+
+    name: str
+    eval: str
+    sha256: str
+    metric: str
+
+
+@dataclass(frozen=True)
+class EvalSet(Result):
+    """An eval set checked against its recorded sha256, ready to score."""
+
+    name: str
+    path: Path
+    metric: str
+
+
+@dataclass(frozen=True)
+class EvalRecord(Result):
+    """One score: a task under a policy (subset, fused, base) at a lineage step."""
+
+    step: int
+    event: str
+    event_task: str | None
+    task: str
+    policy: str
+    metric: str
+    score: float
+
+
+@dataclass(frozen=True)
+class BaseEntry(Result):
+    """A registered base model: where its weights are and their fingerprint."""
+
+    name: str
+    location: str
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class DoctorReport(Result):
+    """What ``doctor`` found and, with ``repair``, did."""
+
+    consistent: bool
+    checked: int
+    problems: tuple[dict[str, str], ...] = ()
+    orphans: tuple[str, ...] = ()
+    leftovers: tuple[str, ...] = ()
+    repaired: tuple[str, ...] = ()
+    kept: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Scored(Result):
+    """A pack added and every task scored right after (one continual-learning step)."""
+
+    entry: AddedPack
+    scores: tuple[dict[str, Any], ...] = field(default=())
+
+    def as_dict(self) -> dict[str, Any]:
+        # The pack's entry with its scores beside it: what `skillhub add --json` prints.
+        return {**self.entry.as_dict(), "scores": as_json(self.scores)}
