@@ -104,7 +104,7 @@ def main() -> None:
         print(f"| `Registry.log()` | {_timed(big.log):.3f} s |")
 
         registry = Registry(root / "small")
-        ids = [registry.add(p, task=p.task, base_location=str(base))["id"] for p in packs]
+        ids = [registry.add(p, task=p.task, base_location=str(base)).id for p in packs]
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)

@@ -9,6 +9,7 @@ ever subtracted, so the result depends only on the set of packs, never on histor
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterator, Sequence
@@ -25,6 +26,7 @@ from skillhub.pack.format import SkillPack, load_pack
 from skillhub.progress import ProgressCallback, no_progress, reporting
 from skillhub.io.tensorfile import TensorFileWriter
 
+_log = logging.getLogger(__name__)
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # what transformers' save_pretrained uses
 
 
@@ -116,6 +118,7 @@ def apply_packs(
             (staging / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
         for sidecar in base_ckpt.sidecar_files():
             shutil.copy2(sidecar, staging / sidecar.name)
+    _log.info("wrote %s: %s + %d pack(s) in %d weight file(s)", output, base_ckpt.ref.id, len(opened), len(sizes))
     return Path(output)
 
 

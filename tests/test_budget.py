@@ -10,16 +10,16 @@ from click.testing import CliRunner
 from safetensors import safe_open
 
 from skillhub import create_pack
-from skillhub.compress.budget import LEVELS, _Module, allocate
+from skillhub.compress.budget import LEVELS, DirectionProfile, allocate
 from skillhub.cli import main
 from skillhub.pack.format import TENSORS_FILE
 
 from conftest import FineTune
 
 
-def _module(name: str, sigma: list[float], cost: int = 10) -> _Module:
+def _module(name: str, sigma: list[float], cost: int = 10) -> DirectionProfile:
     energy = torch.tensor(sigma, dtype=torch.float64) ** 2
-    return _Module(
+    return DirectionProfile(
         name=name,
         drop_error=energy,
         error={bits: energy * 4.0 ** -bits for bits in LEVELS},

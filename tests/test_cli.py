@@ -162,3 +162,18 @@ def test_bad_inputs_exit_1_with_one_line_and_no_output(finetuned: FineTune, tmp_
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and fragment in lines[0], result.stderr
     assert list(out_dir.iterdir()) == []  # no pack, no staging directory
+
+
+def test_verbose_logs_each_stage(paper_pack, finetuned: FineTune, tmp_path: Path) -> None:
+    """-v says what each stage did; without it, stderr stays empty."""
+    quiet = subprocess.run([sys.executable, "-m", "skillhub", "apply", str(finetuned.base), str(paper_pack.path),
+                            "-o", str(tmp_path / "quiet")], capture_output=True, text=True, check=True)
+    assert quiet.stderr == ""
+    loud = subprocess.run([sys.executable, "-m", "skillhub", "-v", "create", str(finetuned.base),
+                           str(finetuned.tuned), "-o", str(tmp_path / "pack")], capture_output=True, text=True,
+                          check=True)
+    assert "INFO skillhub.compress.pipeline: compressed" in loud.stderr
+    applied = subprocess.run([sys.executable, "-m", "skillhub", "-v", "apply", str(finetuned.base),
+                              str(tmp_path / "pack"), "-o", str(tmp_path / "model")], capture_output=True, text=True,
+                             check=True)
+    assert f"INFO skillhub.activation: wrote {tmp_path / 'model'}" in applied.stderr

@@ -55,7 +55,7 @@ def check_ratio(ratio: float) -> None:
 
 
 @dataclass
-class _Module:
+class DirectionProfile:
     """Per-direction errors and costs of one matrix, and its current staircase."""
 
     name: str
@@ -92,7 +92,7 @@ class _Module:
 def direction_profile(
     name: str, delta: torch.Tensor, statistics: LayerStatistics | None, *, max_rank: int, group_size: int,
     ctx: EncodeContext,
-) -> _Module:
+) -> DirectionProfile:
     """Measure what each of the top ``max_rank`` directions of ``delta`` costs and is worth."""
     matrix = delta.reshape(delta.shape[0], -1)
     if statistics is not None and statistics.transposed:
@@ -116,10 +116,10 @@ def direction_profile(
         v_error = ((quantize_rtn(vh, bits=bits, group_size=group_size).dequantize() - vh).double() ** 2) @ diagonal
         errors[bits] = sigma2 * (u_error * weight + v_error)
     costs = {bits: storage_bits(1, m, bits, group_size) + storage_bits(1, n, bits, group_size) + 16 for bits in LEVELS}
-    return _Module(name=name, drop_error=sigma2 * weight, error=errors, cost=costs)
+    return DirectionProfile(name=name, drop_error=sigma2 * weight, error=errors, cost=costs)
 
 
-def allocate(modules: list[_Module], budget_bits: int) -> int:
+def allocate(modules: list[DirectionProfile], budget_bits: int) -> int:
     """Greedy marginal-gain allocation of ``budget_bits`` across modules; returns bits spent."""
     spent = 0
     heap: list[tuple[float, int, int, int]] = []  # (-gain per bit, module index, version, level)
@@ -254,14 +254,14 @@ def plan_budget(
 
 
 def _profile_modules(deltas: Any, roles: dict[str, str], ratio: float, budget_bits: int, statistics: Any,
-                     context: Any) -> tuple[dict[str, tuple[str, dict[str, Any]]], int, list[_Module],
+                     context: Any) -> tuple[dict[str, tuple[str, dict[str, Any]]], int, list[DirectionProfile],
                                             dict[str, torch.Tensor]]:
     """One pass over the deltas: norms and biases stored raw, each attention/MLP matrix profiled
     (what each direction at each bit width gains and costs), embedding/head deltas held back
     until the rest is sized. Returns plans so far, their fixed bits, the profiles, the held deltas."""
     plans: dict[str, tuple[str, dict[str, Any]]] = {}
     fixed_bits = 0
-    profiles: list[_Module] = []
+    profiles: list[DirectionProfile] = []
     held: dict[str, torch.Tensor] = {}
     for item in deltas:
         name, role = item.name, roles[item.name]

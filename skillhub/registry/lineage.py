@@ -9,6 +9,7 @@ copy that ``doctor`` reports and a retry reuses.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,8 @@ from skillhub.registry.tasks import ensure_task, replace_task_set, task_sets
 
 if TYPE_CHECKING:
     from skillhub.pack.format import SkillPack
+
+_log = logging.getLogger(__name__)
 
 # A pack's public fields and the columns they come from: one table for entries and listings.
 PACK_FIELDS = {
@@ -92,7 +95,11 @@ def add_lineage(db: Database, store: PackStore, packs: Sequence[SkillPack], *, t
             if None in rows:
                 raise RegistryError(f"the activation set of task {task_name!r} names a pack that is not registered")
             replace_task_set(session, base_row, task_name, rows)
-        return [AddedPack(**_fields(row), base=base_row.name, event=event.id) for row, event in added]
+        entries = [AddedPack(**_fields(row), base=base_row.name, event=event.id) for row, event in added]
+    for entry in entries:
+        _log.info("added pack %s (%s %s) for task %s of base %s", entry.id, entry.name, entry.version, entry.task,
+                  entry.base)
+    return entries
 
 
 def _new_base(session: Session, recorded: Mapping[str, Any], base: str | None,
@@ -162,6 +169,7 @@ def remove(db: Database, store: PackStore, pack_id: str, *, purge: bool) -> Pack
         described = describe(row, base)
     if purge:
         store.delete(described.sha256)
+    _log.info("removed pack %s%s", described.id, " and deleted its files" if purge else "")
     return described
 
 

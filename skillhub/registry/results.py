@@ -7,7 +7,6 @@ the field names are the keys of ``skillhub ... --json``.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,11 +17,18 @@ class Result:
     """Base of every result; :meth:`as_dict` is its JSON form."""
 
     def as_dict(self) -> dict[str, Any]:
-        return {f.name: as_json(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        # The instance dict holds the fields in declaration order (no __slots__); listings build
+        # this for every pack, so it skips dataclasses.fields().
+        return {name: as_json(value) for name, value in vars(self).items()}
+
+
+_PLAIN = (str, int, float, bool, type(None))
 
 
 def as_json(value: Any) -> Any:
     """``value`` with every result, path and tuple turned into JSON types (recursively)."""
+    if isinstance(value, _PLAIN):
+        return value
     if isinstance(value, Result):
         return value.as_dict()
     if isinstance(value, dict):

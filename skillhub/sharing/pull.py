@@ -10,6 +10,7 @@ manifest then records where the pack came from (``source``: repo, revision, comm
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -31,6 +32,8 @@ from skillhub.sharing.common import (
     parse_reference,
     remote_json,
 )
+
+_log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from skillhub.io.hub import Snapshot
@@ -73,6 +76,7 @@ def pull_pack(reference: str, *, registry: Registry | None = None, path: str | N
     repo_id, revision = parse_reference(reference)
     folder = folder_in_repo(path)
     at = hub.snapshot(repo_id, revision)
+    _log.info("%s@%s is commit %s", repo_id, at.revision, at.commit)
     with tempfile.TemporaryDirectory(prefix="skillhub-pull-") as scratch:
         plan = _plan(at, folder, Path(scratch))
     if not register:
