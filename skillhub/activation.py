@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 
 from skillhub.errors import MismatchError, SkillhubError
-from skillhub.pack.manifest import TENSORS_FILE
 from skillhub.io.checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint, Fingerprint, open_checkpoint
 from skillhub.io.outputs import check_output, staged_directory
 from skillhub.pack.format import SkillPack, load_pack
@@ -34,21 +33,19 @@ def _check_fits(base: Checkpoint, packs: Sequence[SkillPack]) -> None:
     # Cheap structural checks first; the fingerprint (which needs every byte) is checked as we stream.
     seen: dict[str, str] = {}
     for pack in packs:
-        sha256 = pack.manifest["files"][TENSORS_FILE]["sha256"]
+        sha256 = pack.manifest.tensors_sha256
         if sha256 in seen:
             raise SkillhubError(f"pack {pack.name} ({pack.path}) is given twice (also as {seen[sha256]}): "
                                 "its delta would be added twice")
         seen[sha256] = str(pack.path)
         pack.check_decodable()
-        recorded = pack.manifest["base"]
-        if recorded["model_type"] != base.model_type or recorded["architecture"] != base.architecture:
-            raise MismatchError(
-                f"pack {pack.name} was made for a {recorded['architecture']} base, not {base.architecture}"
-            )
+        recorded = pack.manifest.base
+        if recorded.model_type != base.model_type or recorded.architecture != base.architecture:
+            raise MismatchError(f"pack {pack.name} was made for a {recorded.architecture} base, not {base.architecture}")
         for module, entry in pack.modules.items():
-            if module not in base or list(base.shape(module)) != entry["shape"]:
+            if module not in base or tuple(base.shape(module)) != entry.shape:
                 raise MismatchError(
-                    f"pack {pack.name} changes {module} {entry['shape']}, which the base "
+                    f"pack {pack.name} changes {module} {list(entry.shape)}, which the base "
                     f"{'lacks' if module not in base else 'has with shape ' + str(list(base.shape(module)))}"
                 )
 

@@ -272,12 +272,12 @@ def _check_byte_accounting(operator: Operator, cases: list[dict[str, Any]], shap
             expected[module] = (result.decoded, result.stored_bytes)
         writer.finish(_manifest(operator, modules), "conformance pack\n")
         pack = load_pack(staging, verify=True)  # sha256, sizes and per-module stored bytes
-        assert pack.manifest["totals"]["stored_bytes"] == sum(b for _, b in expected.values())
+        assert pack.manifest.stored_bytes == sum(b for _, b in expected.values())
         fresh = type(operator)()  # operators are stateless: a new instance decodes what another encoded
         for module, (decoded, _) in expected.items():
             entry = pack.modules[module]
-            again = fresh.decode(pack.fields(module), entry["meta"], entry["params"], tuple(entry["shape"]),
-                                    version=entry["operator_version"])
+            again = fresh.decode(pack.fields(module), entry.meta, entry.params, entry.shape,
+                                 version=entry.operator_version)
             assert torch.equal(again, decoded), f"{module}: decoding the stored tensors differs from decoding in memory"
 
 

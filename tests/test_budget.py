@@ -50,7 +50,7 @@ def test_budget_pack_fits_its_ratio_and_records_its_choices(finetuned: FineTune,
     assert budget["target_bytes"] == int(0.05 * totals["delta_fp16_bytes"] * 8) // 8
     recipe = pack.manifest["recipe"]
     assert recipe["name"] == "budget-0.05" and len(recipe["rules"]) == totals["modules"]
-    groups = {tuple(map(tuple, m["meta"]["groups"])) for m in pack.modules.values() if m["operator"] == "svd-mixed"}
+    groups = {tuple(map(tuple, m.meta["groups"])) for m in pack.modules.values() if m.operator == "svd-mixed"}
     assert len(groups) > 1  # settings really differ per module
 
     # The recorded recipe reproduces the pack exactly.

@@ -118,7 +118,7 @@ def test_gptq_pack_records_its_calibration_and_beats_rtn(finetuned: FineTune, tm
     source = gptq.manifest["quantizer"]
     assert source["method"] == "gptq" and source["calibration"]["samples"] == 32
     assert source["calibration"]["file"] == "calib.jsonl" and len(source["calibration"]["sha256"]) == 64
-    assert gptq.modules["model.layers.1.mlp.up_proj.weight"]["meta"]["quantizer"] == "gptq"
+    assert gptq.modules["model.layers.1.mlp.up_proj.weight"].meta["quantizer"] == "gptq"
     assert gptq.manifest["totals"]["stored_bytes"] == rtn.manifest["totals"]["stored_bytes"]
 
     model = load_for_calibration(finetuned.tuned, device="cpu")
@@ -129,7 +129,7 @@ def test_gptq_pack_records_its_calibration_and_beats_rtn(finetuned: FineTune, tm
     compared = 0
     for _, statistics in capture_statistics(model, heldout):
         for name, stats in statistics.items():
-            if gptq.modules[name]["operator"] != "svd-mixed":
+            if gptq.modules[name].operator != "svd-mixed":
                 continue
             delta = tuned.read(name).double() - base.read(name).double()
             errors = []

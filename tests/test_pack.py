@@ -49,15 +49,15 @@ def test_paper_pack_is_small_and_keeps_the_skill(finetuned: FineTune, paper_pack
 
 def test_paper_recipe_uses_the_papers_operators_per_role(paper_pack) -> None:
     modules = paper_pack.modules
-    assert modules["model.embed_tokens.weight"]["operator"] == "magnitude-prune"
-    assert modules["lm_head.weight"]["params"] == {"keep": 0.5, "bits": 4, "group_size": 128, "index": "auto"}
+    assert modules["model.embed_tokens.weight"].operator == "magnitude-prune"
+    assert modules["lm_head.weight"].params == {"keep": 0.5, "bits": 4, "group_size": 128, "index": "auto"}
     mlp = modules["model.layers.0.mlp.up_proj.weight"]
-    assert (mlp["role"], mlp["operator"]) == ("mlp", "svd-mixed")
+    assert (mlp.role, mlp.operator) == ("mlp", "svd-mixed")
     # 1400 of 4096 scaled to min(384, 128) = 128 -> 44 directions, split 1/5/38.
-    assert mlp["meta"]["groups"] == [[1, 8], [5, 3], [38, 2]]
+    assert mlp.meta["groups"] == [[1, 8], [5, 3], [38, 2]]
     k_proj = modules["model.layers.0.self_attn.k_proj.weight"]  # GQA: 64 x 128
-    assert k_proj["meta"]["groups"] == [[1, 8], [15, 2]]
-    assert modules["model.norm.weight"]["operator"] == "raw"
+    assert k_proj.meta["groups"] == [[1, 8], [15, 2]]
+    assert modules["model.norm.weight"].operator == "raw"
     assert paper_pack.manifest["quantizer"]["method"] == "rtn"
 
 
@@ -181,10 +181,10 @@ def test_recipe_role_override_and_pattern_rules(finetuned: FineTune, tmp_path: P
         ],
     }
     pack = create_pack(finetuned.base, finetuned.tuned, tmp_path / "pack", recipe=recipe)
-    assert pack.modules["model.layers.0.mlp.down_proj.weight"]["role"] == "other"
-    assert pack.modules["model.layers.0.mlp.down_proj.weight"]["error"] == 0.0
-    assert pack.modules["model.layers.3.input_layernorm.weight"]["operator"] == "rtn"
-    assert pack.modules["model.layers.1.mlp.up_proj.weight"]["meta"] == {"rank": 32}
+    assert pack.modules["model.layers.0.mlp.down_proj.weight"].role == "other"
+    assert pack.modules["model.layers.0.mlp.down_proj.weight"].error == 0.0
+    assert pack.modules["model.layers.3.input_layernorm.weight"].operator == "rtn"
+    assert pack.modules["model.layers.1.mlp.up_proj.weight"].meta == {"rank": 32}
 
 
 def test_corrupt_pack_is_detected(paper_pack, tmp_path: Path) -> None:

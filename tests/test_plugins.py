@@ -117,15 +117,15 @@ def test_every_operator_passes_the_conformance_suite(name: str) -> None:
 
 
 def test_a_recipe_uses_both_plugins_and_the_manifest_records_them(plugin_pack) -> None:
-    used = {entry["operator"] for entry in plugin_pack.modules.values()}
+    used = {entry.operator for entry in plugin_pack.modules.values()}
     assert {"dare", "bitdelta"} <= used
     for name, distribution in PLUGINS.items():
         assert plugin_pack.manifest["operators"][name] == {
             "version": "1.0", "distribution": distribution, "distribution_version": "0.1.0"}
     assert plugin_pack.manifest["operators"]["raw"]["distribution"] == "skillhub"
     for module, entry in plugin_pack.modules.items():
-        if entry["operator"] == "dare":
-            assert entry["params"] == {"drop": 0.5, "dtype": "float16"} and entry["operator_version"] == "1.0"
+        if entry.operator == "dare":
+            assert entry.params == {"drop": 0.5, "dtype": "float16"} and entry.operator_version == "1.0"
     assert "operator:dare" in (plugin_pack.path / "README.md").read_text()
 
 
@@ -133,17 +133,16 @@ def test_a_plugin_pack_decodes_and_applies(plugin_pack, finetuned, tmp_path: Pat
     from skillhub_bitdelta import BitDeltaOperator
 
     opened = load_pack(plugin_pack.path)  # sha256 verified
-    name = next(m for m, e in opened.modules.items() if e["operator"] == "bitdelta")
+    name = next(m for m, e in opened.modules.items() if e.operator == "bitdelta")
     entry = opened.modules[name]
-    expected = BitDeltaOperator().decode(opened.fields(name), entry["meta"], entry["params"], tuple(entry["shape"]),
-                                         version="1.0")
+    expected = BitDeltaOperator().decode(opened.fields(name), entry.meta, entry.params, entry.shape, version="1.0")
     assert torch.equal(opened.decode(name), expected)
     result = cli("apply", str(finetuned.base), str(plugin_pack.path), "-o", str(tmp_path / "out"))
     assert result.exit_code == 0, result.output
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
-    assert model.get_parameter(name).shape == tuple(entry["shape"])
+    assert model.get_parameter(name).shape == entry.shape
 
 
 def test_filtering_a_plugin_out_makes_its_packs_fail_with_the_documented_message(

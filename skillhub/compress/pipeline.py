@@ -27,7 +27,7 @@ from skillhub.compress.calibrate import (
 from skillhub.pack.card import render_card
 from skillhub.compress.delta import check_compatible, iter_deltas
 from skillhub.errors import SkillhubError
-from skillhub.pack.manifest import FORMAT_VERSION, TENSORS_FILE, check_pack_identity, totals
+from skillhub.pack.manifest import FORMAT_VERSION, check_pack_identity, totals
 from skillhub.io.checkpoint import Checkpoint, Fingerprint, open_checkpoint
 from skillhub.operators import EncodeContext, encode_module, provenance
 from skillhub.io.outputs import check_output, staged_directory
@@ -44,7 +44,7 @@ def _parent_reference(parent: str | os.PathLike[str] | None) -> dict[str, str] |
     if parent is None:
         return None
     pack = load_pack(parent)
-    return {"name": pack.name, "version": pack.version, "sha256": pack.manifest["files"][TENSORS_FILE]["sha256"]}
+    return {"name": pack.name, "version": pack.version, "sha256": pack.manifest.tensors_sha256}
 
 
 def _plan_every_parameter(recipe: Recipe, checkpoint: Checkpoint) -> dict[str, ModulePlan]:

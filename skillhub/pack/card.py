@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from skillhub.pack.manifest import Manifest
 
-def render_card(manifest: dict[str, Any]) -> str:
+
+def render_card(document: dict[str, Any]) -> str:
     """Markdown model card for a pack: Hub YAML front matter, then what it is and how to use it."""
-    base = manifest["base"]
+    manifest = Manifest(document)
+    base = manifest["base"]  # shown as recorded, every key
     totals = manifest["totals"]
-    operators = sorted({m["operator"] for m in manifest["modules"].values()})
-    tags = ["skillhub", "skillpack", f"task:{manifest['task']}", *(f"operator:{op}" for op in operators)]
+    modules = manifest.modules().values()
+    operators = sorted({m.operator for m in modules})
+    tags = ["skillhub", "skillpack", f"task:{manifest.task}", *(f"operator:{op}" for op in operators)]
     front = [
         "---",
         "library_name: skillhub",
@@ -22,9 +26,9 @@ def render_card(manifest: dict[str, Any]) -> str:
         "---",
     ]
     by_role: dict[str, list[int]] = {}
-    for module in manifest["modules"].values():
-        stored, full = by_role.setdefault(module["role"], [0, 0])
-        by_role[module["role"]] = [stored + module["stored_bytes"], full + module["delta_fp16_bytes"]]
+    for module in modules:
+        stored, full = by_role.setdefault(module.role, [0, 0])
+        by_role[module.role] = [stored + module.stored_bytes, full + module.delta_fp16_bytes]
     rows = [
         f"| {role} | {stored:,} | {full:,} | {stored / full:.2%} |" for role, (stored, full) in sorted(by_role.items())
     ]

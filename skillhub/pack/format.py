@@ -20,7 +20,15 @@ import torch
 
 from skillhub.errors import OperatorError, PackError, SkillhubError
 from skillhub.io.jsonio import parse_json, read_json
-from skillhub.pack.manifest import CARD_FILE, MANIFEST_FILE, TENSORS_FILE, embedded_part, validate_manifest
+from skillhub.pack.manifest import (
+    CARD_FILE,
+    MANIFEST_FILE,
+    TENSORS_FILE,
+    Manifest,
+    ModuleEntry,
+    embedded_part,
+    validate_manifest,
+)
 from skillhub.operators import Operator, decoder_for, expected_fields, resolve_params
 from skillhub.io.tensorfile import TensorFile, TensorFileWriter, dtype_name
 
@@ -50,7 +58,7 @@ class PackWriter:
             self._tensors.add(f"{name}/{field}", tensor)
         return self._tensors.data_bytes - before
 
-    def finish(self, manifest: dict[str, Any], card: str) -> dict[str, Any]:
+    def finish(self, manifest: dict[str, Any], card: str) -> Manifest:
         """Write the tensor file (manifest embedded), the card and skillpack.json.
 
         Returns:
@@ -67,7 +75,7 @@ class PackWriter:
         }
         validate_manifest(complete, what="the new pack's manifest")
         write_manifest(self.staging, complete)
-        return complete
+        return Manifest(complete)
 
 
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
@@ -82,38 +90,34 @@ class SkillPack:
 
     def __init__(self, path: Path, manifest: dict[str, Any], tensors: TensorFile) -> None:
         self.path = path
-        self.manifest = manifest
+        self.manifest = manifest if isinstance(manifest, Manifest) else Manifest(manifest)
+        self.modules: dict[str, ModuleEntry] = self.manifest.modules()  # per-parameter entries, typed
         self._tensors = tensors
         self._resolved: dict[str, dict[str, Any]] = {}  # params checked against the operator schema
 
     @property
     def name(self) -> str:
         """Pack name."""
-        return self.manifest["name"]
+        return self.manifest.name
 
     @property
     def task(self) -> str:
         """Task the pack teaches."""
-        return self.manifest["task"]
+        return self.manifest.task
 
     @property
     def version(self) -> str:
         """Pack version."""
-        return self.manifest["version"]
+        return self.manifest.version
 
     @property
     def base_fingerprint(self) -> str:
         """Fingerprint of the base model the delta was taken against."""
-        return self.manifest["base"]["fingerprint"]
-
-    @property
-    def modules(self) -> dict[str, dict[str, Any]]:
-        """Per-parameter entries of the manifest."""
-        return self.manifest["modules"]
+        return self.manifest.base.fingerprint
 
     def fields(self, module: str) -> dict[str, torch.Tensor]:
         """The stored tensors of one module, keyed by field name."""
-        return {field: self._tensors.read(f"{module}/{field}") for field in self.modules[module]["fields"]}
+        return {field: self._tensors.read(f"{module}/{field}") for field in self.modules[module].fields}
 
     def require_operators(self) -> None:
         """Check, before any tensor is decoded, that every operator this pack needs is installed
@@ -122,7 +126,7 @@ class SkillPack:
         Raises:
             OperatorError: Naming the operator, the version and the distribution to install.
         """
-        needed = {(e["operator"], e["operator_version"]): module for module, e in self.modules.items()}
+        needed = {(e.operator, e.operator_version): module for module, e in self.modules.items()}
         for module in sorted(needed.values()):
             self._decoder(module)
 
@@ -147,14 +151,13 @@ class SkillPack:
         operator = self._decoder(module)
         params = self._params(module, operator)
         try:
-            layout = expected_fields(operator, entry["meta"], params, tuple(entry["shape"]),
-                                     version=entry["operator_version"])
+            layout = expected_fields(operator, entry.meta, params, entry.shape, version=entry.operator_version)
         except ValueError as exc:
             raise PackError(f"{where}: its meta does not fit operator {operator.name}: {exc}") from exc
         if layout is None:
             return  # a plugin without expected_fields: decoding checks it
-        if set(layout) != set(entry["fields"]):
-            raise PackError(f"{where} stores fields {sorted(entry['fields'])}, operator {operator.name} "
+        if set(layout) != set(entry.fields):
+            raise PackError(f"{where} stores fields {sorted(entry.fields)}, operator {operator.name} "
                             f"reads {sorted(layout)}")
         for field, (dtype, shape) in layout.items():
             key = f"{module}/{field}"
@@ -166,7 +169,7 @@ class SkillPack:
     def _params(self, module: str, operator: Operator) -> dict[str, Any]:
         if module not in self._resolved:
             try:
-                self._resolved[module] = resolve_params(operator, self.modules[module]["params"],
+                self._resolved[module] = resolve_params(operator, self.modules[module].params,
                                                         where=f"pack {self.name!r} module {module}")
             except OperatorError as exc:
                 raise PackError(str(exc)) from exc
@@ -174,8 +177,7 @@ class SkillPack:
 
     def _decoder(self, module: str) -> Operator:
         entry = self.modules[module]
-        return decoder_for(entry["operator"], entry["operator_version"],
-                           provenance=self.manifest.get("operators", {}).get(entry["operator"]),
+        return decoder_for(entry.operator, entry.operator_version, provenance=self.manifest.provenance(entry.operator),
                            where=f"pack {self.name!r} module {module}")
 
     def decode(self, module: str) -> torch.Tensor:
@@ -191,14 +193,13 @@ class SkillPack:
         """
         entry, where = self.modules[module], f"pack {self.name!r} module {module}"
         operator = self._decoder(module)
-        shape = tuple(entry["shape"])
         try:
-            delta = operator.decode(self.fields(module), entry["meta"], self._params(module, operator), shape,
-                                    version=entry["operator_version"])
+            delta = operator.decode(self.fields(module), entry.meta, self._params(module, operator), entry.shape,
+                                    version=entry.operator_version)
         except (ValueError, KeyError, IndexError, TypeError, RuntimeError) as exc:
             raise PackError(f"{where} cannot be decoded by operator {operator.name}: {exc}"[:300]) from exc
-        if tuple(delta.shape) != shape:
-            raise PackError(f"{where} decodes to shape {list(delta.shape)}, the manifest says {list(shape)}")
+        if tuple(delta.shape) != entry.shape:
+            raise PackError(f"{where} decodes to shape {list(delta.shape)}, the manifest says {list(entry.shape)}")
         # One reduction in the common case; the element-wise test only when the sum is not finite.
         if not bool(torch.isfinite(delta.sum())) and not bool(torch.isfinite(delta).all()):
             raise PackError(f"{where} decodes to NaN or Inf values: the pack is damaged; refusing to use it")
@@ -223,13 +224,13 @@ def load_pack(path: str | os.PathLike[str], *, verify: bool = True,
     path = Path(path)
     manifest_path = path / MANIFEST_FILE
     if checked_manifest is not None:
-        manifest = checked_manifest
+        manifest = Manifest(checked_manifest)
     else:
         if not manifest_path.exists():
             raise PackError(f"{path} is not a SkillPack: {MANIFEST_FILE} not found")
-        manifest = read_json(manifest_path, error=PackError)
+        manifest = Manifest(read_json(manifest_path, error=PackError))
         validate_manifest(manifest, what=str(manifest_path))
-    for name, expected in manifest["files"].items():
+    for name, expected in manifest.files.items():
         file_path = path / name
         if not file_path.exists():
             raise PackError(f"{path}: file {name} named in the manifest is missing")
@@ -247,16 +248,17 @@ def load_pack(path: str | os.PathLike[str], *, verify: bool = True,
     return SkillPack(path, manifest, tensors)
 
 
-def _check_consistent(path: Path, manifest: dict[str, Any], tensors: TensorFile) -> None:
+def _check_consistent(path: Path, manifest: Manifest, tensors: TensorFile) -> None:
     embedded = parse_json(tensors.metadata.get(METADATA_KEY, "null"), what=f"the manifest embedded in {path}/{TENSORS_FILE}",
                           error=PackError)
     if embedded != embedded_part(manifest):
         raise PackError(f"{path}: {MANIFEST_FILE} disagrees with the manifest embedded in {TENSORS_FILE}")
-    expected = {f"{m}/{f}" for m, entry in manifest["modules"].items() for f in entry["fields"]}
+    modules = manifest.modules()
+    expected = {f"{m}/{f}" for m, entry in modules.items() for f in entry.fields}
     if expected != set(tensors.keys()):
         raise PackError(f"{path}: the tensors in {TENSORS_FILE} do not match the modules of the manifest")
-    for module, entry in manifest["modules"].items():
-        stored = sum(tensors.nbytes(f"{module}/{f}") for f in entry["fields"])
-        if stored != entry["stored_bytes"]:
-            raise PackError(f"{path}: module {module} stores {stored} bytes, the manifest says {entry['stored_bytes']}")
+    for module, entry in modules.items():
+        stored = sum(tensors.nbytes(f"{module}/{f}") for f in entry.fields)
+        if stored != entry.stored_bytes:
+            raise PackError(f"{path}: module {module} stores {stored} bytes, the manifest says {entry.stored_bytes}")
 

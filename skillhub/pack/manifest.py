@@ -1,8 +1,16 @@
-"""The SkillPack manifest (``skillpack.json``): schema validation and the parts derived from it."""
+"""The SkillPack manifest (``skillpack.json``): its types, schema validation, and the parts
+derived from it.
+
+A :class:`Manifest` is the JSON document itself (a ``dict``: written, embedded and shown as
+is, and ``pack.manifest["totals"]`` keeps working for scripts) with typed accessors, so that
+no module indexes raw keys: ``manifest.base.fingerprint``, ``manifest.module(name).shape``,
+``manifest.tensors_sha256``.
+"""
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from skillhub.errors import PackError, SkillhubError
@@ -16,6 +24,102 @@ CARD_FILE = "README.md"
 # Keys of skillpack.json that are not embedded in skillpack.safetensors: the file hashes
 # (a file cannot hold its own hash) and the provenance a pull adds afterwards.
 DETACHED_KEYS = ("files", "source")
+
+
+@dataclass(frozen=True)
+class ModuleEntry:
+    """How one parameter's delta is stored (``modules.<parameter>`` of the manifest)."""
+
+    role: str
+    operator: str
+    operator_version: str
+    params: dict[str, Any]
+    meta: dict[str, Any]
+    shape: tuple[int, ...]
+    dtype: str
+    fields: tuple[str, ...]
+    stored_bytes: int
+    delta_fp16_bytes: int
+    error: float
+
+    @classmethod
+    def from_dict(cls, entry: dict[str, Any]) -> ModuleEntry:
+        return cls(role=entry["role"], operator=entry["operator"], operator_version=entry["operator_version"],
+                   params=entry["params"], meta=entry["meta"], shape=tuple(entry["shape"]), dtype=entry["dtype"],
+                   fields=tuple(entry["fields"]), stored_bytes=entry["stored_bytes"],
+                   delta_fp16_bytes=entry["delta_fp16_bytes"], error=entry["error"])
+
+
+@dataclass(frozen=True)
+class BaseRef:
+    """The base model a pack was made for (``base`` of the manifest)."""
+
+    id: str
+    revision: str | None
+    architecture: str | None
+    model_type: str | None
+    fingerprint: str
+    dtype: str
+    tie_word_embeddings: bool | None = None
+
+
+class Manifest(dict):
+    """A validated ``skillpack.json`` (or the one being built): the document, with typed accessors."""
+
+    @property
+    def name(self) -> str:
+        return self["name"]
+
+    @property
+    def task(self) -> str:
+        return self["task"]
+
+    @property
+    def version(self) -> str:
+        return self["version"]
+
+    @property
+    def base(self) -> BaseRef:
+        return BaseRef(**self["base"])
+
+    @property
+    def parent_sha256(self) -> str | None:
+        """The store address of the pack this one was trained on top of, if any."""
+        return self["parent"]["sha256"] if self.get("parent") else None
+
+    @property
+    def module_names(self) -> list[str]:
+        return list(self["modules"])
+
+    def module(self, name: str) -> ModuleEntry:
+        """The entry of parameter ``name``."""
+        return ModuleEntry.from_dict(self["modules"][name])
+
+    def modules(self) -> dict[str, ModuleEntry]:
+        """Every module's entry, by parameter name."""
+        return {name: ModuleEntry.from_dict(entry) for name, entry in self["modules"].items()}
+
+    @property
+    def files(self) -> dict[str, dict[str, Any]]:
+        """``{file name: {"bytes", "sha256"}}`` of every file but skillpack.json."""
+        return self.get("files", {})
+
+    @property
+    def tensors_sha256(self) -> str:
+        """sha256 of skillpack.safetensors: the pack's address in a store."""
+        return self["files"][TENSORS_FILE]["sha256"]
+
+    @property
+    def stored_bytes(self) -> int:
+        return self["totals"]["stored_bytes"]
+
+    @property
+    def ratio(self) -> float:
+        return self["totals"]["ratio"]
+
+    def provenance(self, operator: str) -> dict[str, str] | None:
+        """Which distribution provided ``operator`` when the pack was written."""
+        return self.get("operators", {}).get(operator)
 
 
 def validate_manifest(document: Any, *, what: str, embedded: bool = False) -> None:

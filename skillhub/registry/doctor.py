@@ -19,7 +19,6 @@ from sqlalchemy import select
 
 from skillhub.errors import PackError
 from skillhub.io.outputs import interrupted_writes, remove_interrupted
-from skillhub.pack.manifest import TENSORS_FILE
 from skillhub.registry.database import Database
 from skillhub.registry.results import DoctorReport
 from skillhub.registry.store import PackStore
@@ -38,7 +37,7 @@ def doctor(db: Database, store: PackStore, *, repair: bool) -> DoctorReport:
             continue
         checked += 1
         try:
-            if store.open(row.sha256).manifest["files"][TENSORS_FILE]["sha256"] != row.sha256:
+            if store.open(row.sha256).manifest.tensors_sha256 != row.sha256:
                 raise PackError("stored under the wrong address")
         except PackError as exc:
             problems.append({"pack": row.id, "problem": str(exc)})

@@ -47,6 +47,8 @@ from skillhub.registry.tables import BaseModelRow
 if TYPE_CHECKING:  # torch and the pack machinery load only for commands that touch weights
     import torch
 
+    from skillhub.pack.manifest import BaseRef
+
     from skillhub.pack.format import SkillPack
 
 
@@ -146,7 +148,7 @@ class Registry:
                                    task_sets_by_sha=task_sets or {}, base=base, new_base=new_base,
                                    base_location=base_location, adopt=adopt)
 
-    def check_base(self, recorded: Mapping[str, Any], *, base: str | None = None, new_base: bool = False) -> None:
+    def check_base(self, recorded: BaseRef, *, base: str | None = None, new_base: bool = False) -> None:
         """Check that a pack made for the base ``recorded`` (its manifest's ``base``) may be added.
 
         Raises:

@@ -17,6 +17,7 @@ from sqlalchemy import func, select
 from sqlmodel import Session
 
 from skillhub.errors import MismatchError, RegistryError
+from skillhub.pack.manifest import BaseRef
 from skillhub.pack.names import base_name_from, check_name
 from skillhub.registry.database import Database, find_base, find_pack, log_event, now
 from skillhub.registry.results import AddedPack, Event, PackDetails, PackEntry
@@ -46,15 +47,15 @@ def _fields(row: PackRow) -> dict[str, Any]:
     return {field: getattr(row, column.key) for field, column in PACK_FIELDS.items()}
 
 
-def match_base(bases: list[BaseModelRow], recorded: Mapping[str, Any], *, base: str | None,
+def match_base(bases: list[BaseModelRow], recorded: BaseRef, *, base: str | None,
                new_base: bool) -> BaseModelRow | None:
     """The registered base a pack made for ``recorded`` belongs to (None: it starts a new one)."""
-    fingerprint = recorded["fingerprint"]
+    fingerprint = recorded.fingerprint
     if base is not None:
         named = next((b for b in bases if b.name == base), None)
         if named is not None and named.fingerprint != fingerprint:
             raise MismatchError(
-                f"the pack was made for base {recorded['id']} ({fingerprint[:19]}...), not for the registered base "
+                f"the pack was made for base {recorded.id} ({fingerprint[:19]}...), not for the registered base "
                 f"{named.name} ({named.fingerprint[:19]}...): the weights differ"
             )
         if named is not None:
@@ -64,7 +65,7 @@ def match_base(bases: list[BaseModelRow], recorded: Mapping[str, Any], *, base: 
         return same
     known = ", ".join(f"{b.name} ({b.fingerprint[:19]}...)" for b in bases)
     raise MismatchError(
-        f"the pack was made for base {recorded['id']} ({fingerprint[:19]}...), which differs from the registered "
+        f"the pack was made for base {recorded.id} ({fingerprint[:19]}...), which differs from the registered "
         f"base model(s) {known}; pass --new-base to start a lineage for it"
     )
 
@@ -78,7 +79,7 @@ def add_lineage(db: Database, store: PackStore, packs: Sequence[SkillPack], *, t
         pack.check_decodable(decode=True)  # a registered pack must be activatable: decode it once
     if len({p.base_fingerprint for p in packs}) > 1:
         raise MismatchError("the packs of one lineage must share a base model; these were made for different bases")
-    recorded = packs[0].manifest["base"]
+    recorded = packs[0].manifest.base
     with db.session() as session:
         known = match_base(list(session.scalars(select(BaseModelRow))), recorded, base=base, new_base=new_base)
     if known is None and base is not None:
@@ -102,13 +103,11 @@ def add_lineage(db: Database, store: PackStore, packs: Sequence[SkillPack], *, t
     return entries
 
 
-def _new_base(session: Session, recorded: Mapping[str, Any], base: str | None,
-              base_location: str | None) -> BaseModelRow:
+def _new_base(session: Session, recorded: BaseRef, base: str | None, base_location: str | None) -> BaseModelRow:
     row = BaseModelRow(
-        name=check_name(base, "base") if base else base_name_from(recorded["id"]),
-        location=base_location or recorded["id"], revision=recorded["revision"],
-        architecture=recorded["architecture"], model_type=recorded["model_type"],
-        fingerprint=recorded["fingerprint"], registered_at=now(),
+        name=check_name(base, "base") if base else base_name_from(recorded.id),
+        location=base_location or recorded.id, revision=recorded.revision, architecture=recorded.architecture,
+        model_type=recorded.model_type, fingerprint=recorded.fingerprint, registered_at=now(),
     )
     session.add(row)
     session.flush()
@@ -128,8 +127,8 @@ def _add_row(session: Session, base_row: BaseModelRow, opened: SkillPack, sha256
     else:
         row = PackRow(
             id=sha256[:12], base_id=base_row.id, name=opened.name, task=task_name, version=opened.version,
-            sha256=sha256, bytes=opened.manifest["totals"]["stored_bytes"],
-            ratio=opened.manifest["totals"]["ratio"], parent_id=_parent_id(session, opened),
+            sha256=sha256, bytes=opened.manifest.stored_bytes, ratio=opened.manifest.ratio,
+            parent_id=_parent_id(session, opened),
             state="active", purged=False, position=position, added_at=now(),
             manifest=json.dumps(opened.manifest),
         )
@@ -143,10 +142,9 @@ def _add_row(session: Session, base_row: BaseModelRow, opened: SkillPack, sha256
 
 
 def _parent_id(session: Session, pack: SkillPack) -> str | None:
-    parent = pack.manifest.get("parent")
-    if not parent:
+    if pack.manifest.parent_sha256 is None:
         return None
-    row = session.scalars(select(PackRow).where(PackRow.sha256 == parent["sha256"])).first()
+    row = session.scalars(select(PackRow).where(PackRow.sha256 == pack.manifest.parent_sha256)).first()
     return row.id if row else None
 
 

@@ -83,13 +83,13 @@ class PackStore:
         """
         from skillhub.pack.format import load_pack
 
-        sha256 = pack.manifest["files"][TENSORS_FILE]["sha256"]
+        sha256 = pack.manifest.tensors_sha256
         final = self.path(sha256)
         if final.is_dir():
             load_pack(final)  # an earlier copy must still be intact to be reused
             return sha256
         incoming = pack.path if adopt else self.root / INCOMING / f"{sha256[:12]}-{uuid.uuid4().hex[:8]}"
-        names = sorted({MANIFEST_FILE, *pack.manifest["files"]})
+        names = sorted({MANIFEST_FILE, *pack.manifest.files})
         try:
             self._mark()
             if not adopt:

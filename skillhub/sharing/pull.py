@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from skillhub import config
 from skillhub.errors import HubError, PackError
-from skillhub.pack.manifest import MANIFEST_FILE, TENSORS_FILE, validate_manifest
+from skillhub.pack.manifest import MANIFEST_FILE, Manifest, validate_manifest
 from skillhub.progress import ProgressCallback, no_progress
 from skillhub.registry.results import PackEntry, Result
 from skillhub.sharing.common import (
@@ -86,7 +86,7 @@ def pull_pack(reference: str, *, registry: Registry | None = None, path: str | N
 
         registry = Registry()
     for _, manifest in plan.packs:  # the base check needs only the manifests: before any big download
-        registry.check_base(manifest["base"], base=base, new_base=new_base)
+        registry.check_base(manifest.base, base=base, new_base=new_base)
     staging = registry.store.incoming("pull")
     try:
         result = _pull_into_registry(at, folder, plan, staging, registry, base=base, new_base=new_base,
@@ -107,7 +107,7 @@ class _Plan:
     """What a pull fetches: the packs in order, as (folder in the repo, manifest), and the
     lineage document when the repo holds a lineage."""
 
-    packs: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    packs: list[tuple[str, Manifest]] = field(default_factory=list)
     lineage: dict[str, Any] | None = None
 
 
@@ -123,7 +123,7 @@ def _plan(at: Snapshot, folder: str, scratch: Path) -> _Plan:
         plan.lineage = lineage
         for entry in lineage["packs"]:  # the schema keeps each path a plain top-level folder (no '/', '..')
             manifest = _read_manifest(at, join(folder, entry["path"]), scratch)
-            if manifest["base"]["fingerprint"] != lineage["base"]["fingerprint"]:
+            if manifest.base.fingerprint != lineage["base"]["fingerprint"]:
                 raise PackError(f"{where}: pack {entry['path']} was made for another base than the lineage says")
             plan.packs.append((entry["path"], manifest))
     elif join(folder, MANIFEST_FILE) in at.files:
@@ -136,13 +136,11 @@ def _plan(at: Snapshot, folder: str, scratch: Path) -> _Plan:
     return plan
 
 
-def _read_manifest(at: Snapshot, pack_folder: str, scratch: Path) -> dict[str, Any]:
+def _read_manifest(at: Snapshot, pack_folder: str, scratch: Path) -> Manifest:
     where = f"{at.repo_id}@{at.revision}/{join(pack_folder, MANIFEST_FILE)}"
-    manifest = remote_json(at, join(pack_folder, MANIFEST_FILE), scratch, max_bytes=MAX_MANIFEST_BYTES)
-    validate_manifest(manifest, what=where)
-    names = set(manifest.get("files") or {})
-    if TENSORS_FILE not in names:
-        raise PackError(f"{where} lists no {TENSORS_FILE}")
+    manifest = Manifest(remote_json(at, join(pack_folder, MANIFEST_FILE), scratch, max_bytes=MAX_MANIFEST_BYTES))
+    validate_manifest(manifest, what=where)  # files required, skillpack.safetensors among them
+    names = set(manifest.files)
     for name in sorted(names):
         _check_file_name(name, where)
     missing = sorted(join(pack_folder, n) for n in names if join(pack_folder, n) not in at.files)
@@ -178,14 +176,14 @@ def _check_lineage(lineage: dict[str, Any], where: str) -> None:
             raise PackError(f"{where}: task {task} names folder {unknown[0]!r}, which is not one of its packs")
 
 
-def _download_pack(at: Snapshot, pack_folder: str, manifest: dict[str, Any], target: Path,
+def _download_pack(at: Snapshot, pack_folder: str, manifest: Manifest, target: Path,
                    progress: ProgressCallback) -> SkillPack:
     """Download the files a manifest names into ``target``, each checked against its sha256."""
     from skillhub.io import hub
     from skillhub.pack.format import load_pack, write_manifest
 
     target.mkdir(parents=True, exist_ok=True)
-    for name, expected in sorted(manifest["files"].items()):
+    for name, expected in sorted(manifest.files.items()):
         sha256, size = hub.download(at, join(pack_folder, name), target / name, durable=True,
                                     max_bytes=expected["bytes"], progress=progress)
         if sha256 != expected["sha256"] or size != expected["bytes"]:
@@ -193,8 +191,8 @@ def _download_pack(at: Snapshot, pack_folder: str, manifest: dict[str, Any], tar
                 f"{at.repo_id}@{at.revision}/{join(pack_folder, name)} does not match the sha256 and size in its "
                 "manifest: the file was damaged or tampered with; nothing was registered"
             )
-    manifest = {**manifest, "source": {"repo": at.repo_id, "revision": at.revision, "commit": at.commit,
-                                       "path": pack_folder}}
+    manifest = Manifest(manifest, source={"repo": at.repo_id, "revision": at.revision, "commit": at.commit,
+                                          "path": pack_folder})
     write_manifest(target, manifest)
     # Hashes were checked while downloading and the manifest against its schema before.
     return load_pack(target, verify=False, checked_manifest=manifest)
@@ -239,7 +237,7 @@ def _pull_to_directory(at: Snapshot, folder: str, plan: _Plan, output: str | os.
         for pack_folder, manifest in plan.packs:
             target = staging / pack_folder if plan.lineage is not None else staging
             _download_pack(at, join(folder, pack_folder), manifest, target, progress)
-            packs.append(PulledPack(pack_folder, manifest["name"], manifest["version"], "downloaded"))
+            packs.append(PulledPack(pack_folder, manifest.name, manifest.version, "downloaded"))
     return PullResult(at.repo_id, at.revision, at.commit, tuple(packs), output=str(output))
 
 
@@ -248,8 +246,8 @@ def _pull_into_registry(at: Snapshot, folder: str, plan: _Plan, staging: Path, r
                         progress: ProgressCallback) -> PullResult:
     packs, opened, tasks = [], [], []
     for index, (pack_folder, manifest) in enumerate(plan.packs):
-        summary = (pack_folder, manifest["name"], manifest["version"])
-        present = _registered(registry, manifest["files"][TENSORS_FILE]["sha256"])
+        summary = (pack_folder, manifest.name, manifest.version)
+        present = _registered(registry, manifest.tensors_sha256)
         if present is not None:
             packs.append(PulledPack(*summary, "present", present))
             continue

@@ -52,7 +52,7 @@ def push_pack(pack: str | os.PathLike[str] | SkillPack, repo_id: str, *, registr
     check_repo_id(repo_id)
     opened = _open_for_push(pack, registry)
     tag = TAG_PREFIX + opened.version
-    sha256 = opened.manifest["files"][TENSORS_FILE]["sha256"]
+    sha256 = opened.manifest.tensors_sha256
     result = {"repo": repo_id, "revision": revision or "main", "tag": tag, "url": f"{hub.endpoint()}/{repo_id}",
               "name": opened.name, "version": opened.version, "sha256": sha256, "unchanged": False}
     tagged = hub.tags(repo_id).get(tag)
@@ -106,7 +106,7 @@ def push_lineage(repo_id: str, *, registry: Registry, base: str | None = None, r
             parent = by_id.get(entry.parent) if entry.parent else None
             packs.append({"path": folders[entry.id], "name": entry.name, "version": entry.version,
                           "task": entry.task, "sha256": entry.sha256, "parent": parent.sha256 if parent else None})
-        recorded = opened.manifest["base"]
+        recorded = opened.manifest["base"]  # the lineage document repeats it as JSON
         lineage = {
             "format": "skillhub-lineage", "format_version": 1,
             "created_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "skillhub_version": __version__,
@@ -150,7 +150,7 @@ def _pack_files(pack: SkillPack, folder: str, scratch: Path) -> tuple[dict[str, 
     local_manifest.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     files = {join(folder, MANIFEST_FILE): local_manifest}
     expected = {}
-    for name, recorded in pack.manifest["files"].items():
+    for name, recorded in pack.manifest.files.items():
         files[join(folder, name)] = pack.path / name
         expected[join(folder, name)] = recorded["sha256"]
     return files, expected
