@@ -54,11 +54,19 @@ def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
     return as_matrix(shape)
 
 
-def _decode_factors(tensors: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
-    return (tensors["B"].to(torch.float32) @ tensors["A"].to(torch.float32)).reshape(shape)
+class _FactorOperator:
+    """What ``svd`` and ``lowrank`` share: their data are LoRA-style float factors B @ A."""
+
+    def expected_fields(self, meta: Mapping[str, Any], params: Mapping[str, Any], shape: tuple[int, ...], *,
+                        version: str) -> FieldLayout:
+        return _factor_fields(meta, params, shape)
+
+    def decode(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], params: Mapping[str, Any],
+               shape: tuple[int, ...], *, version: str) -> torch.Tensor:
+        return (tensors["B"].to(torch.float32) @ tensors["A"].to(torch.float32)).reshape(shape)
 
 
-class SVDOperator:
+class SVDOperator(_FactorOperator):
     """SVD truncated at the smallest rank keeping ``energy`` of the squared singular values."""
 
     name = "svd"
@@ -88,16 +96,9 @@ class SVDOperator:
         rank = max(1, min(rank, s.numel()))
         return Encoded(tensors=_factor_tensors(u[:, :rank], s[:rank], vh[:rank], params["dtype"]), meta={"rank": rank})
 
-    def expected_fields(self, meta: Mapping[str, Any], params: Mapping[str, Any], shape: tuple[int, ...], *,
-                        version: str) -> FieldLayout:
-        return _factor_fields(meta, params, shape)
-
-    def decode(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], params: Mapping[str, Any],
-               shape: tuple[int, ...], *, version: str) -> torch.Tensor:
-        return _decode_factors(tensors, shape)
 
 
-class LowRankOperator:
+class LowRankOperator(_FactorOperator):
     """Best rank-r approximation stored as float factors (what LoRA extraction produces)."""
 
     name = "lowrank"
@@ -124,13 +125,6 @@ class LowRankOperator:
         u, s, vh = truncated_svd(matrix, rank, generator=ctx.generator())
         return Encoded(tensors=_factor_tensors(u, s, vh, params["dtype"]), meta={"rank": int(s.numel())})
 
-    def expected_fields(self, meta: Mapping[str, Any], params: Mapping[str, Any], shape: tuple[int, ...], *,
-                        version: str) -> FieldLayout:
-        return _factor_fields(meta, params, shape)
-
-    def decode(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], params: Mapping[str, Any],
-               shape: tuple[int, ...], *, version: str) -> torch.Tensor:
-        return _decode_factors(tensors, shape)
 
 
 def resolve_rank_groups(
