@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from skillhub.cli.app import main, registry_of
-from skillhub.cli.options import force_option, json_option
+from skillhub.cli.options import base_option, force_option, json_option
 from skillhub.cli.output import emit_json, print_scores, progress_bar, wants_json
 
 @main.command()
@@ -17,7 +17,7 @@ from skillhub.cli.output import emit_json, print_scores, progress_bar, wants_jso
 @click.option("--private", is_flag=True, help="Create the repo private.")
 @click.option("-m", "--message", help="Commit message.")
 @click.option("--lineage", is_flag=True, help="Publish every active pack of a base model, each in a folder, with lineage.json.")
-@click.option("--base", help="With --lineage: the base model (needed when the registry holds several).")
+@base_option("With --lineage: the base model (needed when the registry holds several).")
 @json_option
 @click.pass_context
 def push(ctx: click.Context, pack_id: str | None, repo_id: str, revision: str | None, private: bool,
@@ -55,7 +55,7 @@ def push(ctx: click.Context, pack_id: str | None, repo_id: str, revision: str | 
 @click.option("--no-register", is_flag=True, help="Only download and verify, into -o DIR.")
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="With --no-register: directory to create (default: ./<pack name>).")
-@click.option("--base", help="Registered base model the packs must belong to.")
+@base_option("Registered base model the packs must belong to.")
 @click.option("--new-base", is_flag=True, help="Start a lineage for the packs' base even if other bases exist.")
 @click.option("--base-location", help="Where the base weights are, for activation (default: the id in the pack).")
 @click.option("--no-eval", is_flag=True, help="Do not score the registered tasks after adding.")

@@ -14,7 +14,12 @@ from skillhub.compress.options import CompressionOptions
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 force_option = click.option("--force", is_flag=True,
                             help="Replace the output if it already exists (only ever an output of skillhub).")
-base_option = click.option("--base", help="Base model (needed when the registry holds several).")
+base_revision_option = click.option("--revision", "base_revision", help="Hub revision of BASE.")
+
+
+def base_option(help_text: str = "Base model (needed when the registry holds several).") -> Callable[..., Any]:
+    """``--base NAME``: which registered base model a registry command works on."""
+    return click.option("--base", help=help_text)
 
 
 def compression_options(*, calib_samples: int = 128, calib_seqlen: int = 512, ratio: float | None = None,

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from skillhub.cli.app import main
-from skillhub.cli.options import compression_options, force_option, json_option
+from skillhub.cli.options import base_revision_option, compression_options, force_option, json_option
 from skillhub.cli.output import emit_json, markup_safe, new_table, progress_bar, stdout, wants_json
 from skillhub.compress.options import CompressionOptions
 
@@ -22,7 +22,7 @@ from skillhub.compress.options import CompressionOptions
 @click.option("--pack-version", "version", default="1.0.0", show_default=True, help="Version of the pack.")
 @compression_options()
 @click.option("--parent", type=click.Path(path_type=Path), help="Pack this fine-tune started from (lineage).")
-@click.option("--revision", "base_revision", help="Hub revision of BASE.")
+@base_revision_option
 @click.option("--tuned-revision", help="Hub revision of TUNED.")
 @force_option
 @json_option
@@ -129,7 +129,7 @@ def inspect(ctx: click.Context, pack: Path, as_json: bool) -> None:
 @click.argument("base")
 @click.argument("packs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Checkpoint directory to write.")
-@click.option("--revision", "base_revision", help="Hub revision of BASE.")
+@base_revision_option
 @force_option
 @json_option
 @click.pass_context

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from skillhub.cli.app import main, registry_of
-from skillhub.cli.options import compression_options, force_option, json_option
+from skillhub.cli.options import base_option, compression_options, force_option, json_option
 from skillhub.cli.errors import plain
 from skillhub.cli.output import emit_json, format_forgetting, print_scores, print_table, progress_bar, wants_json
 from skillhub.compress.options import CompressionOptions
@@ -30,7 +30,7 @@ def init(ctx: click.Context, as_json: bool) -> None:
 @click.argument("pack", required=False, type=click.Path(path_type=Path))
 @click.option("--from", "from_models", nargs=2, metavar="BASE TUNED", help="Create the pack from a fine-tune first.")
 @click.option("--task", required=True, help="The task the pack teaches.")
-@click.option("--base", help="Registered base model the pack must belong to.")
+@base_option("Registered base model the pack must belong to.")
 @click.option("--new-base", is_flag=True, help="Start a lineage for the pack's base even if other bases exist.")
 @click.option("--base-location", help="Where the base weights are, for activation (default: the id in the pack).")
 @compression_options(for_add=True)
@@ -62,7 +62,7 @@ def add(ctx: click.Context, pack: Path | None, from_models: tuple[str, str] | No
 
 
 @main.command("list")
-@click.option("--base", help="Only this base model's packs.")
+@base_option("Only this base model's packs.")
 @click.option("--all", "include_removed", is_flag=True, help="Include removed packs.")
 @json_option
 @click.pass_context
@@ -93,7 +93,7 @@ def show(ctx: click.Context, pack_id: str, as_json: bool) -> None:
 
 
 @main.command()
-@click.option("--base", help="Only this base model's lineage.")
+@base_option("Only this base model's lineage.")
 @json_option
 @click.pass_context
 def log(ctx: click.Context, base: str | None, as_json: bool) -> None:
@@ -114,7 +114,7 @@ def task() -> None:
 
 
 @task.command("list")
-@click.option("--base", help="Base model (needed when the registry holds several).")
+@base_option()
 @json_option
 @click.pass_context
 def task_list(ctx: click.Context, base: str | None, as_json: bool) -> None:
@@ -133,7 +133,7 @@ def task_list(ctx: click.Context, base: str | None, as_json: bool) -> None:
 @click.option("--eval", "eval_file", required=True, type=click.Path(path_type=Path),
               help="JSONL eval set: {prompt, answer} for exact_match, {text} for perplexity.")
 @click.option("--metric", type=click.Choice(["exact_match", "perplexity"]), default="exact_match", show_default=True)
-@click.option("--base", help="Base model (needed when the registry holds several).")
+@base_option()
 @json_option
 @click.pass_context
 def task_add(ctx: click.Context, name: str, eval_file: Path, metric: str, base: str | None, as_json: bool) -> None:
@@ -148,7 +148,7 @@ def task_add(ctx: click.Context, name: str, eval_file: Path, metric: str, base: 
 @task.command("set")
 @click.argument("name")
 @click.option("--packs", required=True, help="Comma-separated pack ids (empty: the base alone).")
-@click.option("--base", help="Base model (needed when the registry holds several).")
+@base_option()
 @json_option
 @click.pass_context
 def task_set(ctx: click.Context, name: str, packs: str, base: str | None, as_json: bool) -> None:
@@ -164,7 +164,7 @@ def task_set(ctx: click.Context, name: str, packs: str, base: str | None, as_jso
 @main.command()
 @click.option("--task", "task_name", help="Activate this task's set S_t.")
 @click.option("--packs", help="Or: comma-separated pack ids.")
-@click.option("--base", help="Registered base model (needed when the registry holds several).")
+@base_option("Registered base model (needed when the registry holds several).")
 @click.option("--base-path", help="Where the base weights are (default: the location recorded at add).")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Checkpoint directory to write.")
 @force_option
@@ -227,7 +227,7 @@ def doctor(ctx: click.Context, repair: bool, as_json: bool) -> None:
 
 @main.command("eval")
 @click.option("--task", "task_name", help="Only this task (default: every task with an eval set).")
-@click.option("--base", help="Base model (needed when the registry holds several).")
+@base_option()
 @click.option("--base-path", help="Where the base weights are (default: the location recorded at add).")
 @json_option
 @click.pass_context
@@ -249,7 +249,7 @@ def eval_command(ctx: click.Context, task_name: str | None, base: str | None, ba
 
 
 @main.command()
-@click.option("--base", help="Base model (needed when the registry holds several).")
+@base_option()
 @click.option("--plot", type=click.Path(path_type=Path), help="Also write heatmaps of R to this PNG (matplotlib).")
 @json_option
 @click.pass_context
