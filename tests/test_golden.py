@@ -27,6 +27,8 @@ def inputs(tmp_path: Path) -> tuple[Path, Path]:
 
 def _manifest(pack: Path) -> dict:
     document = json.loads((pack / "skillpack.json").read_text())
+    for provenance in document.get("operators", {}).values():
+        provenance.pop("distribution_version", None)  # the installed release, like skillhub_version
     return {key: value for key, value in document.items() if key not in VOLATILE}
 
 
