@@ -32,7 +32,7 @@ def compression_options(*, calib_samples: int = 128, calib_seqlen: int = 512, ra
         click.option("--recipe", default="paper", show_default=True, help=f"{prefix}'paper' or a recipe JSON file."),
         click.option("--seed", default=0, show_default=True, help="Seed of randomized SVD."),
     ]
-    options = recipe_options * with_recipe + [
+    options = (recipe_options if with_recipe else []) + [
         click.option("--ratio", type=float, default=ratio, show_default=ratio is not None,
                      help=f"{prefix}budget mode: store at most this fraction of the fp16 delta."),
         click.option("--calib", type=click.Path(path_type=Path),
