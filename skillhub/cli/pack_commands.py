@@ -168,11 +168,10 @@ def bench_compress(ctx: click.Context, base: str, tuned: str, compression: Compr
     from skillhub.evaluation.benchmark import compare_compression
 
     as_json = wants_json(ctx, as_json)
-    options = compression.as_kwargs()
     with progress_bar(not as_json) as progress:
-        report = compare_compression(base, tuned, ratio=options["ratio"], calib=options["calib"],
-                                     calib_samples=options["calib_samples"], calib_seqlen=options["calib_seqlen"],
-                                     eval_file=eval_file, device=options["device"], progress=progress)
+        report = compare_compression(base, tuned, ratio=compression.ratio, calib=compression.calib,
+                                     calib_samples=compression.calib_samples, calib_seqlen=compression.calib_seqlen,
+                                     eval_file=eval_file, device=compression.device, progress=progress)
     if as_json:
         emit_json(report)
         return

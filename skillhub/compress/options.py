@@ -7,8 +7,6 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from skillhub import config
-
 
 @dataclass(frozen=True)
 class CompressionOptions:
@@ -33,7 +31,5 @@ class CompressionOptions:
     seed: int = 0
 
     def as_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`skillhub.compress.create_pack`, the device resolved."""
-        values = asdict(self)
-        values["device"] = self.device or config.default_device()
-        return values
+        """Keyword arguments of :func:`skillhub.compress.create_pack` (which resolves a None device)."""
+        return asdict(self)

@@ -12,7 +12,7 @@ import json
 import os
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from skillhub.errors import SkillhubError
 
@@ -34,17 +34,31 @@ def parse_json(data: str | bytes, *, what: str, error: type[SkillhubError] = Ski
     return document
 
 
+def open_regular(path: str | os.PathLike[str], *, what: str, error: type[SkillhubError] = SkillhubError,
+                 follow_symlinks: bool = True) -> BinaryIO:
+    """Open a file for reading only if it is a regular file (opening never blocks: a FIFO or a
+    device is refused, not waited on); with ``follow_symlinks=False`` a link is not followed.
+
+    Raises:
+        ``error``: It cannot be opened, or is not a regular file.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | (0 if follow_symlinks else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise error(f"cannot read {what}: {exc.strerror or exc}") from exc
+    handle = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+        handle.close()
+        raise error(f"{what} is not a regular file")
+    return handle
+
+
 def read_regular(path: str | os.PathLike[str], *, what: str, error: type[SkillhubError] = SkillhubError,
                  max_bytes: int = MAX_DOCUMENT_BYTES) -> bytes:
     """The bytes of a regular file of at most ``max_bytes``; anything else raises ``error``."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except OSError as exc:
-        raise error(f"cannot read {what}: {exc.strerror or exc}") from exc
-    with os.fdopen(fd, "rb") as handle:
+    with open_regular(path, what=what, error=error) as handle:
         info = os.fstat(handle.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise error(f"{what} is not a regular file")
         if info.st_size > max_bytes:
             raise error(f"{what} has {info.st_size:,} bytes, more than the {max_bytes:,} allowed")
         return handle.read(max_bytes + 1)[:max_bytes]

@@ -57,17 +57,24 @@ def _nested(a: Path, b: Path) -> bool:
     return a == b or a in b.parents or b in a.parents
 
 
+def _marker(path: Path) -> dict | None:
+    """The marker of a real directory: None if it has none, {} if it cannot be read."""
+    marker = path / MARKER_FILE
+    if path.is_symlink() or not path.is_dir() or marker.is_symlink() or not marker.is_file():
+        return None
+    try:
+        record = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def written_by_skillhub(path: Path) -> bool:
     """Whether ``path`` is a directory skillhub wrote (its marker, or a pack manifest)."""
-    if path.is_symlink() or not path.is_dir():
-        return False
-    marker = path / MARKER_FILE
-    if marker.is_file() and not marker.is_symlink():
-        try:
-            return json.loads(marker.read_text(encoding="utf-8")).get("written_by") == "skillhub"
-        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-            return False
-    return (path / PACK_MANIFEST).is_file()
+    marker = _marker(path)
+    if marker is not None:
+        return marker.get("written_by") == "skillhub"
+    return not path.is_symlink() and path.is_dir() and (path / PACK_MANIFEST).is_file()
 
 
 def check_output(output: str | os.PathLike[str], *, force: bool = False,
@@ -228,13 +235,7 @@ def remove_interrupted(write: dict[str, str]) -> list[str]:
 
 
 def _marked_with(path: Path, token: str) -> bool:
-    marker = path / MARKER_FILE
-    if path.is_symlink() or not path.is_dir() or not marker.is_file():
-        return False
-    try:
-        return json.loads(marker.read_text(encoding="utf-8")).get("token") == token
-    except (OSError, ValueError, AttributeError):
-        return False
+    return (_marker(path) or {}).get("token") == token
 
 
 def _alive(pid: int) -> bool:

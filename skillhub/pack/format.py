@@ -244,20 +244,21 @@ def load_pack(path: str | os.PathLike[str], *, verify: bool = True,
         tensors = TensorFile(path / TENSORS_FILE)
     except SkillhubError as exc:
         raise PackError(str(exc)) from exc
-    _check_consistent(path, manifest, tensors)
-    return SkillPack(path, manifest, tensors)
+    pack = SkillPack(path, manifest, tensors)
+    _check_consistent(pack, tensors)
+    return pack
 
 
-def _check_consistent(path: Path, manifest: Manifest, tensors: TensorFile) -> None:
+def _check_consistent(pack: SkillPack, tensors: TensorFile) -> None:
+    path = pack.path
     embedded = parse_json(tensors.metadata.get(METADATA_KEY, "null"), what=f"the manifest embedded in {path}/{TENSORS_FILE}",
                           error=PackError)
-    if embedded != embedded_part(manifest):
+    if embedded != embedded_part(pack.manifest):
         raise PackError(f"{path}: {MANIFEST_FILE} disagrees with the manifest embedded in {TENSORS_FILE}")
-    modules = manifest.modules()
-    expected = {f"{m}/{f}" for m, entry in modules.items() for f in entry.fields}
+    expected = {f"{m}/{f}" for m, entry in pack.modules.items() for f in entry.fields}
     if expected != set(tensors.keys()):
         raise PackError(f"{path}: the tensors in {TENSORS_FILE} do not match the modules of the manifest")
-    for module, entry in modules.items():
+    for module, entry in pack.modules.items():
         stored = sum(tensors.nbytes(f"{module}/{f}") for f in entry.fields)
         if stored != entry.stored_bytes:
             raise PackError(f"{path}: module {module} stores {stored} bytes, the manifest says {entry.stored_bytes}")

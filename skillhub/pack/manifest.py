@@ -3,7 +3,7 @@ derived from it.
 
 A :class:`Manifest` is the JSON document itself (a ``dict``: written, embedded and shown as
 is, and ``pack.manifest["totals"]`` keeps working for scripts) with typed accessors, so that
-no module indexes raw keys: ``manifest.base.fingerprint``, ``manifest.module(name).shape``,
+no module indexes raw keys: ``manifest.base.fingerprint``, ``manifest.modules()[name].shape``,
 ``manifest.tensors_sha256``.
 """
 
@@ -86,14 +86,6 @@ class Manifest(dict):
     def parent_sha256(self) -> str | None:
         """The store address of the pack this one was trained on top of, if any."""
         return self["parent"]["sha256"] if self.get("parent") else None
-
-    @property
-    def module_names(self) -> list[str]:
-        return list(self["modules"])
-
-    def module(self, name: str) -> ModuleEntry:
-        """The entry of parameter ``name``."""
-        return ModuleEntry.from_dict(self["modules"][name])
 
     def modules(self) -> dict[str, ModuleEntry]:
         """Every module's entry, by parameter name."""

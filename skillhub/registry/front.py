@@ -21,7 +21,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
 
 from skillhub import config
 from skillhub.progress import ProgressCallback, no_progress
@@ -42,7 +41,6 @@ from skillhub.registry.results import (
     TaskSet,
 )
 from skillhub.registry.store import PackStore
-from skillhub.registry.tables import BaseModelRow
 
 if TYPE_CHECKING:  # torch and the pack machinery load only for commands that touch weights
     import torch
@@ -154,8 +152,7 @@ class Registry:
         Raises:
             MismatchError: It was made for other weights than the registered base model.
         """
-        with self.db.session() as session:
-            lineage.match_base(list(session.scalars(select(BaseModelRow))), recorded, base=base, new_base=new_base)
+        lineage.registered_base(self.db, recorded, base=base, new_base=new_base)
 
     def remove(self, pack_id: str, *, purge: bool = False) -> PackEntry:
         """Unlearn a pack: drop it from the lineage's active packs and every activation set.

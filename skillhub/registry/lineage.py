@@ -70,6 +70,12 @@ def match_base(bases: list[BaseModelRow], recorded: BaseRef, *, base: str | None
     )
 
 
+def registered_base(db: Database, recorded: BaseRef, *, base: str | None, new_base: bool) -> BaseModelRow | None:
+    """:func:`match_base` against the bases registered now (its own read transaction)."""
+    with db.session() as session:
+        return match_base(list(session.scalars(select(BaseModelRow))), recorded, base=base, new_base=new_base)
+
+
 def add_lineage(db: Database, store: PackStore, packs: Sequence[SkillPack], *, tasks: Sequence[str | None],
                 task_sets_by_sha: Mapping[str, Sequence[str]], base: str | None, new_base: bool,
                 base_location: str | None, adopt: bool) -> list[AddedPack]:
@@ -80,9 +86,7 @@ def add_lineage(db: Database, store: PackStore, packs: Sequence[SkillPack], *, t
     if len({p.base_fingerprint for p in packs}) > 1:
         raise MismatchError("the packs of one lineage must share a base model; these were made for different bases")
     recorded = packs[0].manifest.base
-    with db.session() as session:
-        known = match_base(list(session.scalars(select(BaseModelRow))), recorded, base=base, new_base=new_base)
-    if known is None and base is not None:
+    if registered_base(db, recorded, base=base, new_base=new_base) is None and base is not None:
         check_name(base, "base")  # a new base gets this name: checked before copying any file
     addresses = [store.put(p, adopt=adopt) for p in packs]
     with db.session(write=True) as session:

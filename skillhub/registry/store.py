@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from skillhub.errors import PackError, SkillhubError
 from skillhub.pack.manifest import CARD_FILE, MANIFEST_FILE, TENSORS_FILE
+from skillhub.io.jsonio import open_regular
 from skillhub.io.outputs import describe_os_error
 
 if TYPE_CHECKING:
@@ -168,15 +169,10 @@ def _regular(path: Path) -> bool:
 
 def _copy_regular(source: Path, destination: Path) -> None:
     """Copy one pack file; the source must be a regular file, never followed through a link."""
-    try:
-        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
-    except OSError as exc:
-        if source.is_symlink():
-            raise PackError(f"{source} is a symbolic link; skillhub stores only regular files: copy the pack "
-                            "with its files (cp -rL) and add the copy") from exc
-        raise
-    with os.fdopen(fd, "rb") as reader:
-        if not stat.S_ISREG(os.fstat(reader.fileno()).st_mode):
-            raise PackError(f"{source} is not a regular file")
-        with open(destination, "xb") as writer:
-            shutil.copyfileobj(reader, writer, 16 * 1024 * 1024)
+    if source.is_symlink():
+        raise PackError(f"{source} is a symbolic link; skillhub stores only regular files: copy the pack "
+                        "with its files (cp -rL) and add the copy")
+    # O_NOFOLLOW as well: a link swapped in after the check above is still not followed.
+    with open_regular(source, what=str(source), error=PackError, follow_symlinks=False) as reader, \
+            open(destination, "xb") as writer:
+        shutil.copyfileobj(reader, writer, 16 * 1024 * 1024)
