@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-venv clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,19 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-bench: $(STAMP)
+# mergekit, for bench_fusion's side-by-side merges, in a virtual environment of its own so its
+# pins never touch the project's.
+MERGEKIT_VENV := .venv-mergekit
+$(MERGEKIT_VENV)/.installed:
+	$(PYTHON) -m venv $(MERGEKIT_VENV)
+	$(MERGEKIT_VENV)/bin/pip install --disable-pip-version-check -q torch==2.13.0
+	$(MERGEKIT_VENV)/bin/pip install --disable-pip-version-check -q -c constraints.txt mergekit==0.1.5
+	touch $@
+
+bench-venv: $(MERGEKIT_VENV)/.installed
+
+bench: $(STAMP) bench-venv
+	$(PY) bench/bench_fusion.py
 	$(PY) bench/bench_create.py
 	$(PY) bench/bench_compress.py
 	$(PY) bench/bench_accuracy.py
@@ -38,4 +50,4 @@ bench: $(STAMP)
 	$(PY) bench/bench_hub.py
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) $(MERGEKIT_VENV) build dist *.egg-info

@@ -12,6 +12,11 @@ Python API::
     with registry.activated(model, task="math"):   # patched in place, exact bits restored after
         ...
 
+    from skillhub import Generator, train_router   # one base, the right packs per prompt (Eq. 9, routed)
+    train_router(registry)
+    with Generator(registry) as generate:
+        print(generate("What is 12 + 30?", route=True).output)
+
     from skillhub import push_pack, pull_pack     # the Hugging Face Hub (HF_TOKEN, HF_ENDPOINT)
     push_pack("3f2a9c1b07de", "me/math-pack", registry=registry)
     pull_pack("me/math-pack@v1.0.0", registry=Registry("other-registry/"))
@@ -29,6 +34,10 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "apply_packs": "skillhub.activation",
     "create_pack": "skillhub.compress.pipeline",
+    "Generator": "skillhub.routing.generate",
+    "Merge": "skillhub.activation",
+    "Router": "skillhub.routing.router",
+    "train_router": "skillhub.routing.training",
     "load_pack": "skillhub.pack.format",
     "pull_pack": "skillhub.sharing.pull",
     "push_lineage": "skillhub.sharing.push",

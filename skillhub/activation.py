@@ -1,19 +1,28 @@
 """Activation (paper Eq. 9/10): theta = theta_base + sum of decoded packs, written as a Hugging Face
-checkpoint (:func:`apply_packs`) or patched into a loaded model in place (:func:`patched`).
+checkpoint (:func:`apply_packs`) or patched into a loaded model in place (:func:`patched`,
+:class:`Patcher`); or, when one static model must hold several packs, theta_base + a merge of
+their deltas (:class:`Merge`: task arithmetic, TIES, DARE).
 
 Every output tensor is computed in float32 from the pristine base tensor plus the decoded
 deltas of the packs that touch it, then cast once to the base tensor's dtype. Nothing is
 ever subtracted, so the result depends only on the set of packs, never on history.
+
+The merge algorithms are PEFT's (``peft.utils.merge_utils``), applied module by module to the
+decoded deltas as they stream; skillhub only chooses their inputs and validates parameters.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 import os
 import shutil
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,6 +36,102 @@ from skillhub.io.tensorfile import TensorFileWriter
 
 _log = logging.getLogger(__name__)
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # what transformers' save_pretrained uses
+MERGE_METHODS = ("sum", "task-arithmetic", "ties", "dare-linear", "dare-ties")
+
+
+@dataclass(frozen=True)
+class Merge:
+    """How the deltas of several packs are combined into one static model.
+
+    - ``sum``: theta_base + sum of the deltas (Eq. 9 without routing); the default.
+    - ``task-arithmetic``: theta_base + lambda * sum_i w_i delta_i (Ilharco et al. 2023).
+    - ``ties``: trim each delta to its top ``density`` fraction by magnitude, elect a sign per
+      entry, average the agreeing entries, times lambda (Yadav et al. 2023).
+    - ``dare-linear`` / ``dare-ties``: drop entries at random keeping ``density`` and rescale
+      by 1/density, then sum / TIES-merge (Yu et al. 2024). The drop is seeded per module
+      from ``seed`` and the parameter name, so a merge is reproducible.
+
+    Args:
+        method: One of MERGE_METHODS.
+        weights: One weight per pack, in the packs' order (default 1.0 each).
+        density: Fraction of entries kept by TIES and DARE, in (0, 1].
+        scale: lambda, the factor on the merged delta, in (0, 10].
+        seed: Seed of DARE's random drop.
+
+    Raises:
+        SkillhubError: A parameter is out of range.
+    """
+
+    method: str = "sum"
+    weights: tuple[float, ...] | None = None
+    density: float = 0.5
+    scale: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in MERGE_METHODS:
+            raise SkillhubError(f"unknown merge method {self.method!r}: use one of {', '.join(MERGE_METHODS)}")
+        if not (0 < self.density <= 1):
+            raise SkillhubError(f"--density must be in (0, 1], not {self.density}")
+        if not (0 < self.scale <= 10) or not math.isfinite(self.scale):
+            raise SkillhubError(f"--lambda must be in (0, 10], not {self.scale}")
+        if self.weights is not None:
+            if not all(math.isfinite(w) and -10 <= w <= 10 for w in self.weights):
+                raise SkillhubError(f"--weights must be finite numbers in [-10, 10], not {list(self.weights)}")
+            if not any(self.weights):
+                raise SkillhubError("--weights are all zero: the merge would be the base model")
+        if self.method == "sum" and (self.density != 0.5 or self.scale != 1.0):
+            raise SkillhubError("--density and --lambda apply to task-arithmetic, ties and dare merges, not sum")
+
+    @property
+    def is_plain_sum(self) -> bool:
+        return self.method == "sum" and (self.weights is None or all(w == 1.0 for w in self.weights))
+
+    def check_count(self, count: int) -> None:
+        """Raises SkillhubError unless there is one weight per pack."""
+        if self.weights is not None and len(self.weights) != count:
+            raise SkillhubError(f"--weights gives {len(self.weights)} weight(s) for {count} pack(s): give one per pack")
+
+    def combine(self, deltas: Sequence[torch.Tensor], name: str) -> torch.Tensor:
+        """The merged delta of one parameter (``deltas``: one float32 tensor per pack, zeros
+        for a pack that leaves the parameter alone)."""
+        from peft.utils import merge_utils
+
+        weights = torch.tensor(self.weights if self.weights is not None else [1.0] * len(deltas),
+                               dtype=torch.float32, device=deltas[0].device)
+        if self.method == "sum":
+            return merge_utils.task_arithmetic(list(deltas), weights)
+        if self.method == "task-arithmetic":
+            return self.scale * merge_utils.task_arithmetic(list(deltas), weights)
+        if self.method == "ties":
+            merged = merge_utils.ties(list(deltas), weights, self.density) if self.density < 1 else \
+                _ties_untrimmed(deltas, weights)
+            return self.scale * merged
+        # DARE's drop draws from the global generator; fork it so a merge never disturbs the caller's.
+        seed = int.from_bytes(hashlib.sha256(f"{self.seed}:{name}".encode()).digest()[:8], "little") >> 1
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            if self.density >= 1:  # nothing to drop (PEFT warns and returns the tensor unchanged)
+                merged = merge_utils.task_arithmetic(list(deltas), weights) if self.method == "dare-linear" \
+                    else _ties_untrimmed(deltas, weights)
+            else:
+                merge = merge_utils.dare_linear if self.method == "dare-linear" else merge_utils.dare_ties
+                merged = merge(list(deltas), weights, self.density)
+        return self.scale * merged
+
+    def describe(self) -> dict[str, object]:
+        """The merge as JSON-ready settings (recorded in the output's marker and safetensors metadata)."""
+        return {"method": self.method, "weights": list(self.weights) if self.weights else None,
+                "density": self.density, "lambda": self.scale, "seed": self.seed}
+
+
+def _ties_untrimmed(deltas: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """TIES' sign election and disjoint mean without trimming (density 1)."""
+    from peft.utils import merge_utils
+
+    stacked = torch.stack(list(deltas))
+    mask = merge_utils.calculate_majority_sign_mask(stacked)
+    return merge_utils.disjoint_merge(stacked * merge_utils.reshape_weight_task_tensors(stacked, weights), mask)
 
 
 def _check_fits(base: Checkpoint, packs: Sequence[SkillPack]) -> None:
@@ -77,9 +182,10 @@ def apply_packs(
     force: bool = False,
     protect: Sequence[str | os.PathLike[str]] = (),
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    merge: Merge | None = None,
     progress: ProgressCallback = no_progress,
 ) -> Path:
-    """Write ``base + sum(packs)`` as a Hugging Face checkpoint directory.
+    """Write ``base + sum(packs)`` (or a merge of them) as a Hugging Face checkpoint directory.
 
     The output holds the weights (sharded above ``max_shard_bytes``) plus the base's config
     and tokenizer files, so ``AutoModelForCausalLM.from_pretrained(output)`` loads it.
@@ -93,6 +199,7 @@ def apply_packs(
         protect: More paths the output must stay clear of (e.g. the registry), besides the
             base and the packs (see :mod:`skillhub.io.outputs`).
         max_shard_bytes: Largest weight file to write.
+        merge: How to combine several packs (default: the plain sum).
         progress: Called as ``progress("apply", done, total)``.
 
     Returns:
@@ -107,9 +214,11 @@ def apply_packs(
     protect = [base_ckpt.path, *(p.path for p in opened), *protect]
     check_output(output, force=force, protect=protect)
     _check_fits(base_ckpt, opened)
+    if merge is not None:
+        merge.check_count(len(opened))
     plan = _shard_plan(base_ckpt, max_shard_bytes)
     with staged_directory(output, force=force, protect=protect, kind="checkpoint") as staging:
-        sizes = _write_weights(base_ckpt, opened, plan, staging, progress)
+        sizes = _write_weights(base_ckpt, opened, plan, staging, merge, progress)
         if len(sizes) > 1:
             index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": plan}
             (staging / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
@@ -119,26 +228,35 @@ def apply_packs(
     return Path(output)
 
 
-def with_deltas(base_tensor: torch.Tensor, packs: Sequence[SkillPack], name: str) -> torch.Tensor:
-    """theta_base + sum of the packs' decoded deltas for one parameter: the one summation of
-    skillhub. In float32, in the packs' order, cast once to the base dtype; the base tensor
-    itself when no pack changes the parameter."""
+def with_deltas(base_tensor: torch.Tensor, packs: Sequence[SkillPack], name: str, merge: Merge | None = None) -> torch.Tensor:
+    """theta_base + the packs' decoded deltas for one parameter: the one summation of skillhub.
+
+    In float32, in the packs' order, cast once to the base dtype; the base tensor itself when
+    no pack changes the parameter. With a ``merge`` other than the plain sum, the deltas are
+    combined by :meth:`Merge.combine` (a pack that leaves the parameter alone counts as zeros).
+    """
     touching = [p for p in packs if name in p.modules]
     if not touching:
         return base_tensor
     weight = base_tensor.to(torch.float32)
-    for pack in touching:
-        weight = weight + pack.decode(name).to(weight.device)
+    if merge is None or merge.is_plain_sum:
+        for pack in touching:
+            weight = weight + pack.decode(name).to(weight.device)
+    else:
+        deltas = [p.decode(name).to(weight.device) if name in p.modules else torch.zeros_like(weight) for p in packs]
+        weight = weight + merge.combine(deltas, name)
     return weight.to(base_tensor.dtype)
 
 
 def _write_weights(base: Checkpoint, packs: Sequence[SkillPack], plan: dict[str, str], staging: Path,
-                   progress: ProgressCallback) -> dict[str, int]:
+                   merge: Merge | None, progress: ProgressCallback) -> dict[str, int]:
     """Stream every base tensor plus its deltas into the planned shards; returns bytes per shard.
     The base fingerprint, computed on the way, must be the one every pack was made for."""
     fingerprint = Fingerprint()
     writers: dict[str, TensorFileWriter] = {}
     metadata = {"format": "pt", "skillhub_packs": json.dumps([f"{p.name}@{p.version}" for p in packs])}
+    if merge is not None and not merge.is_plain_sum:
+        metadata["skillhub_merge"] = json.dumps(merge.describe())
     names = base.names()
     try:
         for name in reporting(names, progress, "apply", len(names)):
@@ -146,7 +264,7 @@ def _write_weights(base: Checkpoint, packs: Sequence[SkillPack], plan: dict[str,
             fingerprint.update(name, base_tensor)
             if plan[name] not in writers:
                 writers[plan[name]] = TensorFileWriter(staging / plan[name])
-            writers[plan[name]].add(name, with_deltas(base_tensor, packs, name))
+            writers[plan[name]].add(name, with_deltas(base_tensor, packs, name, merge))
         actual = fingerprint.hexdigest()
         for pack in packs:
             if pack.base_fingerprint != actual:
@@ -164,33 +282,92 @@ def _write_weights(base: Checkpoint, packs: Sequence[SkillPack], plan: dict[str,
 
 
 @contextmanager
-def patched(model: torch.nn.Module, packs: Sequence[SkillPack]) -> Iterator[torch.nn.Module]:
+def patched(model: torch.nn.Module, packs: Sequence[SkillPack], merge: Merge | None = None) -> Iterator[torch.nn.Module]:
     """Patch a loaded model with the packs' deltas in place; restore its exact bits on exit.
-
-    Each patched weight is computed from a saved copy of the original (never by subtracting),
-    so switching from one set of packs to another never accumulates error.
 
     Raises:
         MismatchError: The model lacks a parameter the packs change.
         PackError, OperatorError: A pack cannot be decoded.
     """
-    for pack in packs:
-        pack.check_decodable()
-    parameters = dict(model.named_parameters())
-    touched = sorted({name for pack in packs for name in pack.modules})
-    missing = [n for n in touched if n not in parameters]
-    if missing:
-        raise MismatchError(f"the model has no parameter(s) {', '.join(missing[:5])} that the packs change")
-    originals = {name: parameters[name].detach().clone() for name in touched}
+    patcher = Patcher(model)
     try:
-        with torch.no_grad():
-            for name in touched:
-                parameters[name].copy_(with_deltas(originals[name], packs, name))
+        patcher.use(packs, merge)
         yield model
     finally:
+        patcher.restore()
+
+
+class Patcher:
+    """Switches a loaded model between pack sets in place, exactly.
+
+    The model's original tensors are kept as they are (not copied): a pack set's weights are
+    computed from them (never by subtracting) into new tensors, and switching swaps which
+    tensor each parameter holds. So switching is exact and cheap, the base weights can be
+    lent back for a moment (:meth:`base_weights`, e.g. for a router's features), and up to
+    ``cache_sets`` recently used sets stay computed for the next switch back.
+
+    Args:
+        model: A loaded model holding the base weights.
+        cache_sets: How many pack sets' computed weights to keep (each costs the memory of
+            the parameters its packs change).
+    """
+
+    def __init__(self, model: torch.nn.Module, *, cache_sets: int = 1) -> None:
+        self.model = model
+        self.parameters = dict(model.named_parameters())
+        self.originals: dict[str, torch.Tensor] = {}
+        self.cache_sets = max(1, cache_sets)
+        self._cache: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
+        self.current: tuple = ()
+
+    def use(self, packs: Sequence[SkillPack], merge: Merge | None = None) -> None:
+        """Make the model theta_base + the packs (an empty list: the base)."""
+        key = (tuple(p.manifest.tensors_sha256 for p in packs), merge)
+        if key == self.current:
+            return
+        weights = self._cache.get(key) if packs else {}
+        if weights is None:
+            weights = self._compute(packs, merge)
+        self._swap_in(weights)
+        self.current = key if packs else ()
+        if packs:
+            self._cache[key] = weights
+            self._cache.move_to_end(key)
+            while len(self._cache) > self.cache_sets:
+                self._cache.popitem(last=False)
+
+    def restore(self) -> None:
+        """Put the base weights back."""
+        self._swap_in({})
+        self.current = ()
+
+    @contextmanager
+    def base_weights(self) -> Iterator[torch.nn.Module]:
+        """The model with its base weights for the duration of the block, then the current set again."""
+        weights = {name: param.data for name, param in self.parameters.items() if name in self.originals}
+        self._swap_in({})
+        try:
+            yield self.model
+        finally:
+            self._swap_in(weights)
+
+    def _compute(self, packs: Sequence[SkillPack], merge: Merge | None) -> dict[str, torch.Tensor]:
+        for pack in packs:
+            pack.check_decodable()
+        if merge is not None:
+            merge.check_count(len(packs))
+        touched = sorted({name for pack in packs for name in pack.modules})
+        missing = [n for n in touched if n not in self.parameters]
+        if missing:
+            raise MismatchError(f"the model has no parameter(s) {', '.join(missing[:5])} that the packs change")
+        for name in touched:
+            self.originals.setdefault(name, self.parameters[name].data)
         with torch.no_grad():
-            for name, original in originals.items():
-                parameters[name].copy_(original)
+            return {name: with_deltas(self.originals[name], packs, name, merge) for name in touched}
+
+    def _swap_in(self, weights: dict[str, torch.Tensor]) -> None:
+        for name, original in self.originals.items():
+            self.parameters[name].data = weights.get(name, original)
 
 
 def check_model_is_base(model: torch.nn.Module, fingerprint: str, name: str) -> None:

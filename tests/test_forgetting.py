@@ -101,10 +101,10 @@ def evaluated_registry(three_packs, finetuned: FineTune, tmp_path: Path) -> tupl
     return registry, ids
 
 
-def test_every_addition_scores_every_task_under_three_policies(evaluated_registry) -> None:
+def test_every_addition_scores_every_task_under_every_policy(evaluated_registry) -> None:
     registry, ids = evaluated_registry
     records = registry.scores()
-    assert len(records) == 3 * 3 * 3  # 3 additions x 3 tasks x (subset, fused, base)
+    assert len(records) == 3 * 3 * 4  # 3 additions x 3 tasks x (subset, fused, ties, base); no router: no routed
     result = accuracy_matrices(registry)
     assert result["tasks"] == ["shift", "reverse", "sort"]
     subset = result["policies"]["subset"]
@@ -114,7 +114,8 @@ def test_every_addition_scores_every_task_under_three_policies(evaluated_registr
     assert subset["metrics"]["forgetting"] == 0.0 and subset["metrics"]["BWT"] == 0.0
     assert subset["R"][0][0] >= 0.9  # the shift pack does its job
     assert all(b <= 0.05 for b in result["base"])
-    assert result["policies"]["fused"]["complete"] is True
+    assert result["policies"]["fused"]["complete"] is True and result["policies"]["ties"]["complete"] is True
+    assert "routed" not in result["policies"]
 
 
 def test_metrics_command_json_table_and_plot(evaluated_registry, tmp_path: Path) -> None:
@@ -123,7 +124,7 @@ def test_metrics_command_json_table_and_plot(evaluated_registry, tmp_path: Path)
     as_json = runner.invoke(main, ["--registry", registry.url, "metrics", "--json"])
     assert as_json.exit_code == 0, as_json.output
     parsed = json.loads(as_json.stdout)
-    assert set(parsed["policies"]) == {"subset", "fused"} and "BWT" in parsed["definitions"]
+    assert set(parsed["policies"]) == {"subset", "fused", "ties"} and "BWT" in parsed["definitions"]
     plot = tmp_path / "r.png"
     table = runner.invoke(main, ["--registry", registry.url, "metrics", "--plot", str(plot)])
     assert table.exit_code == 0 and "| policy | ACC | BWT | FWT | forgetting |" in table.stdout
@@ -134,8 +135,20 @@ def test_eval_command_records_a_new_step(evaluated_registry) -> None:
     registry, _ = evaluated_registry
     result = CliRunner().invoke(main, ["--registry", registry.url, "eval", "--task", "sort", "--json"])
     assert result.exit_code == 0, result.output
-    assert {r["policy"] for r in json.loads(result.stdout)} == {"subset", "fused", "base"}
+    assert {r["policy"] for r in json.loads(result.stdout)} == {"subset", "fused", "ties", "base"}
     assert registry.log()[-1].kind == "eval"
+    result = CliRunner().invoke(main, ["--registry", registry.url, "eval", "--task", "sort", "--merged-policy",
+                                       "dare-ties", "--json"])
+    assert {r["policy"] for r in json.loads(result.stdout)} == {"subset", "fused", "dare-ties", "base"}
+    # With a router, the routed policy joins (examples it did not train on only).
+    from skillhub.routing.training import train_router
+
+    train_router(registry)
+    result = CliRunner().invoke(main, ["--registry", registry.url, "eval", "--merged-policy", "none", "--json"])
+    records = json.loads(result.stdout)
+    assert {r["policy"] for r in records} == {"subset", "fused", "routed", "base"}
+    routed = {r["task"]: r["score"] for r in records if r["policy"] == "routed"}
+    assert routed["shift"] >= 0.9  # the router sends shift prompts to the shift pack
 
 
 @pytest.mark.parametrize("case", ["missing field", "empty", "unknown task", "plot directory", "changed file"])
@@ -169,18 +182,32 @@ def test_bad_evaluation_input_exits_1_and_records_nothing(evaluated_registry, tm
     assert (registry.log(), registry.scores(), registry.tasks()) == before
 
 
-def test_demo_fast(tmp_path: Path) -> None:
-    """The demo's claims that hold by construction, on its fast setting (a minute on 2 cores)."""
-    result = CliRunner().invoke(main, ["demo", "--fast", "--workdir", str(tmp_path / "demo"), "--json"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_demo_fast(tmp_path: Path, seed: int) -> None:
+    """The demo's claims, not its digits, on its fast setting and two seeds (two minutes each on 2 cores)."""
+    result = CliRunner().invoke(main, ["demo", "--fast", "--seed", str(seed), "--workdir", str(tmp_path / "demo"),
+                                       "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
+    tasks, final = report["tasks"], report["final"]
     subset = report["matrices"]["policies"]["subset"]
     assert subset["metrics"]["forgetting"] == 0.0  # task-subset activation forgets nothing
+    for task in tasks:
+        kept = report["retention"][task]
+        assert kept["fine-tune"] >= 0.9, (task, kept)  # every task is really learned
+        assert kept["pack"] >= 0.95 * kept["fine-tune"], (task, kept)  # and its pack keeps it
+        assert final["routed"][task] >= final["subset"][task] - 0.02, task  # routing without labels costs <= 2 points
+        assert final["fused"][task] <= 0.5 * final["subset"][task], task  # summing every pack collapses
+    assert report["routing"]["accuracy"]["heldout"] >= 0.98
+    assert set(report["matrices"]["policies"]) >= {"subset", "fused", "routed", "ties"}
     removal = report["removal"]
-    removed_index = report["tasks"].index(removal["task"])
-    assert removal["after"][removal["task"]] == report["matrices"]["base"][removed_index]  # back to the base
-    for task in report["tasks"]:
+    removed_index = tasks.index(removal["task"])
+    before, after = removal["before"], removal["after"]
+    assert after["subset"][removal["task"]] == report["matrices"]["base"][removed_index]  # back to the base
+    assert after["routed"][removal["task"]] <= 0.1  # never routed to the removed pack again
+    for task in before["subset"]:
         if task != removal["task"]:
-            assert removal["after"][task] == removal["before"][task]  # the others exactly where they were
+            assert after["subset"][task] == before["subset"][task]  # the others exactly where they were
+            assert after["routed"][task] == before["routed"][task]
     assert Path(report["paths"]["registry"], "registry.db").is_file()
     assert report["paths"]["plot"] and Path(report["paths"]["plot"]).is_file()

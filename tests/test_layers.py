@@ -23,8 +23,9 @@ LAYERS = {
     "skillhub.pack": 3,
     "skillhub.compress": 4, "skillhub.activation": 4, "skillhub.evaluation": 4,
     "skillhub.evaluation.datasets": 4, "skillhub.evaluation.scoring": 4, "skillhub.evaluation.metrics": 4,
+    "skillhub.evaluation.interference": 4,
     "skillhub.registry": 5,
-    "skillhub.sharing": 6, "skillhub.evaluation.forgetting": 6, "skillhub.evaluation.benchmark": 6,
+    "skillhub.sharing": 6, "skillhub.routing": 6, "skillhub.evaluation.forgetting": 6, "skillhub.evaluation.benchmark": 6,
     "skillhub.demo": 7, "skillhub.cli": 7, "skillhub.testing": 7, "skillhub.__main__": 7,
 }
 # Third-party packages and the only modules (or packages) that may import them.
@@ -35,6 +36,8 @@ OWNERS = {
     "sqlmodel": ("skillhub.registry",),
     "click": ("skillhub.cli",),
     "rich": ("skillhub.cli",),
+    "peft": ("skillhub.activation",),
+    "sklearn": ("skillhub.routing.training",),
 }
 
 

@@ -60,7 +60,8 @@ def _normalise(schema: dict) -> dict:
     # Type names differ by dialect reflection (VARCHAR vs String); compare type families.
     families = {"VARCHAR": "String", "String": "String", "TEXT": "Text", "Text": "Text", "INTEGER": "Integer",
                 "Integer": "Integer", "FLOAT": "Float", "Float": "Float", "DOUBLE_PRECISION": "Float", "REAL": "Float",
-                "BOOLEAN": "Boolean", "Boolean": "Boolean", "AutoString": "String", "_SQliteJson": "JSON"}
+                "BOOLEAN": "Boolean", "Boolean": "Boolean", "AutoString": "String", "_SQliteJson": "JSON",
+                "BLOB": "Binary", "BYTEA": "Binary", "LargeBinary": "Binary"}
     for table in schema.values():
         table["columns"] = {name: (families.get(kind, kind), nullable) for name, (kind, nullable) in table["columns"].items()}
     return schema
@@ -68,7 +69,7 @@ def _normalise(schema: dict) -> dict:
 
 def test_fresh_migrated_database_equals_the_sqlmodel_classes(registry_factory) -> None:
     registry = registry_factory()
-    assert applied_migrations(registry.engine) == migration_names() == ["m0001_initial", "m0002_evaluation"]
+    assert applied_migrations(registry.engine) == migration_names() == ["m0001_initial", "m0002_evaluation", "m0003_routing"]
     migrated = _normalise(_schema_of_database(registry.engine))
     declared = _normalise(_schema_of_classes())
     assert migrated == declared
@@ -89,7 +90,9 @@ def test_stored_first_version_registry_upgrades_with_its_rows(tmp_path: Path) ->
     assert {t.name: t.packs for t in registry.tasks()} == {"math": ("0123456789ab",), "code": ("ba9876543210",)}
     with registry.engine.connect() as connection:
         columns = {c["name"] for c in sa.inspect(connection).get_columns("tasks")}
+        tables = set(sa.inspect(connection).get_table_names())
     assert {"eval_path", "eval_sha256", "metric"} <= columns
+    assert {"routers", "routing_sets"} <= tables
     assert Registry(directory).list_packs() == registry.list_packs()  # opening again applies nothing twice
 
 
@@ -101,6 +104,6 @@ def test_migrations_are_never_applied_twice(tmp_path: Path) -> None:
     assert sorted(rows) == migration_names()
 
 
-@pytest.mark.parametrize("name", ["m0001_initial", "m0002_evaluation"])
+@pytest.mark.parametrize("name", ["m0001_initial", "m0002_evaluation", "m0003_routing"])
 def test_migrations_ship_in_the_package(name: str) -> None:
     assert name in migration_names()

@@ -7,7 +7,8 @@ lives in ``output`` and error lines in ``errors``.
 Layer 7: imports anything below.
 """
 
-from skillhub.cli import hub_commands, other_commands, pack_commands, registry_commands  # noqa: F401  (register)
+from skillhub.cli import (  # noqa: F401  (register the commands)
+    hub_commands, other_commands, pack_commands, registry_commands, routing_commands)
 from skillhub.cli.app import main
 
 __all__ = ["main"]

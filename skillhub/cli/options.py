@@ -17,6 +17,27 @@ force_option = click.option("--force", is_flag=True,
 base_revision_option = click.option("--revision", "base_revision", help="Hub revision of BASE.")
 
 
+def pack_ids(text: str) -> list[str]:
+    """The ids of a comma-separated ``--packs`` value (empty: none)."""
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def merged_policy_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--merged-policy M``: which merge of all packs is scored as a policy of its own (``none``: none),
+    passed to the command as ``merge``."""
+
+    @functools.wraps(command)
+    def collect(*args: Any, merged_policy: str, **kwargs: Any) -> Any:
+        from skillhub.activation import Merge
+
+        kwargs["merge"] = None if merged_policy == "none" else Merge(merged_policy)
+        return command(*args, **kwargs)
+
+    return click.option("--merged-policy", default="ties", show_default=True,
+                        help="Merge of all packs scored as a policy: task-arithmetic, ties, dare-linear, dare-ties, "
+                             "or none.")(collect)
+
+
 def base_option(help_text: str = "Base model (needed when the registry holds several).") -> Callable[..., Any]:
     """``--base NAME``: which registered base model a registry command works on."""
     return click.option("--base", help=help_text)
@@ -57,3 +78,37 @@ def compression_options(*, calib_samples: int = 128, calib_seqlen: int = 512, ra
         return collect
 
     return decorate
+
+
+def merge_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--merge, --weights, --density, --lambda (and --merge-seed), collected into one
+    :class:`skillhub.activation.Merge` passed as ``merge`` (None for the plain sum)."""
+    options = [
+        click.option("--merge", "merge_method", default="sum", show_default=True,
+                     help="How several packs combine: sum, task-arithmetic, ties, dare-linear or dare-ties."),
+        click.option("--weights", help="Comma-separated weight per pack, in order (default: 1 each)."),
+        click.option("--density", type=float, help="ties/dare: fraction of each delta kept, in (0, 1] (default 0.5)."),
+        click.option("--lambda", "scale", type=float, help="Factor on the merged delta, in (0, 10] (default 1.0)."),
+        click.option("--merge-seed", type=int, default=0, show_default=True, help="Seed of DARE's random drop."),
+    ]
+
+    @functools.wraps(command)
+    def collect(*args: Any, merge_method: str, weights: str | None, density: float | None, scale: float | None,
+                merge_seed: int, **kwargs: Any) -> Any:
+        from skillhub.activation import Merge
+        from skillhub.errors import SkillhubError
+
+        parsed = None
+        if weights is not None:
+            try:
+                parsed = tuple(float(w) for w in weights.split(","))
+            except ValueError as exc:
+                raise SkillhubError(f"--weights must be comma-separated numbers, not {weights!r}") from exc
+        given = {k: v for k, v in (("density", density), ("scale", scale)) if v is not None}
+        merge = Merge(merge_method, weights=parsed, seed=merge_seed, **given)
+        kwargs["merge"] = None if merge.is_plain_sum else merge
+        return command(*args, **kwargs)
+
+    for option in reversed(options):
+        collect = option(collect)
+    return collect

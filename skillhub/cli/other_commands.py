@@ -63,16 +63,18 @@ def _schema_summary(schema: dict[str, Any] | None) -> str:
 @main.command()
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path("demo-output"), show_default=True,
               help="Where the models, packs and registry go (replaced).")
-@click.option("--fast", is_flag=True, help="Fewer training steps and test prompts (about a minute; for tests).")
+@click.option("--fast", is_flag=True, help="Fewer training steps and test prompts (about two minutes; for tests).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of data, initialisation and training.")
 @json_option
 @click.pass_context
-def demo(ctx: click.Context, workdir: Path, fast: bool, as_json: bool) -> None:
-    """The embedded end to end: three tasks in sequence, forgetting of fine-tuning vs skillhub, unlearning."""
+def demo(ctx: click.Context, workdir: Path, fast: bool, seed: int, as_json: bool) -> None:
+    """The embedded end to end: four tasks in sequence; forgetting of fine-tuning vs skillhub; routing
+    and merging; unlearning."""
     from skillhub.demo.run import run_demo
 
     as_json = wants_json(ctx, as_json)
     with progress_bar(not as_json) as progress:
-        result = run_demo(workdir, fast=fast, progress=progress)
+        result = run_demo(workdir, fast=fast, seed=seed, progress=progress)
     if as_json:
         emit_json(result)
         return
@@ -80,26 +82,45 @@ def demo(ctx: click.Context, workdir: Path, fast: bool, as_json: bool) -> None:
 
 
 def format_demo(result: dict[str, Any]) -> str:
-    """The demo's report: forgetting tables side by side, unlearning, where things are."""
-    matrices = result["matrices"]
-    removal = result["removal"]
+    """The demo's report: per task retention, routing and merges; forgetting tables; unlearning; paths."""
+    matrices, removal, final = result["matrices"], result["removal"], result["final"]
+    merges = [m for m in ("fused", "ties", "dare-ties", "dare-linear", "task-arithmetic") if m in final]
     lines = [
-        f"Tasks learned in sequence: {', '.join(result['tasks'])} "
-        f"({result['train_steps']} fine-tuning steps each, exact match on {result['test_examples']} held-out prompts)",
+        f"Tasks learned in sequence: {', '.join(result['tasks'])} ({result['train_steps']} fine-tuning steps each, "
+        f"exact match on {result['test_examples']} held-out prompts; seed {result['seed']})",
+        "",
+        "Final scores: the full fine-tune, its pack under the task's own activation set (retained: pack / "
+        "fine-tune), routed without the task label, and all packs in one static model (fused = summed):",
+        "| task | fine-tune | pack (own set) | retained | routed | " + " | ".join(merges) + " |",
+        "|---|" + "---:|" * (4 + len(merges)),
+    ]
+    for task in result["tasks"]:
+        kept = result["retention"][task]
+        retained = "-" if kept["retained"] is None else f"{kept['retained']:.0%}"
+        lines.append(f"| {task} | {kept['fine-tune']:.2f} | {kept['pack']:.2f} | {retained} | "
+                     f"{final['routed'][task]:.2f} | " + " | ".join(f"{final[m][task]:.2f}" for m in merges) + " |")
+    if result["routing"]:
+        accuracy = result["routing"]["accuracy"]
+        lines += ["", f"Router (layer {result['routing']['layer']}): held-out routing accuracy "
+                      f"{accuracy['heldout']:.4f} (train {accuracy['train']:.4f})"]
+    lines += [
         "",
         format_forgetting(matrices),
         "",
-        f"Unlearning: removed the pack of task {removal['task']} ({removal['pack']}); scores under each task's own set:",
-        "| task | before | after | base |",
+        f"Unlearning: removed the pack of task {removal['task']} ({removal['pack']}); scores before -> after:",
+        "| task | own set | routed | base |",
         "|---|---:|---:|---:|",
     ]
-    base_of = dict(zip(matrices["tasks"], matrices["base"]))
-    for task in result["tasks"]:
-        lines.append(f"| {task} | {removal['before'][task]:.2f} | {removal['after'][task]:.2f} | {base_of[task]:.2f} |")
+    before, after = removal["before"], removal["after"]
+    for task in before["subset"]:
+        routed = (f"{before['routed'][task]:.2f} -> {after['routed'][task]:.2f}"
+                  if task in before.get("routed", {}) and task in after.get("routed", {}) else "-")
+        lines.append(f"| {task} | {before['subset'][task]:.2f} -> {after['subset'][task]:.2f} | {routed} | "
+                     f"{after['base'][task]:.2f} |")
     lines += [
         "",
         "Packs: " + ", ".join(f"{t} {p['id']} ({p['ratio']:.2%} of its fp16 delta)" for t, p in result["packs"].items()),
-        f"Registry: {result['paths']['registry']}  (try: skillhub --registry {result['paths']['registry']} log)",
+        f"Registry: {result['paths']['registry']}  (try: skillhub --registry {result['paths']['registry']} route show)",
         f"Packs: {result['paths']['packs']}",
         f"Plot: {result['paths']['plot'] or 'not written (pip install matplotlib)'}",
     ]

@@ -106,7 +106,9 @@ def print_scores(records: list[dict[str, Any]]) -> None:
 def format_forgetting(result: dict[str, Any]) -> str:
     """The accuracy matrices and metrics as Markdown (policies side by side, definitions below)."""
     tasks = result["tasks"]
-    labels = {"subset": "skillhub, each task's own activation set (Eq. 10)", "fused": "skillhub, all packs merged (Eq. 9)"}
+    labels = {"subset": "skillhub, each task's own activation set (Eq. 10)",
+              "fused": "skillhub, all packs summed (Eq. 9)",
+              "routed": "skillhub, routed without the task label (Eq. 9, routed)"}
     policies = {labels.get(name, name): data for name, data in result["policies"].items()}
     lines = ["R[k][j]: score on task j (columns) after learning task k (rows); base b = "
              + ", ".join(f"{t} {'-' if b is None else f'{b:.2f}'}" for t, b in zip(tasks, result["base"])), ""]
@@ -129,3 +131,15 @@ def format_forgetting(result: dict[str, Any]) -> str:
     lines.append("")
     lines.extend(f"- {name}: {definition}" for name, definition in result["definitions"].items())
     return "\n".join(lines)
+
+
+def warn_if_conflicting(packs: list) -> None:
+    """One line on stderr when several packs about to be summed interfere (see ``skillhub interference``)."""
+    if len(packs) < 2:
+        return
+    from skillhub.evaluation.interference import interference
+
+    report = interference(packs)
+    if report.verdict == "conflicting":
+        click.echo(plain(f"Warning: packs {', '.join(report.packs)} are conflicting ({report.explanation}); "
+                         "see `skillhub interference`"), err=True)

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from skillhub.cli.app import main
-from skillhub.cli.options import base_revision_option, compression_options, force_option, json_option
-from skillhub.cli.output import emit_json, markup_safe, new_table, progress_bar, stdout, wants_json
+from skillhub.cli.options import base_revision_option, compression_options, force_option, json_option, merge_options
+from skillhub.cli.output import emit_json, markup_safe, new_table, progress_bar, stdout, wants_json, warn_if_conflicting
 from skillhub.compress.options import CompressionOptions
+
+if TYPE_CHECKING:
+    from skillhub.activation import Merge
 
 
 @main.command()
@@ -130,17 +133,23 @@ def inspect(ctx: click.Context, pack: Path, as_json: bool) -> None:
 @click.argument("packs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Checkpoint directory to write.")
 @base_revision_option
+@merge_options
 @force_option
 @json_option
 @click.pass_context
 def apply(ctx: click.Context, base: str, packs: tuple[Path, ...], output: Path, base_revision: str | None,
-          force: bool, as_json: bool) -> None:
-    """Write BASE + sum of PACKS as a Hugging Face checkpoint (no registry involved)."""
+          merge: Merge | None, force: bool, as_json: bool) -> None:
+    """Write BASE + sum (or --merge) of PACKS as a Hugging Face checkpoint (no registry involved)."""
     from skillhub.activation import apply_packs
+    from skillhub.pack.format import load_pack
 
     as_json = wants_json(ctx, as_json)
+    opened = [load_pack(p) for p in packs]
+    if merge is None:
+        warn_if_conflicting(opened)
     with progress_bar(not as_json) as progress:
-        written = apply_packs(base, list(packs), output, base_revision=base_revision, force=force, progress=progress)
+        written = apply_packs(base, opened, output, base_revision=base_revision, force=force, merge=merge,
+                              progress=progress)
     if as_json:
         emit_json({"output": str(written), "packs": [str(p) for p in packs]})
     else:

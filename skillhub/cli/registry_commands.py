@@ -8,11 +8,18 @@ from pathlib import Path
 import click
 
 from skillhub.cli.app import main, registry_of
-from skillhub.cli.options import base_option, compression_options, force_option, json_option
+from typing import TYPE_CHECKING
+
+from skillhub.cli.options import (base_option, compression_options, force_option, json_option, merge_options,
+                                  merged_policy_option, pack_ids)
 from skillhub.cli.errors import plain
-from skillhub.cli.output import emit_json, format_forgetting, print_scores, print_table, progress_bar, wants_json
+from skillhub.cli.output import (emit_json, format_forgetting, print_scores, print_table, progress_bar, wants_json,
+                                 warn_if_conflicting)
 from skillhub.compress.options import CompressionOptions
 from skillhub.errors import SkillhubError
+
+if TYPE_CHECKING:
+    from skillhub.activation import Merge
 
 @main.command()
 @json_option
@@ -37,11 +44,12 @@ def init(ctx: click.Context, as_json: bool) -> None:
 @click.option("--eval", "eval_file", type=click.Path(path_type=Path), help="Eval set of the task (as `task add`).")
 @click.option("--metric", type=click.Choice(["exact_match", "perplexity"]), default="exact_match", show_default=True)
 @click.option("--no-eval", is_flag=True, help="Do not score the registered tasks after adding.")
+@merged_policy_option
 @json_option
 @click.pass_context
 def add(ctx: click.Context, pack: Path | None, from_models: tuple[str, str] | None, task: str, base: str | None,
         new_base: bool, base_location: str | None, compression: CompressionOptions, eval_file: Path | None,
-        metric: str, no_eval: bool, as_json: bool) -> None:
+        metric: str, no_eval: bool, merge: Merge | None, as_json: bool) -> None:
     """Add PACK (or a pack made --from BASE TUNED) to the registry as task T, then score every task."""
     from skillhub.evaluation.forgetting import add_and_score
 
@@ -51,7 +59,8 @@ def add(ctx: click.Context, pack: Path | None, from_models: tuple[str, str] | No
     with progress_bar(not as_json) as progress:
         added = add_and_score(registry_of(ctx), pack, from_models=from_models, task=task, base=base,
                               new_base=new_base, base_location=base_location, compression=compression,
-                              eval_file=eval_file, metric=metric, evaluate=not no_eval, progress=progress)
+                              eval_file=eval_file, metric=metric, evaluate=not no_eval, merge=merge,
+                              progress=progress)
     if as_json:
         emit_json(added)
         return
@@ -153,7 +162,7 @@ def task_add(ctx: click.Context, name: str, eval_file: Path, metric: str, base: 
 @click.pass_context
 def task_set(ctx: click.Context, name: str, packs: str, base: str | None, as_json: bool) -> None:
     """Make the activation set of task NAME exactly --packs."""
-    ids = [p.strip() for p in packs.split(",") if p.strip()]
+    ids = pack_ids(packs)
     result = registry_of(ctx).set_task(name, ids, base=base)
     if wants_json(ctx, as_json):
         emit_json(result)
@@ -167,19 +176,23 @@ def task_set(ctx: click.Context, name: str, packs: str, base: str | None, as_jso
 @base_option("Registered base model (needed when the registry holds several).")
 @click.option("--base-path", help="Where the base weights are (default: the location recorded at add).")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Checkpoint directory to write.")
+@merge_options
 @force_option
 @json_option
 @click.pass_context
 def activate(ctx: click.Context, task_name: str | None, packs: str | None, base: str | None, base_path: str | None,
-             output: Path, force: bool, as_json: bool) -> None:
-    """Write theta_base + sum of the activation set as a Hugging Face checkpoint (Eq. 10)."""
+             output: Path, merge: Merge | None, force: bool, as_json: bool) -> None:
+    """Write theta_base + sum (or --merge) of the activation set as a Hugging Face checkpoint (Eq. 10)."""
     if (task_name is None) == (packs is None):
         raise click.UsageError("give exactly one of --task or --packs")
-    ids = [p.strip() for p in packs.split(",") if p.strip()] if packs is not None else None
+    ids = pack_ids(packs) if packs is not None else None
     as_json = wants_json(ctx, as_json)
+    registry = registry_of(ctx)
+    if merge is None:
+        warn_if_conflicting(registry.activation_set(task=task_name, packs=ids, base=base)[1])
     with progress_bar(not as_json) as progress:
-        written = registry_of(ctx).activate(output, task=task_name, packs=ids, base=base, base_location=base_path,
-                                          force=force, progress=progress)
+        written = registry.activate(output, task=task_name, packs=ids, base=base, base_location=base_path,
+                                    force=force, merge=merge, progress=progress)
     if as_json:
         emit_json({"output": str(written)})
     else:
@@ -229,17 +242,18 @@ def doctor(ctx: click.Context, repair: bool, as_json: bool) -> None:
 @click.option("--task", "task_name", help="Only this task (default: every task with an eval set).")
 @base_option()
 @click.option("--base-path", help="Where the base weights are (default: the location recorded at add).")
+@merged_policy_option
 @json_option
 @click.pass_context
 def eval_command(ctx: click.Context, task_name: str | None, base: str | None, base_path: str | None,
-                 as_json: bool) -> None:
-    """Score tasks now under their own set, all packs fused, and the base; record the scores."""
+                 merge: Merge | None, as_json: bool) -> None:
+    """Score tasks now under their own set, all packs summed, routed, merged, and the base; record the scores."""
     from skillhub.evaluation.forgetting import evaluate_tasks
 
     as_json = wants_json(ctx, as_json)
     with progress_bar(not as_json) as progress:
         records = evaluate_tasks(registry_of(ctx), base=base, task=task_name, base_location=base_path,
-                                 progress=progress)
+                                 merge=merge, progress=progress)
     if as_json:
         emit_json(records)
     elif records:

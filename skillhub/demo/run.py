@@ -1,17 +1,21 @@
 """The embedded end-to-end default behind ``skillhub demo`` and ``make demo``.
 
-A tiny Llama-architecture base model is pretrained briefly on a generic copy task, then
-three synthetic tasks (shift, reverse, sort) are learned in sequence, two ways:
+A tiny Llama-architecture base model is pretrained briefly on a generic copy task (``copy``:
+the base model's own skill, a task with an eval set and no pack). Then four tasks are learned
+in sequence: ``shift`` and ``back`` (named by a task word), ``mirror`` and ``inc`` (no task
+word: a bare word or a bare number, recognisable only from the input itself). Two ways:
 
-1. sequential full fine-tuning of one model (task 1, then task 2 on top, then task 3);
+1. sequential full fine-tuning of one model (each task on top of the last);
 2. skillhub: each task fully fine-tuned from the base, compressed into a pack (paper recipe,
    GPTQ calibrated on the task's training prompts), added to a fresh registry with its eval
-   set; every addition scores every task under its own activation set (Eq. 10) and under
-   all packs fused (Eq. 9).
+   set and its training prompts as routing examples; after every addition the router is
+   retrained and every task scored under its own activation set (Eq. 10), routed without its
+   task label (Eq. 9, routed), all packs summed (Eq. 9, naive) and all packs TIES-merged.
 
-Then the second task's pack is removed, and the tasks are scored again: that task falls back
-to the base model's score while the others keep exactly their scores. Everything runs on CPU
-from a fixed seed; nothing is downloaded.
+At the end: each pack's accuracy against its fine-tune's (retention), merges by DARE too,
+then the second task's pack is removed: it falls back to the base model's score, and the
+router never sends a prompt to it again, while every other task keeps exactly its scores.
+Everything runs on CPU from a fixed seed; nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -23,42 +27,40 @@ from typing import Any
 
 import torch
 
+from skillhub.activation import Merge
 from skillhub.compress.pipeline import create_pack
-from skillhub.evaluation.scoring import exact_match
 from skillhub.evaluation.forgetting import accuracy_matrices, evaluate_tasks, plot_matrices
 from skillhub.evaluation.metrics import continual_metrics
+from skillhub.evaluation.scoring import exact_match
 from skillhub.io.outputs import replace_directory
 from skillhub.progress import ProgressCallback, no_progress, quiet_transformers
 from skillhub.registry.front import Registry
-from skillhub.demo.synthetic import build_tiny_model, make_examples, split_examples, write_jsonl
+from skillhub.routing.training import train_router
+from skillhub.demo.synthetic import build_tiny_model, split_examples, write_jsonl
 from skillhub.demo.train import finetune
 
-DEMO_TASKS = ("shift", "reverse", "sort")
+DEMO_TASKS = ("shift", "back", "mirror", "inc")
+BASE_TASK = "copy"  # what the base model itself does; no pack
+LEARNING_RATE = 5e-4  # small task deltas, as real fine-tunes have: they merge better
+FINAL_MERGES = ("ties", "dare-ties", "dare-linear", "task-arithmetic")
 
 
-def _copy_task(count: int) -> list[dict[str, str]]:
-    examples = []
-    for task in ("shift", "reverse", "sort", "add"):
-        for example in make_examples(task, count, seed=99):
-            word = example["prompt"].split(" ", 1)[1].rstrip("=")
-            examples.append({"prompt": f"copy {word}=", "answer": word})
-    return examples
+def run_demo(workdir: str | os.PathLike[str], *, fast: bool = False, seed: int = 0, keep_finetunes: bool = False,
+             progress: ProgressCallback = no_progress) -> dict[str, Any]:
+    """Run the demo in ``workdir`` (replacing earlier demo output there) and return its measurements.
 
-
-def run_demo(
-    workdir: str | os.PathLike[str], *, fast: bool = False, progress: ProgressCallback = no_progress
-) -> dict[str, Any]:
-    """Run the demo in ``workdir`` (replacing earlier demo output there) and return its measurements."""
+    ``keep_finetunes`` keeps each task's full fine-tune (``workdir/tuned/TASK``), e.g. to merge
+    them with another tool; by default only the packs remain of them."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     workdir = replace_directory(workdir, kind="demo")
-    steps = 150 if fast else 500
+    steps = 200 if fast else 400
     test_size = 100 if fast else 200
-    data = {t: split_examples(t, train=2000, test=test_size) for t in DEMO_TASKS}
+    data = {t: split_examples(t, train=2000, test=test_size, seed=seed) for t in (BASE_TASK, *DEMO_TASKS)}
 
-    initial = build_tiny_model(workdir / "init", seed=0)
-    base = finetune(initial, _copy_task(250 if fast else 1000), workdir / "base", steps=steps // 2 + 50,
-                    learning_rate=3e-3, progress=progress)
+    initial = build_tiny_model(workdir / "init", seed=seed)
+    base = finetune(initial, data[BASE_TASK][0], workdir / "base", steps=2 * steps, learning_rate=3e-3, seed=seed,
+                    progress=progress)
     shutil.rmtree(initial)
     tokenizer = AutoTokenizer.from_pretrained(base)
 
@@ -72,23 +74,32 @@ def run_demo(
     # 1. Sequential full fine-tuning of one model.
     sequential, current = [], base
     for task in DEMO_TASKS:
-        current = finetune(current, data[task][0], workdir / "sequential" / task, steps=steps, learning_rate=1e-3,
-                           progress=progress)
+        current = finetune(current, data[task][0], workdir / "sequential" / task, steps=steps, learning_rate=LEARNING_RATE,
+                           seed=seed, progress=progress)
         sequential.append(scores(current))
 
-    # 2. skillhub: a pack per task, added in sequence to a fresh registry with eval sets.
+    # 2. skillhub: a pack per task, added in sequence to a fresh registry with eval sets and a router.
     registry = Registry(workdir / "registry")
-    pack_ids = _add_in_sequence(registry, base, data, workdir, steps, progress)
+    pack_ids, finetuned = _add_in_sequence(registry, base, data, workdir, steps, seed, keep_finetunes, progress)
     result = accuracy_matrices(registry)
     result["policies"] = {"sequential fine-tuning": {"R": sequential, "complete": True,
                                                      "metrics": continual_metrics(sequential, base_scores)},
                           **result["policies"]}
+    final = {policy: dict(zip(result["tasks"], data_["R"][-1])) for policy, data_ in result["policies"].items()}
+    merges = _final_merges(registry, data)
 
     # 3. Unlearn the second task by removing its pack.
     removed = DEMO_TASKS[1]
-    before = {r["task"]: r["score"] for r in evaluate_tasks(registry) if r["policy"] == "subset"}
+
+    def by_policy(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+        table: dict[str, dict[str, float]] = {}
+        for r in records:
+            table.setdefault(r["policy"], {})[r["task"]] = r["score"]
+        return table
+
+    before = by_policy(evaluate_tasks(registry, merge=None))
     registry.remove(pack_ids[removed])
-    after = {r["task"]: r["score"] for r in evaluate_tasks(registry) if r["policy"] == "subset"}
+    after = by_policy(evaluate_tasks(registry, merge=None))
 
     plot = workdir / "forgetting.png"
     try:
@@ -96,34 +107,66 @@ def run_demo(
     except Exception:  # noqa: BLE001 - the plot is optional (matplotlib is an extra)
         plot = None
     shutil.rmtree(workdir / "sequential")  # intermediate checkpoints; the packs and registry are what remain
+    router = registry.stored_router()
     return {
         "tasks": list(DEMO_TASKS),
+        "base_task": BASE_TASK,
         "fast": fast,
+        "seed": seed,
         "train_steps": steps,
         "test_examples": test_size,
         "matrices": result,
+        "retention": {t: {"fine-tune": finetuned[t], "pack": final["subset"][t],
+                          "retained": final["subset"][t] / finetuned[t] if finetuned[t] else None}
+                      for t in DEMO_TASKS},
+        "final": {**final, **merges},
+        "routing": {"accuracy": router.spec["info"]["accuracy"], "layer": router.spec["layer"]} if router else None,
         "removal": {"task": removed, "pack": pack_ids[removed], "base": base_scores[1], "before": before,
                     "after": after},
         "packs": {t: {"id": i, "ratio": registry.show(i).ratio} for t, i in pack_ids.items()},
         "paths": {"registry": str(registry.url), "packs": str(workdir / "packs"), "base": str(base),
-                  "plot": str(plot) if plot else None},
+                  "plot": str(plot) if plot else None,
+                  "finetunes": {t: str(workdir / "tuned" / t) for t in DEMO_TASKS} if keep_finetunes else None},
     }
 
 
-def _add_in_sequence(registry: Registry, base: Path, data: dict[str, Any], workdir: Path, steps: int,
-                     progress: ProgressCallback) -> dict[str, str]:
-    """Fine-tune the base on each task, pack it (calibrated), add it, score every task; returns pack ids."""
-    pack_ids = {}
+def _add_in_sequence(registry: Registry, base: Path, data: dict[str, Any], workdir: Path, steps: int, seed: int,
+                     keep_finetunes: bool, progress: ProgressCallback) -> tuple[dict[str, str], dict[str, float]]:
+    """Fine-tune the base on each task, pack it (calibrated), add it, (re)train the router, score every
+    task; returns the pack ids and each fine-tune's own score."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    pack_ids, finetuned = {}, {}
+    files = workdir / "packs"
     for number, task in enumerate(DEMO_TASKS):
-        train, _ = data[task]
-        tuned = finetune(base, train, workdir / "tuned" / task, steps=steps, learning_rate=1e-3, progress=progress)
+        train, test = data[task]
+        tuned = finetune(base, train, workdir / "tuned" / task, steps=steps, learning_rate=LEARNING_RATE, seed=seed,
+                         progress=progress)
+        with quiet_transformers():
+            finetuned[task] = exact_match(AutoModelForCausalLM.from_pretrained(tuned, dtype=torch.float32),
+                                          AutoTokenizer.from_pretrained(tuned), test)
         calib = write_jsonl(train[:400], workdir / "tuned" / task / "calib.jsonl")
-        pack = create_pack(base, tuned, workdir / "packs" / task, task=task, calib=calib, calib_samples=64,
+        pack = create_pack(base, tuned, files / task, task=task, calib=calib, calib_samples=64,
                            calib_seqlen=64, progress=progress)
+        if not keep_finetunes:
+            shutil.rmtree(tuned)  # the pack is what remains of the fine-tune
         entry = registry.add(pack, task=task, base_location=str(base))
-        if number == 0:  # the first add registers the base; now every task can get its eval set
-            for each in DEMO_TASKS:
-                registry.add_task(each, write_jsonl(data[each][1], workdir / "packs" / f"{each}-eval.jsonl"))
-        evaluate_tasks(registry, step=entry.event, progress=progress)
+        if number == 0:  # the first add registers the base; now every task can get its sets
+            for each in (BASE_TASK, *DEMO_TASKS):
+                registry.add_task(each, write_jsonl(data[each][1], files / f"{each}-eval.jsonl"))
+                registry.add_routing_examples(each, write_jsonl(data[each][0][:300], files / f"{each}-route.jsonl"))
+            train_router(registry, progress=progress)
+        evaluate_tasks(registry, step=entry.event, progress=progress)  # retrains the router, made stale by the add
         pack_ids[task] = entry.id
-    return pack_ids
+    return pack_ids, finetuned
+
+
+def _final_merges(registry: Registry, data: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Every task's score with all packs merged by each of FINAL_MERGES (TIES is also a matrix policy)."""
+    model, tokenizer, _ = registry.load_base_model()
+    active = [p.id for p in registry.list_packs()]
+    merges = {}
+    for method in FINAL_MERGES:
+        with registry.activated(model, packs=active, verify=False, merge=Merge(method)):
+            merges[method] = {t: exact_match(model, tokenizer, data[t][1]) for t in DEMO_TASKS}
+    return merges

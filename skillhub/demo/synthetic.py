@@ -93,6 +93,29 @@ def _sort(rng: random.Random) -> dict[str, str]:
     return {"prompt": f"sort {word}=", "answer": "".join(sorted(word))}
 
 
+def _back(rng: random.Random) -> dict[str, str]:
+    word = _word(rng, 5)
+    return {"prompt": f"back {word}=", "answer": "".join(chr((ord(c) - 97 - 1) % 26 + 97) for c in word)}
+
+
+def _mirror(rng: random.Random) -> dict[str, str]:
+    """No task word: a bare lowercase word maps each letter to its mirror (a<->z, b<->y...)."""
+    word = _word(rng, 5)
+    return {"prompt": f"{word}=", "answer": "".join(chr(219 - ord(c)) for c in word)}
+
+
+def _inc(rng: random.Random) -> dict[str, str]:
+    """No task word: a bare number has each digit incremented (9 wraps to 0)."""
+    digits = "".join(rng.choice("0123456789") for _ in range(5))
+    return {"prompt": f"{digits}=", "answer": "".join(str((int(d) + 1) % 10) for d in digits)}
+
+
+def _copy(rng: random.Random) -> dict[str, str]:
+    """What the demo's base model is pretrained on: copy a word or a number."""
+    text = _word(rng, 5) if rng.random() < 0.5 else "".join(rng.choice("0123456789") for _ in range(5))
+    return {"prompt": f"copy {text}=", "answer": text}
+
+
 def _add(rng: random.Random) -> dict[str, str]:
     a, b = rng.randrange(100), rng.randrange(100)
     return {"prompt": f"add {a}+{b}=", "answer": str(a + b)}
@@ -103,6 +126,10 @@ TASKS: dict[str, Callable[[random.Random], dict[str, str]]] = {
     "reverse": _reverse,
     "sort": _sort,
     "add": _add,
+    "back": _back,
+    "mirror": _mirror,
+    "inc": _inc,
+    "copy": _copy,
 }
 
 

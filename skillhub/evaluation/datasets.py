@@ -22,27 +22,43 @@ def load_eval_set(path: str | os.PathLike[str], metric: str = "exact_match") -> 
     """
     if metric not in METRICS:
         raise SkillhubError(f"unknown metric {metric!r}: use one of {', '.join(METRICS)}")
-    fields = METRICS[metric]
+    return _load_records(path, METRICS[metric], (), what=f"eval file {path}", why=f" for metric {metric}")
+
+
+def load_prompts(path: str | os.PathLike[str], *, with_task: bool = False) -> list[dict[str, str]]:
+    """Routing examples of a JSONL file: ``{"prompt"}``, with an optional ``"answer"`` (and a
+    required ``"task"`` with ``with_task``).
+
+    Raises:
+        SkillhubError: As :func:`load_eval_set`.
+    """
+    fields = ("prompt", "task") if with_task else ("prompt",)
+    return _load_records(path, fields, ("answer",), what=f"routing examples {path}", why="")
+
+
+def _load_records(path: str | os.PathLike[str], fields: tuple[str, ...], optional: tuple[str, ...], *,
+                  what: str, why: str) -> list[dict[str, str]]:
     examples = []
     try:
-        lines = read_regular(path, what=f"eval file {path}", max_bytes=MAX_TEXT_BYTES).decode("utf-8").splitlines()
+        lines = read_regular(path, what=what, max_bytes=MAX_TEXT_BYTES).decode("utf-8").splitlines()
     except UnicodeDecodeError as exc:
-        raise SkillhubError(f"cannot read eval file {path}: {exc}") from exc
+        raise SkillhubError(f"cannot read {what}: {exc}") from exc
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        record = parse_json(line, what=f"eval file {path} line {number}")
+        record = parse_json(line, what=f"{what} line {number}")
         if not isinstance(record, dict) or not set(fields) <= record.keys():
             wanted = " and ".join(repr(f) for f in fields)
-            raise SkillhubError(f"eval file {path} line {number} needs {wanted} for metric {metric}")
-        for field in fields:
+            raise SkillhubError(f"{what} line {number} needs {wanted}{why}")
+        present = [*fields, *(f for f in optional if f in record)]
+        for field in present:
             # Numbers are fine as answers; null, true or a list would be scored as their Python text.
             if isinstance(record[field], bool) or not isinstance(record[field], (str, int, float)):
-                raise SkillhubError(f"eval file {path} line {number}: {field!r} must be a string, "
+                raise SkillhubError(f"{what} line {number}: {field!r} must be a string, "
                                     f"not {json.dumps(record[field])[:40]}")
-        examples.append({field: str(record[field]) for field in fields})
+        examples.append({field: str(record[field]) for field in present})
     if not examples:
-        raise SkillhubError(f"eval file {path} holds no examples")
+        raise SkillhubError(f"{what} holds no examples")
     return examples
 
 

@@ -1,11 +1,22 @@
-"""Forgetting, measured at every task addition: scores under three policies and the accuracy matrices.
+"""Forgetting, measured at every task addition: scores under each policy and the accuracy matrices.
 
-After each addition, every task j with an eval set is scored three ways, recorded at that
-lineage step: ``subset`` (its own activation set S_j, paper Eq. 10), ``fused`` (every active
-pack at once, naive fusion, Eq. 9) and ``base`` (no pack). The accuracy matrix R[k][j] of a
-policy holds task j's score at the step where the k-th task got its pack; tasks are ordered
-by when they got their first pack. Perplexity tasks enter the metrics as -perplexity, so
-that higher is better everywhere.
+After each addition, every task j with an eval set is scored under these policies, recorded
+at that lineage step:
+
+- ``subset``: its own activation set S_j (paper Eq. 10), the task label given;
+- ``fused``: every active pack at once, summed (naive fusion, Eq. 9);
+- ``routed``: each example routed without its task label by the base's router (Eq. 9,
+  routed), when the base has one. A router made stale by the addition is first retrained
+  with its recorded settings, so this measures the router ``route train`` would give. Only
+  examples the router did not train on are scored: the held-out split of the eval set, or all
+  of it when the task has routing examples of its own;
+- a merge method (``ties`` by default): every active pack merged into one static model (with
+  one pack, that pack as the merge sees it: TIES and DARE trim or drop part of it);
+- ``base``: no pack.
+
+The accuracy matrix R[k][j] of a policy holds task j's score at the step where the k-th task
+got its pack; tasks are ordered by when they got their first pack. Perplexity tasks enter the
+metrics as -perplexity, so that higher is better everywhere (and are not routed).
 """
 
 from __future__ import annotations
@@ -17,26 +28,28 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from skillhub.activation import MERGE_METHODS, Merge, Patcher
 from skillhub.compress.options import CompressionOptions
 from skillhub.errors import RegistryError, SkillhubError
 from skillhub.evaluation.datasets import load_eval_set
 from skillhub.evaluation.metrics import DEFINITIONS, continual_metrics
 from skillhub.evaluation.scoring import score
-from skillhub.progress import ProgressCallback, no_progress, quiet_transformers
+from skillhub.progress import ProgressCallback, no_progress
 from skillhub.registry.front import Registry
 from skillhub.registry.results import EvalRecord, Scored
 
 if TYPE_CHECKING:
     from skillhub.pack.format import SkillPack
 
-POLICIES = ("subset", "fused")
+POLICIES = ("subset", "fused", "routed", *(m for m in MERGE_METHODS if m != "sum"))
+DEFAULT_MERGE = Merge("ties")
 
 
 def add_and_score(registry: Registry, pack: str | os.PathLike[str] | SkillPack | None = None, *,
                   from_models: tuple[str, str] | None = None, task: str, base: str | None = None,
                   new_base: bool = False, base_location: str | None = None,
                   compression: CompressionOptions = CompressionOptions(), eval_file: str | os.PathLike[str] | None = None,
-                  metric: str = "exact_match", evaluate: bool = True,
+                  metric: str = "exact_match", evaluate: bool = True, merge: Merge | None = DEFAULT_MERGE,
                   progress: ProgressCallback = no_progress) -> Scored:
     """One step of continual learning: add a pack (or create it from a fine-tune first), give its
     task an eval set, and score every task with one (the forgetting measured at this addition).
@@ -50,6 +63,7 @@ def add_and_score(registry: Registry, pack: str | os.PathLike[str] | SkillPack |
             BASE with ``from_models``).
         eval_file, metric: The task's eval set, checked before anything is written.
         evaluate: Score every task with an eval set once the pack is in.
+        merge: The merge scored as a policy of its own (None: none).
         progress: Progress callback.
 
     Returns:
@@ -71,14 +85,14 @@ def add_and_score(registry: Registry, pack: str | os.PathLike[str] | SkillPack |
         entry = registry.add(pack, task=task, base=base, new_base=new_base, base_location=base_location)
     if eval_file is not None:
         registry.add_task(task, eval_file, metric=metric, base=entry.base)
-    scores = evaluate_tasks(registry, base=entry.base, step=entry.event, progress=progress) if evaluate else []
+    scores = evaluate_tasks(registry, base=entry.base, step=entry.event, merge=merge, progress=progress) if evaluate else []
     return Scored(entry=entry, scores=tuple(scores))
 
 
 def evaluate_tasks(registry: Registry, *, base: str | None = None, task: str | None = None,
-                   base_location: str | None = None, step: int | None = None,
+                   base_location: str | None = None, step: int | None = None, merge: Merge | None = DEFAULT_MERGE,
                    progress: ProgressCallback = no_progress) -> list[dict[str, Any]]:
-    """Score tasks under ``subset``, ``fused`` and ``base`` and record the scores at ``step``.
+    """Score tasks under every policy (see the module docstring) and record the scores at ``step``.
 
     Args:
         registry: The registry.
@@ -86,44 +100,94 @@ def evaluate_tasks(registry: Registry, *, base: str | None = None, task: str | N
         task: Only this task (default: every task with an eval set).
         base_location: Where the base weights are (default: the location recorded at add).
         step: Lineage event to file the scores under (default: a new ``eval`` event).
+        merge: The merge of every active pack scored as a policy of its own (None: none).
         progress: Called as ``progress("evaluate", done, total)``.
 
     Returns:
         The records written.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     sets = registry.eval_sets(base=base, task=task)
     if not sets:
         return []
     examples = {s.name: load_eval_set(s.path, s.metric) for s in sets}
+    metrics = {s.name: s.metric for s in sets}
     active = [p.id for p in registry.list_packs(base=base)]
     tasks = {t.name: list(t.packs) for t in registry.tasks(base=base)}
-    base_entry, _ = registry.activation_set(packs=[], base=base)
-    location = base_location or base_entry.location
-    with quiet_transformers():
-        model = AutoModelForCausalLM.from_pretrained(location, dtype="auto")
-        tokenizer = AutoTokenizer.from_pretrained(location)
-    registry.verify_base_model(model, base=base)  # once; the patching below skips the check
+    model, tokenizer, _ = registry.load_base_model(base=base, location=base_location)  # checked once; patching skips it
+    router = _fresh_router(registry, active, tasks, base=base, loaded=(model, tokenizer), progress=progress)
+    merged = merge is not None and not merge.is_plain_sum and bool(active)
+    names = [s.name for s in sets]
     records = []
-    total, done = 3 * len(sets), 0
+    total, done = (3 + merged) * len(sets) + (router is not None), 0
 
-    def measure(policy: str, chosen: list[str], names: list[str]) -> None:
+    def measure(policy: str, chosen: list[str], names: list[str], merge: Merge | None = None) -> None:
         nonlocal done
-        with registry.activated(model, packs=chosen, base=base, verify=False):
+        with registry.activated(model, packs=chosen, base=base, verify=False, merge=merge):
             for name in names:
-                metric = next(s.metric for s in sets if s.name == name)
-                records.append({"task": name, "policy": policy, "metric": metric,
-                                "score": score(model, tokenizer, examples[name], metric)})
+                records.append({"task": name, "policy": policy, "metric": metrics[name],
+                                "score": score(model, tokenizer, examples[name], metrics[name])})
                 done += 1
                 progress("evaluate", done, total)
 
-    names = [s.name for s in sets]
     measure("base", [], names)
     measure("fused", active, names)
     for name in names:
         measure("subset", tasks.get(name, []), [name])
+    if merged:
+        measure(merge.method, active, names, merge=merge)
+    if router is not None:
+        records.extend(_routed_scores(registry, model, tokenizer, router, examples, metrics, active, base=base))
+        progress("evaluate", total, total)
     registry.record_scores(records, base=base, step=step)
+    return records
+
+
+def _fresh_router(registry: Registry, active: list[str], tasks: dict[str, list[str]], *, base: str | None,
+                  loaded: tuple[Any, Any], progress: ProgressCallback):
+    """The base's router, retrained with its recorded settings if packs were added or sets changed
+    since it was trained; None when the base has no router (or nothing left to route to)."""
+    from skillhub.routing.router import Router
+    from skillhub.routing.training import train_router
+
+    stored = registry.stored_router(base=base)
+    if stored is None or not active:
+        return None
+    router = Router.from_stored(stored.spec, stored.arrays)
+    stale = router.staleness(active, tasks)
+    if stale["added"] or stale["changed"] or not any(set(c.packs) <= set(active) for c in router.classes if c.packs):
+        router = train_router(registry, base=base, labels=router.labels, layer=router.layer,
+                              threshold=router.threshold, loaded=loaded, progress=progress).router
+    return router
+
+
+def _routed_scores(registry: Registry, model, tokenizer, router, examples: dict[str, list[dict[str, str]]],
+                   metrics: dict[str, str], active: list[str], *, base: str | None) -> list[dict[str, Any]]:
+    """Exact match of each task's examples under the packs the router picks for each (examples the
+    router trained on left out)."""
+    from skillhub.routing.evaluation import hits_under
+    from skillhub.routing.features import prompt_features
+    from skillhub.routing.training import RoutingExample, is_heldout
+
+    own_files = {s.name for s in registry.routing_examples(base=base)}
+    chosen_examples = [RoutingExample(e["prompt"], e["answer"], name, heldout=True)
+                       for name, records in examples.items() if metrics[name] == "exact_match"
+                       for e in records if name in own_files or is_heldout(e["prompt"])]
+    if not chosen_examples:
+        return []
+    decisions = router.decide(prompt_features(model, tokenizer, [e.prompt for e in chosen_examples], router.layer),
+                              active_packs=active)
+    wanted = sorted({p for d in decisions for p in d.packs})
+    opened = dict(zip(wanted, (registry.activation_set(packs=[p], base=base)[1][0] for p in wanted)))
+    patcher = Patcher(model)
+    try:
+        hits = hits_under(model, tokenizer, patcher, opened, chosen_examples, [d.packs for d in decisions])
+    finally:
+        patcher.restore()
+    records = []
+    for name in dict.fromkeys(e.source for e in chosen_examples):
+        rows = [i for i, e in enumerate(chosen_examples) if e.source == name]
+        records.append({"task": name, "policy": "routed", "metric": "exact_match",
+                        "score": sum(hits[i] for i in rows) / len(rows)})
     return records
 
 
@@ -157,7 +221,8 @@ def accuracy_matrices(registry: Registry, *, base: str | None = None) -> dict[st
     learned_at = {task: step for step, task in steps}
     base_records = [cell(learned_at[task], task, "base") for task in order]
     result["base"] = [r.score if r else None for r in base_records]
-    for policy in POLICIES:
+    recorded = {r.policy for r in records}
+    for policy in (p for p in POLICIES if p in recorded):
         cells = [[cell(step, task, policy) for task in order] for step, _ in steps]
         matrix = [[c.score if c else None for c in row] for row in cells]
         complete = all(c is not None for row in cells for c in row) and all(base_records)

@@ -30,9 +30,16 @@ def score(model, tokenizer, examples: list[dict[str, str]], metric: str) -> floa
     return exact_match(model, tokenizer, examples) if metric == "exact_match" else perplexity(model, tokenizer, examples)
 
 
-@torch.no_grad()
 def exact_match(model, tokenizer, examples: list[dict[str, str]], *, batch_size: int = 64) -> float:
-    """Fraction of examples whose answer greedy decoding reproduces exactly, then stops.
+    """Fraction of examples whose answer greedy decoding reproduces exactly, then stops
+    (see :func:`exact_match_each`)."""
+    hits = exact_match_each(model, tokenizer, examples, batch_size=batch_size)
+    return sum(hits) / len(hits) if hits else 0.0
+
+
+@torch.no_grad()
+def exact_match_each(model, tokenizer, examples: list[dict[str, str]], *, batch_size: int = 64) -> list[bool]:
+    """For each example, whether greedy decoding reproduces its answer exactly, then stops.
 
     Teacher-forced: one forward pass over ``<s> prompt answer </s>``; an example counts
     only if the argmax at every answer position is the answer token and the next is
@@ -40,12 +47,12 @@ def exact_match(model, tokenizer, examples: list[dict[str, str]], *, batch_size:
     without generating token by token.
     """
     model.eval()
-    correct = 0
+    hits: list[bool] = []
     for start in range(0, len(examples), batch_size):
         batch = collate(tokenizer, examples[start : start + batch_size])
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         predicted = logits[:, :-1].argmax(dim=-1)
         targets = batch["labels"][:, 1:]
         scored = targets != -100
-        correct += int(((predicted == targets) | ~scored).all(dim=1).sum())
-    return correct / len(examples) if examples else 0.0
+        hits.extend(((predicted == targets) | ~scored).all(dim=1).tolist())
+    return hits

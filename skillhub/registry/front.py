@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from skillhub import config
 from skillhub.progress import ProgressCallback, no_progress
 from skillhub.registry import doctor as doctor_checks
-from skillhub.registry import evals, lineage
+from skillhub.registry import evals, lineage, routing
 from skillhub.registry import tasks as task_store
 from skillhub.registry.database import STORE_DIR, Database, display
 from skillhub.registry.results import (
@@ -37,6 +37,7 @@ from skillhub.registry.results import (
     Event,
     PackDetails,
     PackEntry,
+    StoredRouter,
     TaskEval,
     TaskSet,
 )
@@ -45,6 +46,7 @@ from skillhub.registry.store import PackStore
 if TYPE_CHECKING:  # torch and the pack machinery load only for commands that touch weights
     import torch
 
+    from skillhub.activation import Merge
     from skillhub.pack.manifest import BaseRef
 
     from skillhub.pack.format import SkillPack
@@ -214,6 +216,26 @@ class Registry:
         """Every evaluation record with the event it belongs to, oldest first."""
         return evals.scores(self.db, base=base)
 
+    # ------------------------------------------------------------------ routing
+
+    def save_router(self, spec: dict[str, Any], arrays: bytes, *, base: str | None = None) -> int:
+        """Store a trained router (see :mod:`skillhub.routing`) as the base's current one; returns
+        the lineage step that trained it."""
+        return routing.save_router(self.db, spec, arrays, base=base)
+
+    def stored_router(self, *, base: str | None = None) -> StoredRouter | None:
+        """The base's current router as stored, or None if none was trained."""
+        return routing.load_router(self.db, base=base)
+
+    def add_routing_examples(self, name: str, path: str | os.PathLike[str], *, base: str | None = None) -> EvalSet:
+        """Give task ``name`` (or ``@base``: prompts no pack should answer) a JSONL file of routing
+        examples (``{"prompt"}``, with ``"answer"`` for loss labels)."""
+        return routing.add_routing_set(self.db, name, path, base=base)
+
+    def routing_examples(self, *, base: str | None = None) -> list[EvalSet]:
+        """The routing example files given with :meth:`add_routing_examples`, checked by sha256."""
+        return routing.routing_sets(self.db, base=base)
+
     # ------------------------------------------------------------------ activation
 
     def activation_set(self, *, task: str | None = None, packs: Sequence[str] | None = None,
@@ -222,21 +244,28 @@ class Registry:
         base_entry, addresses = task_store.activation_rows(self.db, task=task, packs=packs, base=base)
         return base_entry, [self.store.open(sha) for sha in addresses]
 
+    def activation_ids(self, *, task: str | None = None, packs: Sequence[str] | None = None,
+                       base: str | None = None) -> list[str]:
+        """The full ids of the packs of S_t (or of an explicit list of id prefixes), in lineage order."""
+        _, addresses = task_store.activation_rows(self.db, task=task, packs=packs, base=base)
+        return [sha[:12] for sha in addresses]  # a pack's id is the start of its store address (lineage.py)
+
     def activate(self, output: str | os.PathLike[str], *, task: str | None = None, packs: Sequence[str] | None = None,
                  base: str | None = None, base_location: str | None = None, force: bool = False,
-                 progress: ProgressCallback = no_progress) -> Path:
-        """Write theta_base + sum of S_t as a Hugging Face checkpoint directory (paper Eq. 10)."""
+                 merge: Merge | None = None, progress: ProgressCallback = no_progress) -> Path:
+        """Write theta_base + sum of S_t (or a ``merge`` of its packs) as a Hugging Face checkpoint
+        directory (paper Eq. 10)."""
         from skillhub.activation import apply_packs
 
         base_entry, opened = self.activation_set(task=task, packs=packs, base=base)
         location = base_location or base_entry.location
-        return apply_packs(location, opened, output, force=force, progress=progress,
+        return apply_packs(location, opened, output, force=force, merge=merge, progress=progress,
                            protect=[location if Path(location).exists() else None, self.store.root,
                                     None if "://" in self.url else self.url])
 
     @contextmanager
     def activated(self, model: torch.nn.Module, *, task: str | None = None, packs: Sequence[str] | None = None,
-                  base: str | None = None, verify: bool = True) -> Iterator[torch.nn.Module]:
+                  base: str | None = None, verify: bool = True, merge: Merge | None = None) -> Iterator[torch.nn.Module]:
         """Patch a loaded ``transformers`` model with S_t in place; restore its exact bits on exit
         (see :func:`skillhub.activation.patched`).
 
@@ -248,8 +277,34 @@ class Registry:
         base_entry, opened = self.activation_set(task=task, packs=packs, base=base)
         if verify:
             check_model_is_base(model, base_entry.fingerprint, base_entry.name)
-        with patched(model, opened):
+        with patched(model, opened, merge):
             yield model
+
+    def load_base_model(self, *, base: str | None = None, location: str | None = None) -> tuple[Any, Any, BaseEntry]:
+        """Load the registered base with ``transformers`` in its stored dtype and check its weights.
+
+        Args:
+            base: Registered base name (needed when there are several).
+            location: Where its weights are (default: the location recorded at add).
+
+        Returns:
+            (model in eval mode, tokenizer, base entry).
+
+        Raises:
+            MismatchError: The weights at ``location`` are not the registered base.
+        """
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from skillhub.progress import quiet_transformers
+
+        base_entry, _ = self.activation_set(packs=[], base=base)
+        where = location or base_entry.location
+        with quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(where, dtype="auto")
+            tokenizer = AutoTokenizer.from_pretrained(where)
+        model.eval()
+        self.verify_base_model(model, base=base)
+        return model, tokenizer, base_entry
 
     def verify_base_model(self, model: torch.nn.Module, *, base: str | None = None) -> None:
         """Check that a loaded model holds exactly the registered base weights.

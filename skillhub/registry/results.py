@@ -162,3 +162,16 @@ class Scored(Result):
     def as_dict(self) -> dict[str, Any]:
         # The pack's entry with its scores beside it: what `skillhub add --json` prints.
         return {**self.entry.as_dict(), "scores": as_json(self.scores)}
+
+
+@dataclass(frozen=True)
+class StoredRouter(Result):
+    """A base's current router as stored: its spec (JSON) and its arrays (safetensors bytes)."""
+
+    base: str
+    fingerprint: str
+    location: str
+    step: int
+    spec: dict[str, Any]
+    arrays: bytes
+    created_at: str

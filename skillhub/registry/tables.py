@@ -7,7 +7,7 @@ Times are ISO-8601 UTC strings, so SQLite and PostgreSQL store them the same way
 
 from __future__ import annotations
 
-from sqlalchemy import Column, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import Column, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -80,7 +80,7 @@ class EventRow(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     base_id: int = Field(sa_column=Column(Integer, ForeignKey("base_models.id"), nullable=False))
-    kind: str = Field(sa_column=Column(String(32), nullable=False))  # add | remove | purge | task-set | base
+    kind: str = Field(sa_column=Column(String(32), nullable=False))  # add | remove | purge | task-set | base | route-train | ...
     pack_id: str | None = Field(default=None, sa_column=Column(String(16)))
     task: str | None = Field(default=None, sa_column=Column(String(128)))
     detail: str = Field(sa_column=Column(Text, nullable=False))  # JSON
@@ -98,7 +98,34 @@ class EvalRecordRow(SQLModel, table=True):
     base_id: int = Field(sa_column=Column(Integer, ForeignKey("base_models.id"), nullable=False))
     step: int = Field(sa_column=Column(Integer, ForeignKey("events.id"), nullable=False))
     task: str = Field(sa_column=Column(String(128), nullable=False))
-    policy: str = Field(sa_column=Column(String(16), nullable=False))  # subset | fused | base
+    policy: str = Field(sa_column=Column(String(16), nullable=False))  # subset | fused | base | routed | a merge method
     metric: str = Field(sa_column=Column(String(32), nullable=False))
     score: float
     at: str = Field(sa_column=Column(String(32), nullable=False))
+
+
+class RouterRow(SQLModel, table=True):
+    """A router trained for a base model: its spec (JSON) and its arrays (safetensors bytes).
+    The latest row of a base is its router; ``step`` is the lineage event that trained it."""
+
+    __tablename__ = "routers"
+
+    id: int | None = Field(default=None, primary_key=True)
+    base_id: int = Field(sa_column=Column(Integer, ForeignKey("base_models.id"), nullable=False))
+    step: int = Field(sa_column=Column(Integer, ForeignKey("events.id"), nullable=False))
+    spec: str = Field(sa_column=Column(Text, nullable=False))
+    arrays: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    created_at: str = Field(sa_column=Column(String(32), nullable=False))
+
+
+class RoutingSetRow(SQLModel, table=True):
+    """A file of routing examples for one class of a base's router (a task, or ``@base``)."""
+
+    __tablename__ = "routing_sets"
+    __table_args__ = (UniqueConstraint("base_id", "name", name="uq_routing_sets_base_name"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    base_id: int = Field(sa_column=Column(Integer, ForeignKey("base_models.id"), nullable=False))
+    name: str = Field(sa_column=Column(String(128), nullable=False))
+    path: str = Field(sa_column=Column(Text, nullable=False))
+    sha256: str = Field(sa_column=Column(String(64), nullable=False))

@@ -1,0 +1,161 @@
+"""Generation with packs chosen per prompt: by task, by explicit ids, or by the router (Eq. 9, routed).
+
+The base model is loaded once. Prompts are grouped by the pack set they get; each set is
+patched in place (exactly: :class:`skillhub.activation.Patcher`) and its prompts generated
+greedily in one left-padded batch. Router features are taken with the base weights lent
+back for the moment, so routing never sees a patched model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from skillhub.activation import Patcher
+from skillhub.errors import RegistryError, SkillhubError
+from skillhub.pack.format import SkillPack
+from skillhub.progress import ProgressCallback, no_progress
+from skillhub.registry.front import Registry
+from skillhub.registry.results import Result
+from skillhub.routing.features import check_context, prompt_features, prompt_ids
+from skillhub.routing.router import Decision, Router
+from skillhub.routing.training import load_router
+
+
+@dataclass(frozen=True)
+class Generation(Result):
+    """One prompt's answer and how it was produced."""
+
+    prompt: str
+    output: str
+    task: str | None  # the task whose packs answered (routed, or as asked); None: the base model
+    packs: tuple[str, ...]
+    probability: float | None  # the router's probability for its choice (None when not routed)
+    abstained: bool = False  # routed, but no class was sure enough: the base answered
+
+
+class Generator:
+    """Generates answers with the right packs, loading the base once.
+
+    Args:
+        registry: The registry.
+        base: Registered base name (needed when there are several).
+        base_location: Where the base weights are (default: recorded at add).
+        max_new_tokens: Most tokens generated per answer.
+        allow_stale: Route with a stale router among the classes it knows.
+        cache_sets: How many pack sets stay computed for switching back (memory: the
+            parameters a set changes, each).
+
+    Use it as ``gen.generate(prompts, route=True)``, or call ``gen(prompt, task=T)`` in a loop.
+    """
+
+    def __init__(self, registry: Registry, *, base: str | None = None, base_location: str | None = None,
+                 max_new_tokens: int = 32, allow_stale: bool = False, cache_sets: int = 2) -> None:
+        if max_new_tokens < 1:
+            raise SkillhubError(f"--max-new-tokens must be at least 1, not {max_new_tokens}")
+        self.registry, self.base = registry, base
+        self.max_new_tokens, self.allow_stale = max_new_tokens, allow_stale
+        self.model, self.tokenizer, self.base_entry = registry.load_base_model(base=base, location=base_location)
+        self.patcher = Patcher(self.model, cache_sets=cache_sets)
+        self.active = [p.id for p in registry.list_packs(base=base)]
+        self.task_sets = {t.name: list(t.packs) for t in registry.tasks(base=base)}
+        self._router: Router | None = None
+        self._opened: dict[str, SkillPack] = {}
+
+    # ------------------------------------------------------------------ choosing packs
+
+    @property
+    def router(self) -> Router:
+        """The base's router, checked against the lineage (loaded on first use)."""
+        if self._router is None:
+            if not self.active:
+                raise RegistryError(f"base {self.base_entry.name} has no active packs to route to: add packs first")
+            router = load_router(self.registry, base=self.base)
+            router.check_base(self.base_entry.fingerprint, self.base_entry.name)
+            router.check_usable(self.active, self.task_sets, allow_stale=self.allow_stale)
+            self._router = router
+        return self._router
+
+    def decide(self, prompts: Sequence[str], *, task: str | None = None, packs: Sequence[str] | None = None,
+               route: bool = False) -> list[Decision]:
+        """The pack set of each prompt: the task's, the given ids, or the router's choice."""
+        if sum([task is not None, packs is not None, route]) != 1:
+            raise SkillhubError("choose the packs one way: a task, a list of packs, or routing")
+        if route:
+            router = self.router
+            with self.patcher.base_weights():
+                features = prompt_features(self.model, self.tokenizer, list(prompts), router.layer)
+            return router.decide(features, active_packs=self.active)
+        ids = tuple(self.registry.activation_ids(task=task, packs=packs, base=self.base))
+        return [Decision(task=task, packs=ids, probability=None) for _ in prompts]
+
+    def _packs(self, ids: Sequence[str]) -> list[SkillPack]:
+        for pack_id in ids:
+            if pack_id not in self._opened:
+                self._opened[pack_id] = self.registry.activation_set(packs=[pack_id], base=self.base)[1][0]
+        return [self._opened[i] for i in ids]
+
+    # ------------------------------------------------------------------ generating
+
+    def generate(self, prompts: Sequence[str], *, task: str | None = None, packs: Sequence[str] | None = None,
+                 route: bool = False, batch_size: int = 16,
+                 progress: ProgressCallback = no_progress) -> list[Generation]:
+        """Answer every prompt (in order) with its pack set.
+
+        Raises:
+            SkillhubError: A prompt does not fit the model's context with max_new_tokens;
+                the router is missing, stale or for another base; unknown task or packs.
+        """
+        prompts = list(prompts)
+        encoded = [prompt_ids(self.tokenizer, p) for p in prompts]
+        for ids, prompt in zip(encoded, prompts):
+            check_context(self.model, ids, prompt, room=self.max_new_tokens)
+        decisions = self.decide(prompts, task=task, packs=packs, route=route)
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for i, decision in enumerate(decisions):
+            groups.setdefault(decision.packs, []).append(i)
+        outputs: list[str] = [""] * len(prompts)
+        done = 0
+        for pack_ids, members in groups.items():
+            self.patcher.use(self._packs(pack_ids))
+            for start in range(0, len(members), batch_size):
+                chunk = members[start:start + batch_size]
+                for i, text in zip(chunk, self._greedy([encoded[i] for i in chunk])):
+                    outputs[i] = text
+                done += len(chunk)
+                progress("generate", done, len(prompts))
+        return [Generation(prompt=p, output=o, task=d.task, packs=d.packs,
+                           probability=d.probability if route else None, abstained=d.abstained)
+                for p, o, d in zip(prompts, outputs, decisions)]
+
+    def __call__(self, prompt: str, **choice) -> Generation:
+        """One prompt: ``gen(prompt, route=True)``; the last pack set stays patched for the next call."""
+        return self.generate([prompt], **choice)[0]
+
+    def stream(self, prompts: Iterable[str], **choice) -> Iterator[Generation]:
+        """Answer prompts one at a time as they come (e.g. from a file or a queue)."""
+        for prompt in prompts:
+            yield self(prompt, **choice)
+
+    def close(self) -> None:
+        """Put the base weights back in the model."""
+        self.patcher.restore()
+
+    def __enter__(self) -> Generator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @torch.no_grad()
+    def _greedy(self, encoded: list[list[int]]) -> list[str]:
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        width = max(len(ids) for ids in encoded)
+        device = next(self.model.parameters()).device
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
+        produced = self.model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=self.max_new_tokens,
+                                       do_sample=False, pad_token_id=pad, eos_token_id=self.tokenizer.eos_token_id)
+        return [self.tokenizer.decode(row[width:], skip_special_tokens=True) for row in produced]
