@@ -33,6 +33,7 @@ from skillhub.activation import Merge
 from skillhub.demo.run import run_demo
 from skillhub.evaluation.datasets import load_eval_set
 from skillhub.evaluation.scoring import exact_match
+from skillhub.progress import quiet_transformers
 from skillhub.demo.synthetic import split_examples
 from skillhub.registry.front import Registry
 from skillhub.routing.generate import Generator
@@ -71,7 +72,8 @@ def mergekit_scores(mergekit: str, base: str, finetunes: dict[str, str], eval_se
     config_file = scratch / f"{out.name}.yml"
     config_file.write_text(json.dumps(config))  # JSON is YAML
     subprocess.run([mergekit, str(config_file), str(out), "--copy-tokenizer"], check=True, capture_output=True)
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(base)
     return {t: exact_match(model, tokenizer, eval_sets[t]) for t in finetunes}
 
@@ -93,7 +95,8 @@ def compare_with_mergekit(mergekit: str, result: dict, scratch: Path) -> None:
     eval_sets = {s.name: load_eval_set(s.path) for s in registry.eval_sets()}
     finetunes = result["paths"]["finetunes"]
     for tasks in (list(result["tasks"]), ["mirror", "inc"]):
-        print(f"\nMerging {' + '.join(tasks)}: exact match per task (skillhub on packs | mergekit on full fine-tunes)")
+        print(f"\nMerging {' + '.join(tasks)}: exact match per task (skillhub on packs | mergekit on full "
+              "fine-tunes); task arithmetic with lambda 1 is the plain sum")
         print("| method | " + " | ".join(tasks) + " | mean |")
         print("|---|" + "---:|" * (len(tasks) + 1))
         for method in ("task-arithmetic", "ties", "dare-linear", "dare-ties"):

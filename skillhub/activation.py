@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import shutil
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -97,41 +98,23 @@ class Merge:
         for a pack that leaves the parameter alone)."""
         from peft.utils import merge_utils
 
+        deltas = list(deltas)
         weights = torch.tensor(self.weights if self.weights is not None else [1.0] * len(deltas),
                                dtype=torch.float32, device=deltas[0].device)
-        if self.method == "sum":
-            return merge_utils.task_arithmetic(list(deltas), weights)
-        if self.method == "task-arithmetic":
-            return self.scale * merge_utils.task_arithmetic(list(deltas), weights)
-        if self.method == "ties":
-            merged = merge_utils.ties(list(deltas), weights, self.density) if self.density < 1 else \
-                _ties_untrimmed(deltas, weights)
-            return self.scale * merged
-        # DARE's drop draws from the global generator; fork it so a merge never disturbs the caller's.
+        if self.method in ("sum", "task-arithmetic"):
+            return self.scale * merge_utils.task_arithmetic(deltas, weights)
+        merge = {"ties": merge_utils.ties, "dare-linear": merge_utils.dare_linear, "dare-ties": merge_utils.dare_ties}
         seed = int.from_bytes(hashlib.sha256(f"{self.seed}:{name}".encode()).digest()[:8], "little") >> 1
-        with torch.random.fork_rng(devices=[]):
+        # DARE's drop draws from the global generator: fork it, so a merge never disturbs the caller's.
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             torch.manual_seed(seed)
-            if self.density >= 1:  # nothing to drop (PEFT warns and returns the tensor unchanged)
-                merged = merge_utils.task_arithmetic(list(deltas), weights) if self.method == "dare-linear" \
-                    else _ties_untrimmed(deltas, weights)
-            else:
-                merge = merge_utils.dare_linear if self.method == "dare-linear" else merge_utils.dare_ties
-                merged = merge(list(deltas), weights, self.density)
-        return self.scale * merged
+            warnings.filterwarnings("ignore", message="The density .* no pruning")  # density 1: PEFT keeps all
+            return self.scale * merge[self.method](deltas, weights, self.density)
 
     def describe(self) -> dict[str, object]:
-        """The merge as JSON-ready settings (recorded in the output's marker and safetensors metadata)."""
+        """The merge as JSON-ready settings (recorded in the checkpoint's safetensors metadata)."""
         return {"method": self.method, "weights": list(self.weights) if self.weights else None,
                 "density": self.density, "lambda": self.scale, "seed": self.seed}
-
-
-def _ties_untrimmed(deltas: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
-    """TIES' sign election and disjoint mean without trimming (density 1)."""
-    from peft.utils import merge_utils
-
-    stacked = torch.stack(list(deltas))
-    mask = merge_utils.calculate_majority_sign_mask(stacked)
-    return merge_utils.disjoint_merge(stacked * merge_utils.reshape_weight_task_tensors(stacked, weights), mask)
 
 
 def _check_fits(base: Checkpoint, packs: Sequence[SkillPack]) -> None:

@@ -91,6 +91,21 @@ def test_router_is_stored_in_the_registry_and_routes_held_out_prompts(routed) ->
     assert shown["is_stale"] is False and shown["known_packs"] == list(routed[1].values())
 
 
+def test_route_eval_on_a_labelled_file(routed, tmp_path: Path) -> None:
+    rows = [{"prompt": e["prompt"], "answer": e["answer"], "task": "shift"}
+            for e in split_examples("shift", train=0, test=30, seed=11)[1]]
+    labelled = write_jsonl(rows, tmp_path / "labelled.jsonl")
+    result = run("--registry", str(routed[0]), "route", "eval", "--eval", str(labelled), "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert [(t["task"], t["examples"]) for t in report["tasks"]] == [("shift", 30)]
+    line = report["tasks"][0]
+    assert line["own_set"] >= 0.9 and line["routed"] >= line["own_set"] - 1 / 30  # at most one prompt misrouted
+    typo = write_jsonl([{**rows[0], "task": "shfit"}], tmp_path / "typo.jsonl")
+    result = run("--registry", str(routed[0]), "route", "eval", "--eval", str(typo))
+    assert result.exit_code == 1 and "task 'shfit' is not a task of this base" in result.stderr
+
+
 def test_generate_by_task_packs_and_route(routed, finetuned: FineTune) -> None:
     location, ids = routed[0], routed[1]
     prompts = ["shift abcde=", "rev hello=", "sort zyxwv="]
@@ -191,3 +206,22 @@ def test_loss_labels_follow_the_lowest_answer_loss(routed, tmp_path: Path) -> No
     with Generator(registry) as generator:
         decisions = generator.decide(["shift abcde=", "shift qwert=", "shift mnbvc="], route=True)
     assert [d.task for d in decisions] == ["shift"] * 3
+
+
+def test_routing_examples_of_a_task_and_of_the_base_class(routed, tmp_path: Path) -> None:
+    location, registry = fresh(routed, tmp_path)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"answer": "x"}\n')
+    result = run("--registry", location, "route", "examples", "shift", str(bad))
+    assert result.exit_code == 1 and "line 1 needs 'prompt'" in result.stderr
+    assert registry.routing_examples() == []
+    general = write_jsonl([{"prompt": f"copy {w}="} for w in ("abcde", "hello", "qwert", "zzzzz", "mnopq") * 4],
+                          tmp_path / "general.jsonl")
+    result = run("--registry", location, "route", "examples", "@base", str(general), "--json")
+    assert result.exit_code == 0, result.output
+    assert [s.name for s in registry.routing_examples()] == ["@base"]
+    trained = train_router(registry)
+    assert trained.router.info["examples"]["per_class"]["base"] > 0  # the base class is now taught
+    with pytest.raises(SkillhubError, match="changed or vanished"):
+        general.write_text(general.read_text() + '{"prompt": "copy x="}\n')
+        train_router(registry)

@@ -70,8 +70,16 @@ def evaluation_examples(registry: Registry, *, base: str | None = None,
         return task if task in with_packs else BASE
 
     if eval_files:
-        return [RoutingExample(r["prompt"], r.get("answer"), label(r["task"]), heldout=True)
-                for path in eval_files for r in load_prompts(path, with_task=True)]
+        known = {t.name for t in registry.tasks(base=base)} | {BASE, BASE_CLASS}
+        examples = []
+        for path in eval_files:
+            for record in load_prompts(path, with_task=True):
+                if record["task"] not in known:
+                    raise SkillhubError(f"{path}: task {record['task']!r} is not a task of this base (known: "
+                                        f"{', '.join(sorted(known))}); use \"base\" for prompts no pack should take")
+                examples.append(RoutingExample(record["prompt"], record.get("answer"), label(record["task"]),
+                                               heldout=True))
+        return examples
     given = {s.name: s.path for s in registry.routing_examples(base=base)}
     examples = []
     for eval_set in registry.eval_sets(base=base):
