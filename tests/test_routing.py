@@ -225,3 +225,16 @@ def test_routing_examples_of_a_task_and_of_the_base_class(routed, tmp_path: Path
     with pytest.raises(SkillhubError, match="changed or vanished"):
         general.write_text(general.read_text() + '{"prompt": "copy x="}\n')
         train_router(registry)
+
+
+def test_evaluation_scores_the_other_policies_when_the_router_cannot_be_retrained(routed, three_packs,
+                                                                                   tmp_path: Path) -> None:
+    from skillhub.evaluation.forgetting import evaluate_tasks
+
+    _, registry = fresh(routed, tmp_path)
+    for pack_id in routed[1].values():
+        registry.remove(pack_id)
+    registry.add(three_packs["shift"], task="other")  # a task with no examples: only the base class is left
+    records = evaluate_tasks(registry, merge=None)
+    assert {r["policy"] for r in records} == {"subset", "fused", "base"}
+    assert registry.stored_router().spec["known_packs"] == list(routed[1].values())  # the old router is kept

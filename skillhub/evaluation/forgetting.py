@@ -21,6 +21,7 @@ metrics as -perplexity, so that higher is better everywhere (and are not routed)
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -41,6 +42,7 @@ from skillhub.registry.results import EvalRecord, Scored
 if TYPE_CHECKING:
     from skillhub.pack.format import SkillPack
 
+_log = logging.getLogger(__name__)
 POLICIES = ("subset", "fused", "routed", *(m for m in MERGE_METHODS if m != "sum"))
 DEFAULT_MERGE = Merge("ties")
 
@@ -155,8 +157,12 @@ def _fresh_router(registry: Registry, active: list[str], tasks: dict[str, list[s
     router = Router.from_stored(stored.spec, stored.arrays)
     stale = router.staleness(active, tasks)
     if stale["added"] or stale["changed"] or not any(set(c.packs) <= set(active) for c in router.classes if c.packs):
-        router = train_router(registry, base=base, labels=router.labels, layer=router.layer,
-                              threshold=router.threshold, loaded=loaded, progress=progress).router
+        try:
+            router = train_router(registry, base=base, labels=router.labels, layer=router.layer,
+                                  threshold=router.threshold, loaded=loaded, progress=progress).router
+        except SkillhubError as exc:  # e.g. too few classes left: score the other policies anyway
+            _log.warning("routed policy not scored: the stale router could not be retrained: %s", exc)
+            return None
     return router
 
 

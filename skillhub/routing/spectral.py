@@ -24,47 +24,47 @@ from skillhub.routing.router import Decision, RouteClass
 
 
 class SpectralRouter:
-    """Args: the base model (patched weights are lent back by the caller), the classes with packs,
-    the opened packs by id, and k."""
+    """Args: the base model (holding its base weights while it scores), the classes (those with
+    packs are scored), the opened packs by id, and k."""
 
     def __init__(self, model: torch.nn.Module, classes: Sequence[RouteClass], packs: dict[str, SkillPack], *,
                  rank: int = 4) -> None:
+        self.model = model
         self.classes = [c for c in classes if c.packs]
         modules = dict(model.named_modules())
-        self.bases: dict[str, dict[str, torch.Tensor]] = {}  # pack id -> module -> V (in x k)
+        self.readers: dict[str, list[tuple[str, torch.Tensor]]] = {}  # module -> (pack id, V: in x k)
         for pack_id in sorted({p for c in self.classes for p in c.packs}):
-            pack = packs[pack_id]
-            self.bases[pack_id] = {}
-            for name, entry in pack.modules.items():
+            for name, entry in packs[pack_id].modules.items():
                 module = name.removesuffix(".weight")
                 if len(entry.shape) == 2 and isinstance(modules.get(module), torch.nn.Linear):
-                    self.bases[pack_id][module] = input_subspace(pack.decode(name).float(), rank)
-        self.watched = sorted({m for b in self.bases.values() for m in b})
-        self.model = model
+                    basis = input_subspace(packs[pack_id].decode(name).float(), rank)
+                    self.readers.setdefault(module, []).append((pack_id, basis))
 
     @torch.no_grad()
     def scores(self, tokenizer, prompts: list[str]) -> torch.Tensor:
         """(N, classes) response of each class's packs to each prompt."""
-        inputs: dict[str, list[torch.Tensor]] = {m: [] for m in self.watched}
+        pack_ids = sorted({p for c in self.classes for p in c.packs})
+        # responses[pack][prompt]: that pack's response at each module it changes
+        responses: dict[str, list[list[float]]] = {p: [[] for _ in prompts] for p in pack_ids}
         modules = dict(self.model.named_modules())
+        current = 0
         handles = []
-        for name in self.watched:
-            def keep(_module, args, _output, name=name):
+        for name, readers in self.readers.items():
+            def respond(_module, args, _output, readers=readers):
                 tokens = args[0][0].float()  # one prompt per pass: no padding
-                inputs[name].append((tokens - tokens.mean(dim=0)).cpu())
-            handles.append(modules[name].register_forward_hook(keep))
+                centered = tokens - tokens.mean(dim=0)
+                energy = centered.pow(2).sum().clamp(min=1e-12)
+                for pack_id, basis in readers:
+                    responses[pack_id][current].append(float((centered @ basis).pow(2).sum() / energy))
+            handles.append(modules[name].register_forward_hook(respond))
         device = next(self.model.parameters()).device
         try:
-            for prompt in prompts:
+            for current, prompt in enumerate(prompts):
                 self.model(input_ids=torch.tensor([prompt_ids(tokenizer, prompt)], device=device), use_cache=False)
         finally:
             for handle in handles:
                 handle.remove()
-        per_pack = {}
-        for pack_id, bases in self.bases.items():
-            responses = [torch.stack([(x @ v.cpu()).pow(2).sum() / x.pow(2).sum().clamp(min=1e-12) for x in inputs[m]])
-                         for m, v in bases.items()]
-            per_pack[pack_id] = torch.stack(responses).mean(0) if responses else torch.zeros(len(prompts))
+        per_pack = {p: torch.tensor([sum(r) / len(r) if r else 0.0 for r in responses[p]]) for p in pack_ids}
         return torch.stack([torch.stack([per_pack[p] for p in c.packs]).mean(0) for c in self.classes], dim=1)
 
     def decide(self, tokenizer, prompts: list[str]) -> list[Decision]:
