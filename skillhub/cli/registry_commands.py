@@ -113,7 +113,7 @@ def log(ctx: click.Context, base: str | None, as_json: bool) -> None:
         return
     for e in events:
         what = " ".join(f"{k}={v}" for k, v in e.detail.items())
-        click.echo(plain(f"{e.id:>5} {e.at[:19]} {e.base} {e.kind:<8} {e.pack or '-':<12} {e.task or '-'} {what} "
+        click.echo(plain(f"{e.id:>5} {e.at[:19]} {e.base} {e.kind:<14} {e.pack or '-':<12} {e.task or '-'} {what} "
                          f"({e.actor})"))
 
 

@@ -38,7 +38,8 @@ CHANCE_FACTOR = 3.0
 COSINE_ALIGNED = 0.5
 VERDICTS = {
     "conflicting": f"input subspaces overlap (>= {OVERLAP_SHARED} and >= {CHANCE_FACTOR:g}x chance) while the updates "
-                   f"disagree (cosine < {COSINE_ALIGNED}): a plain sum interferes; route, or merge with TIES/DARE",
+                   f"disagree (cosine < {COSINE_ALIGNED}): combined in one model they interfere; route between them "
+                   "(`skillhub generate --route`) rather than merging",
     "aligned": f"input subspaces overlap and the updates agree (cosine >= {COSINE_ALIGNED}): they reinforce each other",
     "independent": "the updates act on different input directions: summing them interferes little",
 }
