@@ -9,7 +9,9 @@
    for the pair mergekit and skillhub find least conflicting. mergekit runs from its own
    virtual environment (`make bench-venv` makes `.venv-mergekit`); its TIES/DARE-TIES are set
    to normalize (as PEFT's disjoint mean does) and its task arithmetic/DARE-linear not to.
-3. Routing overhead: the same prompts answered with `generate --route` and with `generate
+3. The router's feature layer: trained at every layer of the base (0: the embeddings), its
+   held-out accuracy and its `route eval` accuracy (what the default layer is chosen from).
+4. Routing overhead: the same prompts answered with `generate --route` and with `generate
    --task T` (grouped by task), 32-token answers (end-of-sequence suppressed until 32 tokens),
    arms alternated, median ratio of wall times. Goal: <= 1.10.
 
@@ -27,7 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from skillhub.activation import Merge
 from skillhub.demo.run import run_demo
@@ -36,7 +38,9 @@ from skillhub.evaluation.scoring import exact_match
 from skillhub.progress import quiet_transformers
 from skillhub.demo.synthetic import split_examples
 from skillhub.registry.front import Registry
+from skillhub.routing.evaluation import evaluate_router
 from skillhub.routing.generate import Generator
+from skillhub.routing.training import train_router
 
 
 def overhead(registry: Registry, tasks: list[str], repeats: int, per_task: int = 16) -> tuple[float, float, float]:
@@ -54,6 +58,16 @@ def overhead(registry: Registry, tasks: list[str], repeats: int, per_task: int =
             generator.generate(everything, route=True)
             routed.append(time.perf_counter() - start)
     return statistics.median(routed) / statistics.median(labelled), statistics.median(labelled), statistics.median(routed)
+
+
+def layer_sweep(registry: Registry, layers: int) -> None:
+    print("\nRouter feature layer (0: embeddings): held-out accuracy | route eval accuracy")
+    print("| layer | held-out | route eval |")
+    print("|---:|---:|---:|")
+    for layer in range(layers + 1):
+        trained = train_router(registry, layer=layer)
+        report = evaluate_router(registry)
+        print(f"| {layer} | {trained.router.info['accuracy']['heldout']:.4f} | {report.accuracy:.4f} |")
 
 
 MERGEKIT = {"task-arithmetic": ("task_arithmetic", False), "ties": ("ties", True),
@@ -134,6 +148,8 @@ def main() -> None:
         # The demo removed one pack at its end; the overhead is measured on the packs that remain.
         registry = Registry(result["paths"]["registry"])
         remaining = [t.name for t in registry.tasks() if t.packs]
+        layer_sweep(registry, AutoConfig.from_pretrained(result["paths"]["base"]).num_hidden_layers)
+        train_router(registry)  # back to the default layer
         ratio, labelled, routed = overhead(registry, remaining, args.repeats)
         print(f"\nRouting overhead, {len(remaining)} tasks x 16 prompts, 32-token answers: generate --route "
               f"{routed:.2f} s vs --task {labelled:.2f} s (medians of {args.repeats}): ratio {ratio:.3f} (goal <= 1.10)")
