@@ -188,11 +188,14 @@ def test_bad_routing_input_is_one_line_and_changes_nothing(routed, three_packs, 
     refused(["route", "train"], "no routing examples", str(empty))
     other.remove(other.list_packs()[0].id)
     refused(["generate", "shift abc=", "--route"], "no active packs", str(empty))
-    # A router trained for other base weights is refused.
+    # A router trained for other base weights (say, a routers row copied from another registry) is refused.
+    import sqlite3
+
     stored = registry.stored_router()
-    router = Router.from_stored({**stored.spec, "base_fingerprint": "0" * 64}, stored.arrays)
-    with pytest.raises(SkillhubError, match="retrain it with `skillhub route train --base"):
-        router.check_base(stored.fingerprint, stored.base)
+    with sqlite3.connect(Path(location) / "registry.db") as connection:
+        connection.execute("UPDATE routers SET spec = ?", (json.dumps({**stored.spec, "base_fingerprint": "0" * 64}),))
+    refused(["generate", "shift abc=", "--route", "--allow-stale"], "retrain it with `skillhub route train --base")
+    refused(["route", "eval", "--allow-stale"], "was trained for base weights 0000")
 
 
 def test_loss_labels_follow_the_lowest_answer_loss(routed, tmp_path: Path) -> None:
