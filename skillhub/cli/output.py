@@ -108,9 +108,10 @@ def format_forgetting(result: dict[str, Any]) -> str:
     tasks = result["tasks"]
     labels = {"subset": "skillhub, each task's own activation set (Eq. 10)",
               "fused": "skillhub, all packs summed (Eq. 9)",
-              "routed": "skillhub, routed without the task label (Eq. 9, routed)"}
-    policies = {labels.get(name, name if name in ("sequential fine-tuning",) else f"skillhub, all packs merged by {name}"):
-                data for name, data in result["policies"].items()}
+              "routed": "skillhub, routed without the task label (Eq. 9, routed)",
+              "sequential fine-tuning": "sequential fine-tuning"}  # the demo's baseline
+    policies = {labels.get(name, f"skillhub, all packs merged by {name}"): data
+                for name, data in result["policies"].items()}
     lines = ["R[k][j]: score on task j (columns) after learning task k (rows); base b = "
              + ", ".join(f"{t} {'-' if b is None else f'{b:.2f}'}" for t, b in zip(tasks, result["base"])), ""]
     for label, data in policies.items():
