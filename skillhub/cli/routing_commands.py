@@ -99,7 +99,7 @@ def route_show(ctx: click.Context, base: str | None, as_json: bool) -> None:
         return
     print_table(["class", "packs", "state"],
                 [[c.name, ", ".join(c.packs) or "(base only)",
-                  "dropped (pack removed)" if not set(c.packs) <= set(active) else "active"] for c in router.classes])
+                  "active" if c.usable(active) else "dropped (pack removed)"] for c in router.classes])
     info = spec["info"]
     click.echo(plain(f"layer {router.layer}, labels {router.labels}, threshold {router.threshold}, trained "
                      f"{info.get('trained_at', '?')} on {info['examples']['train']} examples (held-out accuracy "

@@ -156,7 +156,7 @@ def _fresh_router(registry: Registry, active: list[str], tasks: dict[str, list[s
         return None
     router = Router.from_stored(stored.spec, stored.arrays)
     stale = router.staleness(active, tasks)
-    if stale["added"] or stale["changed"] or not any(set(c.packs) <= set(active) for c in router.classes if c.packs):
+    if stale["added"] or stale["changed"] or not router.routes_to_packs(active):
         try:
             router = train_router(registry, base=base, labels=router.labels, layer=router.layer,
                                   threshold=router.threshold, loaded=loaded, progress=progress).router
@@ -171,19 +171,16 @@ def _routed_scores(registry: Registry, model, tokenizer, router, examples: dict[
     """Exact match of each task's examples under the packs the router picks for each (examples the
     router trained on left out)."""
     from skillhub.routing.evaluation import hits_under
-    from skillhub.routing.features import prompt_features
-    from skillhub.routing.training import RoutingExample, is_heldout
+    from skillhub.routing.training import RoutingExample, unseen_by_router
 
     own_files = {s.name for s in registry.routing_examples(base=base)}
     chosen_examples = [RoutingExample(e["prompt"], e["answer"], name, heldout=True)
                        for name, records in examples.items() if metrics[name] == "exact_match"
-                       for e in records if name in own_files or is_heldout(e["prompt"])]
+                       for e in records if unseen_by_router(name, e["prompt"], own_files)]
     if not chosen_examples:
         return []
-    decisions = router.decide(prompt_features(model, tokenizer, [e.prompt for e in chosen_examples], router.layer),
-                              active_packs=active)
-    wanted = sorted({p for d in decisions for p in d.packs})
-    opened = dict(zip(wanted, (registry.activation_set(packs=[p], base=base)[1][0] for p in wanted)))
+    decisions = router.route_prompts(model, tokenizer, [e.prompt for e in chosen_examples], active_packs=active)
+    opened = registry.packs_by_id(sorted({p for d in decisions for p in d.packs}), base=base)
     patcher = Patcher(model)
     try:
         hits = hits_under(model, tokenizer, patcher, opened, chosen_examples, [d.packs for d in decisions])

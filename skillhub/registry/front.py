@@ -250,6 +250,11 @@ class Registry:
         _, addresses = task_store.activation_rows(self.db, task=task, packs=packs, base=base)
         return [sha[:12] for sha in addresses]  # a pack's id is the start of its store address (lineage.py)
 
+    def packs_by_id(self, ids: Sequence[str], *, base: str | None = None) -> dict[str, SkillPack]:
+        """The opened packs of these full pack ids (active packs of the base), keyed by id."""
+        _, addresses = task_store.activation_rows(self.db, task=None, packs=list(ids), base=base)
+        return {sha[:12]: self.store.open(sha) for sha in addresses}
+
     def activate(self, output: str | os.PathLike[str], *, task: str | None = None, packs: Sequence[str] | None = None,
                  base: str | None = None, base_location: str | None = None, force: bool = False,
                  merge: Merge | None = None, progress: ProgressCallback = no_progress) -> Path:

@@ -27,10 +27,9 @@ from skillhub.progress import ProgressCallback, no_progress
 from skillhub.registry.front import Registry
 from skillhub.registry.results import Result
 from skillhub.registry.routing import BASE_CLASS
-from skillhub.routing.features import prompt_features
 from skillhub.routing.router import BASE, Decision
 from skillhub.routing.spectral import SpectralRouter
-from skillhub.routing.training import RoutingExample, is_heldout, load_router, route_classes
+from skillhub.routing.training import RoutingExample, is_heldout, load_router, route_classes, unseen_by_router
 
 
 @dataclass(frozen=True)
@@ -85,10 +84,9 @@ def evaluation_examples(registry: Registry, *, base: str | None = None,
     for eval_set in registry.eval_sets(base=base):
         if eval_set.metric != "exact_match":
             continue  # routing is scored by exact match; perplexity sets have no answers to check
-        own_file = eval_set.name in given
         examples.extend(RoutingExample(r["prompt"], r["answer"], label(eval_set.name), heldout=True)
                         for r in load_eval_set(eval_set.path, eval_set.metric)
-                        if own_file or is_heldout(r["prompt"]))
+                        if unseen_by_router(eval_set.name, r["prompt"], given))
     if BASE_CLASS in given:
         examples.extend(RoutingExample(r["prompt"], r.get("answer"), BASE, heldout=True)
                         for r in load_prompts(given[BASE_CLASS]) if is_heldout(r["prompt"]))
@@ -110,18 +108,16 @@ def evaluate_router(registry: Registry, *, base: str | None = None, eval_files: 
     examples = evaluation_examples(registry, base=base, eval_files=eval_files)
     if not examples:
         raise SkillhubError("no examples to evaluate the router on: give tasks eval sets or pass --eval FILE")
-    model, tokenizer, base_entry = registry.load_base_model(base=base, location=base_location)
-    router.check_base(base_entry.fingerprint, base_entry.name)
-    classes = [c for c in router.classes if set(c.packs) <= set(active)]
+    model, tokenizer, _ = registry.load_base_model(base=base, location=base_location)
+    classes = [c for c in router.classes if c.usable(active)]
     names = [c.name for c in classes]
     unknown = sorted({e.source for e in examples} - set(names))
     if unknown:
         raise SkillhubError(f"examples of {', '.join(unknown)}, which the router has no class for: "
                             "retrain it with `skillhub route train`")
     prompts = [e.prompt for e in examples]
-    decisions = router.decide(prompt_features(model, tokenizer, prompts, router.layer), active_packs=active)
-    opened = {i: p for c in classes if c.packs
-              for i, p in zip(c.packs, registry.activation_set(packs=list(c.packs), base=base)[1])}
+    decisions = router.route_prompts(model, tokenizer, prompts, active_packs=active)
+    opened = registry.packs_by_id(sorted({p for c in classes for p in c.packs}), base=base)
     spectral = SpectralRouter(model, classes, opened).decide(tokenizer, prompts)
     patcher = Patcher(model)
     by_class = {c.name: c.packs for c in classes}

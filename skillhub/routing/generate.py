@@ -19,7 +19,7 @@ from skillhub.pack.format import SkillPack
 from skillhub.progress import ProgressCallback, no_progress
 from skillhub.registry.front import Registry
 from skillhub.registry.results import Result
-from skillhub.routing.features import check_context, prompt_features, prompt_ids
+from skillhub.routing.features import check_context, prompt_ids
 from skillhub.routing.router import Decision, Router
 from skillhub.routing.training import load_router
 
@@ -72,8 +72,7 @@ class Generator:
         if self._router is None:
             if not self.active:
                 raise RegistryError(f"base {self.base_entry.name} has no active packs to route to: add packs first")
-            router = load_router(self.registry, base=self.base)
-            router.check_base(self.base_entry.fingerprint, self.base_entry.name)
+            router = load_router(self.registry, base=self.base)  # checked against the registered base
             router.check_usable(self.active, self.task_sets, allow_stale=self.allow_stale)
             self._router = router
         return self._router
@@ -86,15 +85,14 @@ class Generator:
         if route:
             router = self.router
             with self.patcher.base_weights():
-                features = prompt_features(self.model, self.tokenizer, list(prompts), router.layer)
-            return router.decide(features, active_packs=self.active)
+                return router.route_prompts(self.model, self.tokenizer, prompts, active_packs=self.active)
         ids = tuple(self.registry.activation_ids(task=task, packs=packs, base=self.base))
         return [Decision(task=task, packs=ids, probability=None) for _ in prompts]
 
     def _packs(self, ids: Sequence[str]) -> list[SkillPack]:
-        for pack_id in ids:
-            if pack_id not in self._opened:
-                self._opened[pack_id] = self.registry.activation_set(packs=[pack_id], base=self.base)[1][0]
+        missing = [i for i in ids if i not in self._opened]
+        if missing:
+            self._opened.update(self.registry.packs_by_id(missing, base=self.base))
         return [self._opened[i] for i in ids]
 
     # ------------------------------------------------------------------ generating

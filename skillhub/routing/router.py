@@ -15,7 +15,7 @@ router stale: it would never route to the new pack, so routing refuses until ``r
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,7 @@ from safetensors.torch import load as load_arrays
 from safetensors.torch import save as save_arrays
 
 from skillhub.errors import RegistryError, SkillhubError
+from skillhub.routing.features import prompt_features
 
 FORMAT = 1
 BASE = "base"  # the class that answers with the base model alone
@@ -36,6 +37,10 @@ class RouteClass:
     name: str
     task: str | None
     packs: tuple[str, ...]
+
+    def usable(self, active_packs: Collection[str]) -> bool:
+        """Whether every pack of the class is still active (the base class always is)."""
+        return set(self.packs) <= set(active_packs)
 
 
 @dataclass(frozen=True)
@@ -83,7 +88,7 @@ class Router:
         x = (features.to(torch.float32) - self.mean) / self.scale
         logits = x @ self.coef.T + self.intercept
         if active_packs is not None:
-            dropped = torch.tensor([not set(c.packs) <= set(active_packs) for c in self.classes])
+            dropped = torch.tensor([not c.usable(active_packs) for c in self.classes])
             logits = logits.masked_fill(dropped, float("-inf"))
         return torch.softmax(logits, dim=-1)
 
@@ -100,7 +105,16 @@ class Router:
                 decisions.append(Decision(task=chosen.task, packs=chosen.packs, probability=p))
         return decisions
 
+    def route_prompts(self, model: torch.nn.Module, tokenizer, prompts: Sequence[str], *,
+                      active_packs: Sequence[str]) -> list[Decision]:
+        """Features of the prompts from ``model`` (which must hold the base weights), then :meth:`decide`."""
+        return self.decide(prompt_features(model, tokenizer, list(prompts), self.layer), active_packs=active_packs)
+
     # ------------------------------------------------------------------ lifecycle
+
+    def routes_to_packs(self, active_packs: Collection[str]) -> bool:
+        """Whether some class with packs is still usable (else every prompt would go to the base)."""
+        return any(c.packs and c.usable(active_packs) for c in self.classes)
 
     def staleness(self, active_packs: Sequence[str], task_sets: dict[str, Sequence[str]]) -> dict[str, list[str]]:
         """What changed in the lineage since training: packs ``added`` (the router cannot route to
@@ -108,7 +122,7 @@ class Router:
         known = set(self.known_packs)
         removed = sorted(known - set(active_packs))
         changed = sorted(c.task for c in self.classes if c.task is not None and c.task in task_sets
-                         and set(task_sets[c.task]) != set(c.packs) and set(c.packs) <= set(active_packs))
+                         and set(task_sets[c.task]) != set(c.packs) and c.usable(active_packs))
         return {"added": [p for p in active_packs if p not in known], "removed": removed, "changed": changed}
 
     def check_usable(self, active_packs: Sequence[str], task_sets: dict[str, Sequence[str]], *,
@@ -124,7 +138,7 @@ class Router:
                     else f"the activation set of {', '.join(stale['changed'])} changed")
             raise RegistryError(f"the router is stale: {what} since it was trained; retrain it with "
                                 "`skillhub route train` (or pass --allow-stale to route among the classes it knows)")
-        if not any(set(c.packs) <= set(active_packs) for c in self.classes):
+        if not self.routes_to_packs(active_packs):
             raise RegistryError("every class of the router uses a removed pack: retrain it with `skillhub route train`")
         return stale
 

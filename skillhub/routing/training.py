@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +49,12 @@ class RoutingExample:
 def is_heldout(prompt: str) -> bool:
     """The stable held-out split: 1 prompt in HELDOUT_EVERY, by hash."""
     return hashlib.sha256(prompt.encode("utf-8")).digest()[0] % HELDOUT_EVERY == 0
+
+
+def unseen_by_router(task: str, prompt: str, own_files: Collection[str]) -> bool:
+    """Whether a router did not train on this eval-set example: a task with routing examples of
+    its own (``own_files``) trained on those, any other on its eval set's non-held-out part."""
+    return task in own_files or is_heldout(prompt)
 
 
 def route_classes(registry: Registry, *, base: str | None = None) -> list[RouteClass]:
