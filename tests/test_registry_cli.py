@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -136,6 +137,29 @@ def test_add_killed_midway_leaves_a_consistent_registry(three_packs, finetuned: 
         assert retry.exit_code == 0, retry.output
         assert [p["task"] for p in json.loads(run(registry, "list", "--json").stdout)] == ["shift", "reverse"]
         assert json.loads(run(registry, "doctor", "--repair", "--json").stdout)["consistent"]
+
+
+# Opens a registry once the wall clock reaches argv[2], so that the processes collide.
+_OPEN_AT = """
+import sys, time
+from skillhub.registry import Registry
+start = float(sys.argv[2])
+while time.time() < start:
+    pass
+Registry(sys.argv[1])
+"""
+
+
+def test_processes_opening_a_new_registry_together_all_open(tmp_path: Path) -> None:
+    # Two connections switching a new SQLite file to WAL at once get "database is locked" without
+    # any busy wait; before the retry, about one process in thirty failed here.
+    for trial in range(8):
+        start = time.time() + 2.0
+        processes = [subprocess.Popen([sys.executable, "-c", _OPEN_AT, str(tmp_path / f"r{trial}"), str(start)],
+                                      stderr=subprocess.PIPE, text=True) for _ in range(4)]
+        for process in processes:
+            _, stderr = process.communicate(timeout=120)
+            assert process.returncode == 0, stderr
 
 
 def test_four_concurrent_adds_all_land(three_packs, finetuned: FineTune, tmp_path: Path) -> None:

@@ -11,8 +11,11 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import random
 import re
 import socket
+import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -30,6 +33,7 @@ from skillhub.registry.tables import BaseModelRow, EventRow, PackRow
 DATABASE_FILE = "registry.db"
 STORE_DIR = "packs"
 _PACK_ID = re.compile(r"[0-9a-f]{1,64}")
+_BUSY_TIMEOUT_S = 60  # how long a writer queues for the lock before giving up
 
 
 def now() -> str:
@@ -63,6 +67,23 @@ def sql_reason(exc: SQLAlchemyError) -> str:
     return str(exc.orig if getattr(exc, "orig", None) is not None else exc).splitlines()[0]
 
 
+def _switch_to_wal(cursor: sqlite3.Cursor) -> None:
+    """``PRAGMA journal_mode=WAL``, retried while another process switches the same new database.
+
+    SQLite answers "database is locked" at once, without waiting out the busy timeout, when two
+    connections switch a fresh database to WAL together (four ``skillhub add`` on a new registry).
+    """
+    deadline = time.monotonic() + _BUSY_TIMEOUT_S
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(random.uniform(0.01, 0.05))
+
+
 def _sqlite_engine(path: Path, *, read_only: bool = False) -> Engine:
     if read_only:
         # A registry the user may only read: no WAL switch, no write lock, nothing created.
@@ -72,8 +93,8 @@ def _sqlite_engine(path: Path, *, read_only: bool = False) -> Engine:
         # -shm index it wants in a read-only directory: read the file as immutable then.
         wal = path.with_name(path.name + "-wal").exists()
         return create_engine(f"sqlite:///file:{path}?mode=ro{'' if wal else '&immutable=1'}&uri=true",
-                             connect_args={"timeout": 60})
-    engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": 60})
+                             connect_args={"timeout": _BUSY_TIMEOUT_S})
+    engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": _BUSY_TIMEOUT_S})
 
     @event.listens_for(engine, "connect")
     def _configure(dbapi_connection, _record) -> None:
@@ -81,8 +102,8 @@ def _sqlite_engine(path: Path, *, read_only: bool = False) -> Engine:
         # the write lock up front and waits for it (busy timeout) instead of failing mid-way.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA busy_timeout=60000")
+        cursor.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_S * 1000}")
+        _switch_to_wal(cursor)
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
