@@ -19,6 +19,7 @@ attributes, so callers can act on the facts rather than parse the message::
     ├── OutputExistsError      an output exists and --force was not given (.path)
     │   └── OutputConflictError    it would overwrite or nest in an input, or is not skillhub's
     ├── HubError               a Hugging Face Hub request failed or a repo lacks what is needed
+    ├── GraftError             a graft's source, prompts, scorer or work directory is unusable
     └── RegistryError          the registry cannot be opened, or an operation on it is invalid
         ├── ReadOnlyRegistryError  writes are refused (read-only directory, newer skillhub)
         └── NotFoundError          a pack, task or base model does not exist (.kind, .name)
@@ -52,6 +53,11 @@ class RecipeError(SkillhubError):
 
 class OperatorError(SkillhubError):
     """An operator is unknown, not installed, or was given invalid params."""
+
+
+class GraftError(SkillhubError):
+    """A graft cannot run: a source that cannot generate, prompts with nothing usable, a scorer
+    that cannot score, or a work directory that belongs to another graft."""
 
 
 class CalibrationError(SkillhubError):

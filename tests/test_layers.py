@@ -25,7 +25,7 @@ LAYERS = {
     "skillhub.evaluation.datasets": 4, "skillhub.evaluation.scoring": 4, "skillhub.evaluation.metrics": 4,
     "skillhub.evaluation.interference": 4,
     "skillhub.registry": 5,
-    "skillhub.sharing": 6, "skillhub.routing": 6, "skillhub.evaluation.forgetting": 6, "skillhub.evaluation.benchmark": 6,
+    "skillhub.sharing": 6, "skillhub.routing": 6, "skillhub.graft": 6, "skillhub.evaluation.forgetting": 6, "skillhub.evaluation.benchmark": 6,
     "skillhub.demo": 7, "skillhub.cli": 7, "skillhub.testing": 7, "skillhub.__main__": 7,
 }
 # Third-party packages and the only modules (or packages) that may import them.
@@ -38,6 +38,8 @@ OWNERS = {
     "rich": ("skillhub.cli",),
     "peft": ("skillhub.activation",),
     "sklearn": ("skillhub.routing.training",),
+    "trl": ("skillhub.graft.training",),
+    "datasets": ("skillhub.graft.training",),
 }
 
 

@@ -8,7 +8,7 @@ Layer 7: imports anything below.
 """
 
 from skillhub.cli import (  # noqa: F401  (register the commands)
-    hub_commands, other_commands, pack_commands, registry_commands, routing_commands)
+    graft_commands, hub_commands, other_commands, pack_commands, registry_commands, routing_commands)
 from skillhub.cli.app import main
 
 __all__ = ["main"]

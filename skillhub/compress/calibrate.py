@@ -92,9 +92,7 @@ def build_calibration_set(path: str | os.PathLike[str], tokenizer: Any, *, sampl
     """
     if samples < 1 or seqlen < 2:
         raise CalibrationError("--calib-samples must be >= 1 and --calib-seqlen >= 2")
-    stream: list[int] = []
-    for text in read_calibration_texts(path):
-        stream.extend(_wrap(tokenizer, tokenizer.encode(text, add_special_tokens=False)))
+    stream = _token_stream(path, tokenizer)
     needed = samples * seqlen
     if len(stream) < needed:
         raise CalibrationError(
@@ -107,6 +105,24 @@ def build_calibration_set(path: str | os.PathLike[str], tokenizer: Any, *, sampl
         input_ids=input_ids,
         source={"file": Path(path).name, "sha256": digest, "samples": samples, "seqlen": seqlen},
     )
+
+
+def _token_stream(path: str | os.PathLike[str], tokenizer: Any) -> list[int]:
+    stream: list[int] = []
+    for text in read_calibration_texts(path):
+        stream.extend(_wrap(tokenizer, tokenizer.encode(text, add_special_tokens=False)))
+    return stream
+
+
+def fit_windows(path: str | os.PathLike[str], tokenizer: Any, *, samples: int, seqlen: int) -> tuple[int, int]:
+    """(samples, seqlen) shrunk to what the file holds: fewer windows first, then shorter ones.
+
+    For calibration text skillhub generated itself (a graft's responses), where asking the user
+    for more text makes no sense.
+    """
+    tokens = len(_token_stream(path, tokenizer))
+    seqlen = max(2, min(seqlen, tokens))
+    return max(1, min(samples, tokens // seqlen)), seqlen
 
 
 def _wrap(tokenizer: Any, ids: list[int]) -> list[int]:

@@ -83,6 +83,7 @@ def create_pack(
     device: str | None = None,
     seed: int = 0,
     force: bool = False,
+    provenance: dict[str, Any] | None = None,
     progress: ProgressCallback = no_progress,
 ) -> SkillPack:
     """Compress ``tuned - base`` into a SkillPack directory at ``output``.
@@ -111,6 +112,8 @@ def create_pack(
         device: Where the compression maths runs (``cpu``, ``cuda``...; default ``$SKILLHUB_DEVICE``, else cpu).
         seed: Seed of randomized operators.
         force: Replace ``output`` if it exists.
+        provenance: How the tuned model was made, recorded as the manifest's ``graft`` (see
+            :mod:`skillhub.graft`).
         progress: Called as ``progress("compress", done, total)``.
 
     Returns:
@@ -131,7 +134,8 @@ def create_pack(
     task = task or name
     check_pack_identity(name=name, task=task, version=version)
     plans = _plan_every_parameter(plan_recipe, inputs.base)  # every parameter has an operator: checked first
-    identity = {"name": name, "task": task, "version": version, "parent": _parent_reference(parent)}
+    identity = {"name": name, "task": task, "version": version, "parent": _parent_reference(parent),
+                "provenance": provenance}
     torch_device = _device(device or config.default_device())
     calibration = _Calibration.prepare(inputs.tuned, calib, samples=calib_samples, seqlen=calib_seqlen,
                                        device=torch_device)
@@ -275,6 +279,7 @@ def _manifest(identity: dict[str, Any], inputs: _Inputs, recipe: Recipe, plans: 
                       for p in sorted(plans.values(), key=lambda p: p.operator.name) if p.name in encoded.modules},
         "quantizer": quantizer,
         **({"budget": budget} if budget else {}),
+        **({"graft": identity["provenance"]} if identity["provenance"] else {}),
         "modules": encoded.modules,
         "unchanged": encoded.unchanged,
         "totals": totals(encoded.modules, parameters=encoded.parameters, delta_fp16_bytes=2 * encoded.parameters,

@@ -25,15 +25,21 @@ def load_eval_set(path: str | os.PathLike[str], metric: str = "exact_match") -> 
     return _load_records(path, METRICS[metric], (), what=f"eval file {path}", why=f" for metric {metric}")
 
 
-def load_prompts(path: str | os.PathLike[str], *, with_task: bool = False) -> list[dict[str, str]]:
-    """Routing examples of a JSONL file: ``{"prompt"}``, with an optional ``"answer"`` (and a
-    required ``"task"`` with ``with_task``).
+def load_prompts(path: str | os.PathLike[str], *, with_task: bool = False,
+                 what: str = "routing examples") -> list[dict[str, str]]:
+    """Prompts of a JSONL file (routing examples, a graft's prompts): ``{"prompt"}``, with an
+    optional ``"answer"`` (and a required ``"task"`` with ``with_task``). Lines whose prompt is
+    blank are not usable and are left out.
 
     Raises:
-        SkillhubError: As :func:`load_eval_set`.
+        SkillhubError: As :func:`load_eval_set`, or no line has a usable prompt.
     """
     fields = ("prompt", "task") if with_task else ("prompt",)
-    return _load_records(path, fields, ("answer",), what=f"routing examples {path}", why="")
+    records = _load_records(path, fields, ("answer",), what=f"{what} {path}", why="")
+    usable = [r for r in records if r["prompt"].strip()]
+    if not usable:
+        raise SkillhubError(f"{what} {path} has no usable lines: every \"prompt\" is blank")
+    return usable
 
 
 def _load_records(path: str | os.PathLike[str], fields: tuple[str, ...], optional: tuple[str, ...], *,

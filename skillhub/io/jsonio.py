@@ -81,3 +81,27 @@ def _depth(document: Any) -> int:
                 return depth
             stack.extend((child, depth + 1) for child in (value.values() if isinstance(value, dict) else value))
     return deepest
+
+
+def write_atomically(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` to ``path`` under a temporary name, then rename: a reader (or a rerun after
+    a kill) sees the old file or the whole new one, never a half-written one."""
+    path = Path(path)
+    staging = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    with open(staging, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(staging, path)
+    return path
+
+
+def write_json_lines(path: str | os.PathLike[str], records: list[Any]) -> Path:
+    """One JSON document per line, written atomically (see :func:`write_atomically`)."""
+    return write_atomically(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def read_json_lines(path: str | os.PathLike[str], *, what: str) -> list[Any]:
+    """The documents of a JSON-lines file skillhub wrote (:func:`write_json_lines`)."""
+    text = read_regular(path, what=what, max_bytes=MAX_TEXT_BYTES).decode("utf-8")
+    return [parse_json(line, what=f"{what} line {n}") for n, line in enumerate(text.splitlines(), 1) if line.strip()]
