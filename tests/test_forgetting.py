@@ -209,5 +209,11 @@ def test_demo_fast(tmp_path: Path, seed: int) -> None:
         if task != removal["task"]:
             assert after["subset"][task] == before["subset"][task]  # the others exactly where they were
             assert after["routed"][task] == before["routed"][task]
+    graft = report["graft"]  # a task only the GPT-2 source can do, grafted into the base
+    assert graft["source"]["score"] >= 0.9 and graft["target_before"] <= 0.1, graft
+    assert graft["sft"] >= 0.9 and graft["pairs"] > 0, graft
+    assert graft["dpo"] >= graft["sft"] - 0.02, graft  # DPO does not undo SFT
+    assert graft["pack"] >= 0.95 * graft["dpo"], graft  # the pack keeps the SFT+DPO model's score
+    assert all(o["before"] == o["after"] for o in graft["others"].values()), graft  # the others untouched
     assert Path(report["paths"]["registry"], "registry.db").is_file()
     assert report["paths"]["plot"] and Path(report["paths"]["plot"]).is_file()

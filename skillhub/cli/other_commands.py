@@ -69,7 +69,7 @@ def _schema_summary(schema: dict[str, Any] | None) -> str:
 @click.pass_context
 def demo(ctx: click.Context, workdir: Path, fast: bool, seed: int, as_json: bool) -> None:
     """The embedded end to end: four tasks in sequence; forgetting of fine-tuning vs skillhub; routing
-    and merging; unlearning."""
+    and merging; unlearning; grafting from a model of another architecture."""
     from skillhub.demo.run import run_demo
 
     as_json = wants_json(ctx, as_json)
@@ -79,6 +79,27 @@ def demo(ctx: click.Context, workdir: Path, fast: bool, seed: int, as_json: bool
         emit_json(result)
         return
     click.echo(format_demo(result))
+
+
+def format_graft(graft: dict[str, Any]) -> list[str]:
+    """The demo's grafting step: the task's score at each stage, and the other tasks untouched."""
+    if "skipped" in graft:
+        return [f"Grafting {graft['task']}: skipped ({graft['skipped']})"]
+    dpo = "-" if graft["dpo"] is None else f"{graft['dpo']:.2f}"
+    seconds = ", ".join(f"{stage} {s:.1f} s" for stage, s in graft["seconds"].items())
+    unchanged = all(o["before"] == o["after"] for o in graft["others"].values())
+    return [
+        f"Grafting {graft['task']} from a {graft['source']['architecture']} source with its own tokenizer "
+        f"({graft['sft_examples']} SFT examples, {graft['pairs']} DPO pairs; {seconds}):",
+        "| source | target before | after SFT | after SFT+DPO | pack (own set) |",
+        "|---:|---:|---:|---:|---:|",
+        f"| {graft['source']['score']:.2f} | {graft['target_before']:.2f} | {graft['sft']:.2f} | {dpo} | "
+        f"{graft['pack']:.2f} |",
+        f"Pack {graft['pack_id']}: {graft['pack_bytes']:,} bytes ({graft['ratio']:.2%} of its fp16 delta). "
+        "Other tasks under their own sets, before -> after adding it: "
+        + ", ".join(f"{t} {o['before']:.2f} -> {o['after']:.2f}" for t, o in graft["others"].items())
+        + (" (unchanged)" if unchanged else " (CHANGED)"),
+    ]
 
 
 def format_demo(result: dict[str, Any]) -> str:
@@ -117,6 +138,7 @@ def format_demo(result: dict[str, Any]) -> str:
                   if task in before.get("routed", {}) and task in after.get("routed", {}) else "-")
         lines.append(f"| {task} | {before['subset'][task]:.2f} -> {after['subset'][task]:.2f} | {routed} | "
                      f"{after['base'][task]:.2f} |")
+    lines += ["", *format_graft(result["graft"])]
     lines += [
         "",
         "Packs: " + ", ".join(f"{t} {p['id']} ({p['ratio']:.2%} of its fp16 delta)" for t, p in result["packs"].items()),

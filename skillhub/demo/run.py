@@ -15,6 +15,10 @@ word: a bare word or a bare number, recognisable only from the input itself). Tw
 At the end: each pack's accuracy against its fine-tune's (retention), merges by DARE too,
 then the second task's pack is removed: it falls back to the base model's score, and the
 router never sends a prompt to it again, while every other task keeps exactly its scores.
+Last, grafting (paper §3.2): a tiny GPT-2, with a tokenizer whose every token id differs from
+the base's, learns ``rot`` (ROT13, which the base cannot do); ``skillhub graft`` has it answer
+1,000 prompts, keeps its correct answers, fine-tunes the base on them (SFT, then DPO on its
+best-vs-worst pairs, on TRL), packs the delta and adds it, and every other task keeps its score.
 Everything runs on CPU from a fixed seed; nothing is downloaded.
 """
 
@@ -36,13 +40,15 @@ from skillhub.io.outputs import replace_directory
 from skillhub.progress import ProgressCallback, no_progress, quiet_transformers
 from skillhub.registry.front import Registry
 from skillhub.routing.training import train_router
-from skillhub.demo.synthetic import build_tiny_model, split_examples, write_jsonl
+from skillhub.compress.options import CompressionOptions
+from skillhub.demo.synthetic import build_tiny_model, build_tiny_source, split_examples, write_jsonl
 from skillhub.demo.train import finetune
 
 DEMO_TASKS = ("shift", "back", "mirror", "inc")
 BASE_TASK = "copy"  # what the base model itself does; no pack
 LEARNING_RATE = 5e-4  # small task deltas, as real fine-tunes have: they merge better
 FINAL_MERGES = ("ties", "dare-ties", "dare-linear", "task-arithmetic")
+GRAFT_TASK = "rot"  # grafted at the end from a GPT-2 source with its own tokenizer
 
 
 def run_demo(workdir: str | os.PathLike[str], *, fast: bool = False, seed: int = 0, keep_finetunes: bool = False,
@@ -101,6 +107,8 @@ def run_demo(workdir: str | os.PathLike[str], *, fast: bool = False, seed: int =
     registry.remove(pack_ids[removed])
     after = by_policy(evaluate_tasks(registry, merge=None))
 
+    grafting = _graft_step(registry, base, workdir, seed, progress)
+
     plot = workdir / "forgetting.png"
     try:
         plot_matrices(result, str(plot))
@@ -123,6 +131,7 @@ def run_demo(workdir: str | os.PathLike[str], *, fast: bool = False, seed: int =
         "routing": {"accuracy": router.spec["info"]["accuracy"], "layer": router.spec["layer"]} if router else None,
         "removal": {"task": removed, "pack": pack_ids[removed], "base": base_scores[1], "before": before,
                     "after": after},
+        "graft": grafting,
         "packs": {t: {"id": i, "ratio": registry.show(i).ratio} for t, i in pack_ids.items()},
         "paths": {"registry": str(registry.url), "packs": str(workdir / "packs"), "base": str(base),
                   "plot": str(plot) if plot else None,
@@ -159,6 +168,54 @@ def _add_in_sequence(registry: Registry, base: Path, data: dict[str, Any], workd
         evaluate_tasks(registry, step=entry.event, progress=progress)  # retrains the router, made stale by the add
         pack_ids[task] = entry.id
     return pack_ids, finetuned
+
+
+def _graft_step(registry: Registry, base: Path, workdir: Path, seed: int,
+                progress: ProgressCallback) -> dict[str, Any]:
+    """Graft GRAFT_TASK from a GPT-2 source (its own tokenizer: every token id differs) into the
+    base, add the pack, and score every stage; or say why not (TRL missing)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from skillhub.errors import GraftError
+    from skillhub.graft import GenerationSettings, TrainingSettings, graft
+    from skillhub.graft.training import require_trl
+
+    try:
+        require_trl()
+    except GraftError as exc:
+        return {"task": GRAFT_TASK, "skipped": str(exc)}
+    train, test = split_examples(GRAFT_TASK, train=1000, test=200, seed=seed)
+
+    def score(model_dir: Path) -> float:
+        with quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        return exact_match(model, AutoTokenizer.from_pretrained(model_dir), test)
+
+    folder = workdir / "graft"
+    source = finetune(build_tiny_source(folder / "source-init", seed=seed), train, folder / "source", steps=600,
+                      learning_rate=3e-3, seed=seed, progress=progress)
+    shutil.rmtree(folder / "source-init")
+    others_before = {r["task"]: r["score"] for r in evaluate_tasks(registry, merge=None) if r["policy"] == "subset"}
+    result = graft(source, base, write_jsonl(train, folder / "prompts.jsonl"), workdir / "packs" / GRAFT_TASK,
+                   task=GRAFT_TASK, work_dir=folder / "work",
+                   generation=GenerationSettings(samples=4, temperature=1.5, max_new_tokens=8), min_score=1.0,
+                   sft=TrainingSettings(learning_rate=LEARNING_RATE, epochs=8, batch_size=16),
+                   dpo=TrainingSettings(learning_rate=5e-5, epochs=2, batch_size=16),
+                   compression=CompressionOptions(seed=seed), keep=True, add_to=registry,
+                   eval_file=write_jsonl(test, workdir / "packs" / f"{GRAFT_TASK}-eval.jsonl"), progress=progress)
+    tuned = {"sft": score(folder / "work" / "sft"),
+             "dpo": score(folder / "work" / "dpo") if (folder / "work" / "dpo").is_dir() else None}
+    shutil.rmtree(folder / "work" / "sft")
+    shutil.rmtree(folder / "work" / "dpo", ignore_errors=True)
+    after = {r["task"]: r["score"] for r in result.added.scores if r["policy"] == "subset"}
+    manifest = result.pack.manifest
+    return {
+        "task": GRAFT_TASK, "source": {"architecture": "GPT2LMHeadModel", "score": score(source)},
+        "target_before": score(base), **tuned, "pack": after[GRAFT_TASK], "pack_bytes": manifest.stored_bytes,
+        "ratio": manifest.ratio, "pairs": result.pairs, "sft_examples": result.sft_examples, "seconds": result.seconds,
+        "others": {t: {"before": others_before[t], "after": after[t]} for t in others_before},
+        "pack_id": result.added.entry.id,
+    }
 
 
 def _final_merges(registry: Registry, data: dict[str, Any]) -> dict[str, dict[str, float]]:

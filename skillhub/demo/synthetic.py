@@ -74,6 +74,42 @@ def build_tiny_model(output: str | os.PathLike[str], *, seed: int = 0, **config_
     return output
 
 
+# The grafting source's tokenizer disagrees with the target's on every id: other special tokens
+# (one <|endoftext|> for begin, end and padding, as GPT-2 has) and the characters in reverse order.
+SOURCE_SPECIAL_TOKENS = ("<|endoftext|>", "<|unk|>")
+
+
+def build_source_tokenizer():  # -> transformers.PreTrainedTokenizerFast
+    """The character tokenizer of the demo's grafting source: same characters, other ids and specials."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(SOURCE_SPECIAL_TOKENS + tuple(reversed(CHARACTERS)))}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|unk|>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>", unk_token="<|unk|>")
+
+
+def build_tiny_source(output: str | os.PathLike[str], *, seed: int = 0) -> Path:
+    """Save a freshly initialised tiny GPT-2 (another architecture than the demo's Llama: learned
+    positions, fused attention, tied head, GELU MLP) with :func:`build_source_tokenizer`."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    tokenizer = build_source_tokenizer()
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=128, n_layer=4, n_head=4,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    output = Path(output)
+    with quiet_transformers():
+        model.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    return output
+
+
 def _word(rng: random.Random, length: int) -> str:
     return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(length))
 
@@ -91,6 +127,12 @@ def _reverse(rng: random.Random) -> dict[str, str]:
 def _sort(rng: random.Random) -> dict[str, str]:
     word = _word(rng, 5)
     return {"prompt": f"sort {word}=", "answer": "".join(sorted(word))}
+
+
+def _rot(rng: random.Random) -> dict[str, str]:
+    """ROT13: each letter moved 13 places (the demo's grafted task: only its source can do it)."""
+    word = _word(rng, 5)
+    return {"prompt": f"rot {word}=", "answer": "".join(chr((ord(c) - 97 + 13) % 26 + 97) for c in word)}
 
 
 def _back(rng: random.Random) -> dict[str, str]:
@@ -130,6 +172,7 @@ TASKS: dict[str, Callable[[random.Random], dict[str, str]]] = {
     "mirror": _mirror,
     "inc": _inc,
     "copy": _copy,
+    "rot": _rot,
 }
 
 
