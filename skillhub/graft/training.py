@@ -146,14 +146,6 @@ def _quiet() -> Iterator[None]:
             os.environ["TQDM_DISABLE"] = tqdm_disable
 
 
-def _train(trainer) -> None:
-    """Train without TRL printing its logs to stdout (library code never prints)."""
-    from transformers import PrinterCallback
-
-    trainer.remove_callback(PrinterCallback)
-    trainer.train()
-
-
 def _load(model_dir: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -161,6 +153,21 @@ def _load(model_dir: Path):
     with quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     return model, tokenizer
+
+
+def _fit(stage: str, model_dir: Path, output: Path, build, progress: ProgressCallback) -> Path:
+    """Load the model, train it with the TRL trainer ``build(model, tokenizer, scratch, callbacks)``
+    makes, and save it as ``output``. TRL's own log printing is removed: library code never prints."""
+    from transformers import PrinterCallback
+
+    model, tokenizer = _load(model_dir)
+    scratch = output.with_name(output.name + ".trainer")
+    with _quiet():
+        trainer = build(model, tokenizer, scratch, [_progress_callback(stage, progress)])
+        trainer.remove_callback(PrinterCallback)
+        trainer.train()
+    shutil.rmtree(scratch, ignore_errors=True)
+    return _save(trainer, tokenizer, output)
 
 
 def _save(trainer, tokenizer, output: Path) -> Path:
@@ -185,18 +192,13 @@ def supervised_finetune(model_dir: str | os.PathLike[str], examples: list[dict[s
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    output = Path(output)
-    model, tokenizer = _load(Path(model_dir))
-    scratch = output.with_name(output.name + ".trainer")
-    with _quiet():
+    def build(model, tokenizer, scratch: Path, callbacks: list) -> SFTTrainer:
         config = SFTConfig(**_common_config(settings, scratch), completion_only_loss=True, packing=False,
                            dataset_num_proc=None)
-        trainer = SFTTrainer(model=model, args=config, processing_class=tokenizer,
-                             train_dataset=Dataset.from_list(sft_records(tokenizer, examples)),
-                             callbacks=[_progress_callback("sft", progress)])
-        _train(trainer)
-    shutil.rmtree(scratch, ignore_errors=True)
-    return _save(trainer, tokenizer, output)
+        return SFTTrainer(model=model, args=config, processing_class=tokenizer, callbacks=callbacks,
+                          train_dataset=Dataset.from_list(sft_records(tokenizer, examples)))
+
+    return _fit("sft", Path(model_dir), Path(output), build, progress)
 
 
 def preference_optimize(model_dir: str | os.PathLike[str], pairs: list[dict[str, str]],
@@ -217,15 +219,11 @@ def preference_optimize(model_dir: str | os.PathLike[str], pairs: list[dict[str,
 
     if loss not in DPO_LOSSES:
         raise GraftError(f"unknown DPO loss {loss!r}: use one of {', '.join(DPO_LOSSES)}")
-    output = Path(output)
-    model, tokenizer = _load(Path(model_dir))
-    scratch = output.with_name(output.name + ".trainer")
-    with _quiet():
+
+    def build(model, tokenizer, scratch: Path, callbacks: list) -> DPOTrainer:
         config = DPOConfig(**_common_config(settings, scratch), loss_type=[DPO_LOSSES[loss]], beta=beta,
                            precompute_ref_log_probs=True, dataset_num_proc=None)
-        trainer = DPOTrainer(model=model, args=config, processing_class=tokenizer,
-                             train_dataset=Dataset.from_list(dpo_records(tokenizer, pairs)),
-                             callbacks=[_progress_callback("dpo", progress)])
-        _train(trainer)
-    shutil.rmtree(scratch, ignore_errors=True)
-    return _save(trainer, tokenizer, output)
+        return DPOTrainer(model=model, args=config, processing_class=tokenizer, callbacks=callbacks,
+                          train_dataset=Dataset.from_list(dpo_records(tokenizer, pairs)))
+
+    return _fit("dpo", Path(model_dir), Path(output), build, progress)
