@@ -349,3 +349,30 @@ def test_unlearning_a_grafted_fix_restores_the_base_bit_for_bit(grafting: Grafti
     assert off.exit_code == 0, off.output
     off = load_file(tmp_path / "fixed-off" / "model.safetensors")
     assert off.keys() == base.keys() and all(torch.equal(off[k], base[k]) for k in base)
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}<s>{{ m['content'] }}|{% else %}"
+                 "{{ m['content'] }}</s>{% endif %}{% endfor %}{% if add_generation_prompt %}{% endif %}")
+
+
+def test_models_with_a_chat_template_read_it(grafting: Grafting, tmp_path: Path) -> None:
+    """A source's prompts and a target's training records go through their chat templates."""
+    from skillhub.graft.generation import prompt_ids
+    from skillhub.graft.training import dpo_records, sft_records
+
+    plain, chat = build_tokenizer(), build_tokenizer()
+    chat.chat_template = CHAT_TEMPLATE
+    assert plain.decode(prompt_ids(plain, "rot abc=")) == "<s>rot abc="
+    assert chat.decode(prompt_ids(chat, "rot abc=")) == "<s>rot abc=|"
+    assert sft_records(plain, [{"prompt": "p", "completion": "c"}]) == [{"prompt": "<s>p", "completion": "c"}]
+    assert sft_records(chat, [{"prompt": "p", "completion": "c"}]) == [
+        {"prompt": [{"role": "user", "content": "p"}], "completion": [{"role": "assistant", "content": "c"}]}]
+    assert dpo_records(chat, [{"prompt": "p", "chosen": "c", "rejected": "r"}])[0]["rejected"] == [
+        {"role": "assistant", "content": "r"}]
+
+    target = shutil.copytree(grafting.target, tmp_path / "chat-target")
+    chat.save_pretrained(target)  # TRL renders the conversational records with it
+    result = run("graft", grafting.source, target, "--prompts", grafting.few, "-o", tmp_path / "rot", *QUICK,
+                 "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["ran"][-1] == "pack"

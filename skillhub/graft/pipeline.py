@@ -175,15 +175,14 @@ def graft(
         add_to.db.require_writable()
         add_to.check_base(target_base_ref(target_checkpoint), base=base, new_base=new_base)
     check_output(output, force=force, protect=[source_checkpoint.path, target_checkpoint.path, prompts, work])
-    seed = compression.seed
-    generation = GenerationSettings(**{**generation.as_dict(), "seed": seed})
+    seed = compression.seed  # one seed for sampling, training and randomized SVD
+    generation, sft, dpo = replace(generation, seed=seed), replace(sft, seed=seed), replace(dpo, seed=seed)
     beta = DEFAULT_BETA[dpo_loss] if beta is None else beta
     identity = {
         "source": _identity(source_checkpoint), "target": _identity(target_checkpoint),
         "prompts_sha256": _sha256(json.dumps(records, sort_keys=True)), "generation": generation.as_dict(),
-        "scorer": chosen_scorer.describe(), "min_score": min_score, "pairs": pairs,
-        "sft": {**sft.as_dict(), "seed": seed},
-        "dpo": {**dpo.as_dict(), "seed": seed, "loss": dpo_loss, "beta": beta} if pairs != "none" else None,
+        "scorer": chosen_scorer.describe(), "min_score": min_score, "pairs": pairs, "sft": sft.as_dict(),
+        "dpo": {**dpo.as_dict(), "loss": dpo_loss, "beta": beta} if pairs != "none" else None,
     }
     _open_work_dir(work, identity, protect=[source_checkpoint.path, target_checkpoint.path])
 
@@ -202,7 +201,7 @@ def graft(
     examples = sft_examples(scored, min_score=min_score)
     run.result.sft_examples = len(examples)
     sft_dir = run.model_stage("sft", "sft", lambda out: supervised_finetune(
-        target_checkpoint.path, examples, out, TrainingSettings(**{**sft.as_dict(), "seed": seed}), progress=progress))
+        target_checkpoint.path, examples, out, sft, progress=progress))
     if sft_dir is None:
         return run.result
     preference = run.jsonl_stage("pairs", "pairs.jsonl", lambda: _pairs(
@@ -212,8 +211,7 @@ def graft(
     run.result.pairs = len(preference)
     if preference:
         tuned = run.model_stage("dpo", "dpo", lambda out: preference_optimize(
-            sft_dir, preference, out, TrainingSettings(**{**dpo.as_dict(), "seed": seed}), loss=dpo_loss, beta=beta,
-            progress=progress))
+            sft_dir, preference, out, dpo, loss=dpo_loss, beta=beta, progress=progress))
         if tuned is None:
             return run.result
     else:
