@@ -30,7 +30,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from skillhub.demo.synthetic import build_tiny_model, split_examples, write_jsonl  # noqa: E402
+from skillhub.demo.synthetic import build_tiny_model, build_tiny_source, split_examples, write_jsonl  # noqa: E402
 from skillhub.io.tensorfile import TensorFile  # noqa: E402
 from skillhub.demo.train import finetune  # noqa: E402
 
@@ -81,6 +81,34 @@ def finetuned(tmp_path_factory: pytest.TempPathFactory) -> FineTune:
     base = build_tiny_model(root / "base", seed=0)
     tuned = finetune(base, train, root / "tuned", steps=300, seed=0)
     return FineTune(base=base, tuned=tuned, test=test, calib=write_jsonl(train[:600], root / "calib.jsonl"),
+                    heldout=write_jsonl(test, root / "heldout.jsonl"))
+
+
+GRAFT_TASK = "rot"
+
+
+@dataclass(frozen=True)
+class Grafting:
+    target: Path  # a tiny Llama pretrained on `copy`: it cannot do rot
+    source: Path  # a tiny GPT-2 with its own tokenizer, trained on rot
+    prompts: Path  # 1,000 training prompts with answers
+    few: Path  # 200 of them, for the tests of the mechanics
+    test: list[dict[str, str]]
+    heldout: Path
+
+
+@pytest.fixture(scope="session")
+def grafting(tmp_path_factory: pytest.TempPathFactory) -> Grafting:
+    torch.set_num_threads(2)
+    root = tmp_path_factory.mktemp("grafting")
+    train, test = split_examples(GRAFT_TASK, train=1000, test=200)
+    copy_train, _ = split_examples("copy", train=2000, test=1)
+    target = finetune(build_tiny_model(root / "init", seed=0), copy_train, root / "target", steps=400,
+                      learning_rate=3e-3)
+    source = finetune(build_tiny_source(root / "source-init", seed=0), train, root / "source", steps=600,
+                      learning_rate=3e-3)
+    return Grafting(target=target, source=source, prompts=write_jsonl(train, root / "prompts.jsonl"),
+                    few=write_jsonl(train[:200], root / "few.jsonl"), test=test,
                     heldout=write_jsonl(test, root / "heldout.jsonl"))
 
 

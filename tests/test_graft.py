@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -20,38 +19,13 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from skillhub.cli import main
-from skillhub.demo.synthetic import (build_source_tokenizer, build_tiny_model, build_tiny_source, build_tokenizer,
-                                     split_examples, write_jsonl)
+from skillhub.demo.synthetic import build_source_tokenizer, build_tiny_model, build_tokenizer, split_examples, write_jsonl
 from skillhub.demo.train import finetune
 from skillhub.evaluation.scoring import exact_match
 from skillhub.progress import quiet_transformers
 
-TASK = "rot"
+from conftest import GRAFT_TASK as TASK, Grafting
 
-
-@dataclass(frozen=True)
-class Grafting:
-    target: Path  # a tiny Llama pretrained on `copy`: it cannot do rot
-    source: Path  # a tiny GPT-2 with its own tokenizer, trained on rot
-    prompts: Path  # 1,000 training prompts with answers
-    few: Path  # 200 of them, for the tests of the mechanics
-    test: list[dict[str, str]]
-    heldout: Path
-
-
-@pytest.fixture(scope="session")
-def grafting(tmp_path_factory: pytest.TempPathFactory) -> Grafting:
-    torch.set_num_threads(2)
-    root = tmp_path_factory.mktemp("grafting")
-    train, test = split_examples(TASK, train=1000, test=200)
-    copy_train, _ = split_examples("copy", train=2000, test=1)
-    target = finetune(build_tiny_model(root / "init", seed=0), copy_train, root / "target", steps=400,
-                      learning_rate=3e-3)
-    source = finetune(build_tiny_source(root / "source-init", seed=0), train, root / "source", steps=600,
-                      learning_rate=3e-3)
-    return Grafting(target=target, source=source, prompts=write_jsonl(train, root / "prompts.jsonl"),
-                    few=write_jsonl(train[:200], root / "few.jsonl"), test=test,
-                    heldout=write_jsonl(test, root / "heldout.jsonl"))
 
 
 def score(model_dir: Path, test: list[dict[str, str]]) -> float:

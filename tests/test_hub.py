@@ -428,3 +428,17 @@ def test_a_hub_model_id_works_as_base_and_tuned(finetuned, tmp_path: Path) -> No
     assert pack.modules.keys() == local.modules.keys()
     for module in pack.modules:
         assert all(torch.equal(t, local.fields(module)[f]) for f, t in pack.fields(module).items()), module
+
+
+def test_a_hub_model_id_works_as_a_graft_source(grafting, tmp_path: Path) -> None:
+    api().create_repo("alice/gpt2-rot", exist_ok=True)
+    api().upload_folder(repo_id="alice/gpt2-rot", folder_path=str(grafting.source))
+    result = cli("graft", "alice/gpt2-rot", str(grafting.target), "--prompts", str(grafting.few), "-o",
+                 str(tmp_path / "rot"), "--max-new-tokens", "8", "--sft-lr", "5e-4", "--sft-steps", "3",
+                 "--pairs", "none", "--json")
+    assert result.exit_code == 0, result.output
+    source = json.loads((tmp_path / "rot" / "skillpack.json").read_text())["graft"]["source"]
+    assert source["id"] == "alice/gpt2-rot" and len(source["revision"]) == 40
+    assert source["architecture"] == "GPT2LMHeadModel"
+    scored = [json.loads(line) for line in (tmp_path / "rot.graft" / "scores.jsonl").read_text().splitlines()]
+    assert sum(map(sum, (r["scores"] for r in scored))) > 0  # the downloaded source really answers
