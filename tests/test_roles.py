@@ -13,7 +13,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
-from skillhub.compress.roles import ROLES, is_transposed, role_of
+from skillhub.compress.roles import MATRIX_ROLES, ROLES, is_transposed, role_of
 
 # In-vocab special tokens: the defaults (32000, 50256...) are outside a 64-token vocab,
 # which phi3 rejects outright and the others warn about.
@@ -47,6 +47,39 @@ CONFIGS: dict[str, Callable[[], transformers.PretrainedConfig]] = {
         num_experts=2, moe_intermediate_size=16, **_DECODER
     ),
 }
+
+# Families with learned tensors that are not a layer's matrices: attention sinks and fused expert
+# biases (GPT-OSS), linear-attention A_log/dt_bias and a conv1d kernel (Qwen3-Next), 2-D per-head
+# q/k norms (Cohere), the router's score-correction bias (DeepSeek-V3).
+_MOE = dict(num_experts_per_tok=2, moe_intermediate_size=16)
+NON_MATRIX_CONFIGS: dict[str, Callable[[], transformers.PretrainedConfig]] = {
+    "gpt_oss": lambda: transformers.GptOssConfig(num_local_experts=4, num_experts_per_tok=2, head_dim=8,
+                                                 layer_types=["sliding_attention", "full_attention"],
+                                                 sliding_window=8, **_DECODER),
+    "qwen3_next": lambda: transformers.Qwen3NextConfig(
+        num_experts=4, shared_expert_intermediate_size=16, head_dim=8, linear_num_value_heads=4,
+        linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
+        layer_types=["linear_attention", "full_attention"], **_MOE, **_DECODER),
+    "cohere": lambda: transformers.CohereConfig(use_qk_norm=True, **_DECODER),
+    "deepseek_v3": lambda: transformers.DeepseekV3Config(
+        n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=16,
+        qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, n_group=1, topk_group=1, **_MOE, **_DECODER),
+}
+NON_MATRIX_CHECKS = [
+    ("gpt_oss", "model.layers.0.self_attn.sinks", "other"),
+    ("gpt_oss", "model.layers.0.mlp.experts.gate_up_proj_bias", "bias"),
+    ("gpt_oss", "model.layers.1.mlp.experts.down_proj_bias", "bias"),
+    ("gpt_oss", "model.layers.0.mlp.experts.gate_up_proj", "mlp"),
+    ("qwen3_next", "model.layers.0.linear_attn.A_log", "other"),
+    ("qwen3_next", "model.layers.0.linear_attn.dt_bias", "other"),
+    ("qwen3_next", "model.layers.0.linear_attn.conv1d.weight", "other"),
+    ("qwen3_next", "model.layers.0.linear_attn.in_proj_qkvz.weight", "attention"),
+    ("cohere", "model.layers.0.self_attn.q_norm.weight", "other"),
+    ("cohere", "model.layers.1.self_attn.k_norm.weight", "other"),
+    ("cohere", "model.layers.0.self_attn.q_proj.weight", "attention"),
+    ("deepseek_v3", "model.layers.1.mlp.gate.e_score_correction_bias", "other"),
+    ("deepseek_v3", "model.layers.0.self_attn.kv_a_proj_with_mqa.weight", "attention"),
+]
 
 _LLAMA_CHECKS = [
     ("model.embed_tokens.weight", "embedding"),
@@ -119,7 +152,7 @@ def state_shapes(model_type: str) -> dict[str, torch.Size]:
     """Parameter names and shapes of a tiny meta-device model, built once per type."""
     if model_type not in _STATE_SHAPES:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(CONFIGS[model_type]())
+            model = AutoModelForCausalLM.from_config({**CONFIGS, **NON_MATRIX_CONFIGS}[model_type]())
         assert model.config.model_type == model_type
         _STATE_SHAPES[model_type] = {k: v.shape for k, v in model.state_dict().items()}
     return _STATE_SHAPES[model_type]
@@ -137,9 +170,19 @@ def test_every_parameter_has_a_known_role(model_type: str) -> None:
     assert {"embedding", "head", "attention", "mlp", "norm"} <= set(roles.values())
 
 
+@pytest.mark.parametrize("model_type", sorted({**CONFIGS, **NON_MATRIX_CONFIGS}))
+def test_only_matrices_get_matrix_roles(model_type: str) -> None:
+    """Operators of matrix roles (SVD, row pruning) refuse anything else: `create` failed on
+    GPT-OSS and Qwen3-Next before, and compressed Cohere's q/k norms as attention matrices."""
+    for name, shape in state_shapes(model_type).items():
+        role = role_of(name, model_type=model_type, ndim=len(shape))
+        if role in MATRIX_ROLES:
+            assert len(shape) >= 2 and not name.endswith(("norm.weight", "conv1d.weight")), (name, shape, role)
+
+
 @pytest.mark.parametrize(
     ("model_type", "name", "role"),
-    [(mt, name, role) for mt, checks in SPOT_CHECKS.items() for name, role in checks],
+    [(mt, name, role) for mt, checks in SPOT_CHECKS.items() for name, role in checks] + NON_MATRIX_CHECKS,
 )
 def test_spot_checks(model_type: str, name: str, role: str) -> None:
     shapes = state_shapes(model_type)

@@ -122,6 +122,17 @@ _TRANSPOSED: dict[str, re.Pattern[str]] = {
 }
 
 
+# Roles whose operators factor or prune a matrix (SVD, magnitude pruning of rows).
+MATRIX_ROLES = ("embedding", "head", "attention", "mlp")
+# Learned tensors that are not matrices of a layer, whatever module owns them: the weight of a
+# norm at any shape (Cohere's per-head q_norm/k_norm are 2-D) and convolution kernels (Qwen3-Next's
+# conv1d, 3-D). Vectors and scalars never get a matrix role either (GPT-OSS attention sinks,
+# Qwen3-Next's A_log and dt_bias, DeepSeek-V3's e_score_correction_bias): see role_of.
+_NOT_A_MATRIX = re.compile(r"(^|\.)(\w*norm|conv\w*)\.weight$")
+# Biases of fused 3-D experts, one row per expert (GPT-OSS's experts.gate_up_proj_bias).
+_EXPERT_BIAS = re.compile(r"(^|\.)experts\.\w+_bias$")
+
+
 def _family(model_type: str | None) -> str | None:
     return _FAMILY_OF.get(model_type.lower()) if model_type else None
 
@@ -138,15 +149,17 @@ def role_of(name: str, *, model_type: str | None, ndim: int) -> str:
     Returns:
         One of `ROLES`; ``"other"`` when no rule matches.
     """
-    if ndim == 1 and _BIAS.search(name):
+    if ndim == 1 and _BIAS.search(name) or ndim == 2 and _EXPERT_BIAS.search(name):
         return "bias"
+    if ndim > 1 and _NOT_A_MATRIX.search(name):
+        return "other"
     for pattern, role in _CHAINS[_family(model_type)]:
         # Norm layers only own vectors; a matrix whose path mentions "norm" is something
         # else and should fall through to the later rules.
         if role == "norm" and ndim > 1:
             continue
         if pattern.search(name):
-            return role
+            return "other" if ndim < 2 and role in MATRIX_ROLES else role
     return "other"
 
 
