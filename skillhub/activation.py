@@ -30,6 +30,7 @@ import torch
 
 from skillhub.errors import MismatchError, SkillhubError
 from skillhub.io.checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint, Fingerprint, open_checkpoint
+from skillhub.io.layout import CheckpointLayout, checkpoint_tensors
 from skillhub.io.outputs import check_output, staged_directory
 from skillhub.pack.format import SkillPack, load_pack
 from skillhub.progress import ProgressCallback, no_progress, reporting
@@ -297,7 +298,8 @@ class Patcher:
 
     def __init__(self, model: torch.nn.Module, *, cache_sets: int = 1) -> None:
         self.model = model
-        self.parameters = dict(model.named_parameters())
+        self.layout = CheckpointLayout(model)
+        self.parameters = self.layout.parameters
         self.originals: dict[str, torch.Tensor] = {}
         self.cache_sets = max(1, cache_sets)
         self._cache: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
@@ -340,13 +342,31 @@ class Patcher:
         if merge is not None:
             merge.check_count(len(packs))
         touched = sorted({name for pack in packs for name in pack.modules})
-        missing = [n for n in touched if n not in self.parameters]
+        missing = [n for n in touched if n not in self.layout.owner]
         if missing:
             raise MismatchError(f"the model has no parameter(s) {', '.join(missing[:5])} that the packs change")
-        for name in touched:
-            self.originals.setdefault(name, self.parameters[name].data)
+        by_parameter: dict[str, list[str]] = {}
+        for key in touched:  # checkpoint names, as packs store them
+            by_parameter.setdefault(self.layout.owner[key], []).append(key)
+        weights = {}
         with torch.no_grad():
-            return {name: with_deltas(self.originals[name], packs, name, merge) for name in touched}
+            for name, keys in by_parameter.items():
+                original = self.originals.setdefault(name, self.parameters[name].data)
+                if name in self.layout.whole:
+                    weights[name] = with_deltas(original, packs, keys[0], merge)
+                else:  # a fused parameter: patch the elements of each checkpoint tensor
+                    weights[name] = self._patch_fused(name, original, keys, packs, merge)
+        return weights
+
+    def _patch_fused(self, name: str, original: torch.Tensor, keys: list[str], packs: Sequence[SkillPack],
+                     merge: Merge | None) -> torch.Tensor:
+        patched = original.clone()
+        flat, source = patched.view(-1), original.reshape(-1)
+        for key, index in self.layout.indices(name).items():
+            if key in keys:
+                where = index.reshape(-1).long()
+                flat[where] = with_deltas(source[where].reshape(index.shape), packs, key, merge).reshape(-1)
+        return patched
 
     def _swap_in(self, weights: dict[str, torch.Tensor]) -> None:
         for name, original in self.originals.items():
@@ -359,12 +379,9 @@ def check_model_is_base(model: torch.nn.Module, fingerprint: str, name: str) -> 
     Raises:
         MismatchError: It does not (another model, or loaded in another dtype).
     """
-    state = model.state_dict()
-    if getattr(model.config, "tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)  # tied: not a tensor of its own in the checkpoint
     digest = Fingerprint()
-    for parameter, tensor in state.items():
-        digest.update(parameter, tensor)
+    for key, tensor in checkpoint_tensors(model):  # as saved: the fingerprint is of the checkpoint
+        digest.update(key, tensor)
     if digest.hexdigest() != fingerprint:
         raise MismatchError(
             f"the model's weights are not the registered base {name}: load it unchanged, in its "

@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from skillhub import create_pack
 from skillhub.activation import apply_packs
 from skillhub.compress.roles import MATRIX_ROLES
+from skillhub.demo.synthetic import build_tokenizer
 from skillhub.progress import quiet_transformers
 
 _COMMON = dict(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -49,6 +50,7 @@ def _fine_tune(family: str, root: Path) -> tuple[Path, Path]:
     with quiet_transformers():
         model = AutoModelForCausalLM.from_config(config)
         model.save_pretrained(root / "base")
+    build_tokenizer().save_pretrained(root / "base")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     for step in range(3):
         ids = torch.randint(3, 64, (4, 16), generator=torch.Generator().manual_seed(step))
@@ -82,3 +84,41 @@ def test_pack_apply_and_load(family: str, tmp_path: Path) -> None:
     before, after, got = _logits(base, ids), _logits(tuned, ids), _logits(applied, ids)
     # The pack brings back most of what the fine-tune changed (0.17-0.40 measured; 1.0 = nothing).
     assert ((got - after).norm() / (after - before).norm()).item() < 0.6
+
+
+# Saved under other names than in memory: transformers 5 fuses per-expert weights into 3-D tensors
+# on load (Mixtral's block_sparse_moe.experts.E.w1 -> mlp.experts.gate_up_proj[E]) and renames
+# (GPT-NeoX's embed_out -> lm_head). The registry's eval path patches and fingerprints loaded models.
+RENAMED = {
+    "mixtral": dict(num_local_experts=3),
+    "qwen2_moe": dict(num_experts=3, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=32),
+    "gpt_neox": dict(),
+}
+
+
+@pytest.mark.parametrize("family", sorted(RENAMED))
+def test_the_eval_path_sees_the_model_as_saved(family: str, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from skillhub.registry import Registry
+
+    FAMILIES[family] = RENAMED[family]  # _fine_tune reads it
+    try:
+        base, tuned = _fine_tune(family, tmp_path)
+    finally:
+        del FAMILIES[family]
+    on_disk = load_file(base / "model.safetensors")
+    pack = create_pack(base, tuned, tmp_path / "pack", task="t")
+    registry = Registry(tmp_path / "registry")
+    entry = registry.add(pack, task="t", base_location=str(base))
+    model, _, _ = registry.load_base_model()  # its fingerprint check reads the model as saved
+    in_memory = dict(model.state_dict())
+    assert set(on_disk) != set(in_memory)  # the names really differ
+    ids = torch.randint(3, 64, (2, 16), generator=torch.Generator().manual_seed(5))
+    applied = _logits(apply_packs(base, [pack], tmp_path / "applied"), ids)
+    with registry.activated(model, packs=[entry.id]), torch.no_grad():
+        patched = model(input_ids=ids).logits
+    assert torch.allclose(patched, applied, atol=1e-5, rtol=0)  # patched in memory == written to disk
+    assert all(torch.equal(model.state_dict()[k], t) for k, t in in_memory.items())  # restored exactly
+    registry.remove(entry.id)
