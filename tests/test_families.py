@@ -44,8 +44,8 @@ NOT_MATRICES = {
 }
 
 
-def _fine_tune(family: str, root: Path) -> tuple[Path, Path]:
-    config = AutoConfig.for_model(family, **_COMMON, **FAMILIES[family])
+def _fine_tune(family: str, extra: dict, root: Path) -> tuple[Path, Path]:
+    config = AutoConfig.for_model(family, **_COMMON, **extra)
     torch.manual_seed(0)
     with quiet_transformers():
         model = AutoModelForCausalLM.from_config(config)
@@ -71,7 +71,7 @@ def _logits(model_dir: Path, ids: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_pack_apply_and_load(family: str, tmp_path: Path) -> None:
-    base, tuned = _fine_tune(family, tmp_path)
+    base, tuned = _fine_tune(family, FAMILIES[family], tmp_path)
     pack = create_pack(base, tuned, tmp_path / "pack", task="t")
     modules = pack.manifest["modules"]
     for name, role in NOT_MATRICES[family].items():
@@ -94,6 +94,7 @@ RENAMED = {
     "qwen2_moe": dict(num_experts=3, num_experts_per_tok=2, moe_intermediate_size=32,
                       shared_expert_intermediate_size=32),
     "gpt_neox": dict(),
+    "deepseek_v3": FAMILIES["deepseek_v3"],  # multi-head latent attention, shared experts, fused routed experts
 }
 
 
@@ -103,11 +104,7 @@ def test_the_eval_path_sees_the_model_as_saved(family: str, tmp_path: Path) -> N
 
     from skillhub.registry import Registry
 
-    FAMILIES[family] = RENAMED[family]  # _fine_tune reads it
-    try:
-        base, tuned = _fine_tune(family, tmp_path)
-    finally:
-        del FAMILIES[family]
+    base, tuned = _fine_tune(family, RENAMED[family], tmp_path)
     on_disk = load_file(base / "model.safetensors")
     pack = create_pack(base, tuned, tmp_path / "pack", task="t")
     registry = Registry(tmp_path / "registry")
