@@ -168,7 +168,7 @@ def graft(
     source_checkpoint = open_model(source, revision=source_revision, role="source")
     target_checkpoint = open_model(target, revision=target_revision, role="target")
     load_tokenizer(source_checkpoint, role="source")  # a source that cannot produce text fails here
-    load_tokenizer(target_checkpoint, role="target")
+    target_tokenizer = load_tokenizer(target_checkpoint, role="target")
     if eval_file is not None:
         load_eval_set(eval_file, "exact_match")
     if add_to is not None:
@@ -186,7 +186,7 @@ def graft(
     }
     _open_work_dir(work, identity, protect=[source_checkpoint.path, target_checkpoint.path])
 
-    run = _Run(work, GraftResult(work_dir=work, prompts=len(records)), stop_after, progress)
+    run = _Run(work, GraftResult(work_dir=work, prompts=len(records)), stop_after)
     prompt_texts = [r["prompt"] for r in records]
     generations = run.jsonl_stage("generate", "generations.jsonl", lambda: [
         {**record, "responses": responses} for record, responses in
@@ -219,10 +219,10 @@ def graft(
         run.result.dpo_skipped = "--pairs none" if pairs == "none" else "no prompt gave a preference pair"
 
     if compression.calib is None:  # the generated data, with as many windows as it holds
-        calib = write_atomically(work / "calibration.jsonl", "".join(
-            json.dumps({"text": e["prompt"] + e["completion"]}) + "\n" for e in examples))
-        samples, seqlen = fit_windows(calib, load_tokenizer(target_checkpoint, role="target"),
-                                      samples=compression.calib_samples, seqlen=compression.calib_seqlen)
+        calib = write_json_lines(work / "calibration.jsonl",
+                                 [{"text": e["prompt"] + e["completion"]} for e in examples])
+        samples, seqlen = fit_windows(calib, target_tokenizer, samples=compression.calib_samples,
+                                      seqlen=compression.calib_seqlen)
         compression = replace(compression, calib=calib, calib_samples=samples, calib_seqlen=seqlen)
     provenance = {
         "source": _reference(source_checkpoint), "target": _reference(target_checkpoint),
@@ -252,8 +252,8 @@ def graft(
 class _Run:
     """Runs or reuses the stages of one graft, timing each and stopping after ``stop_after``."""
 
-    def __init__(self, work: Path, result: GraftResult, stop_after: str | None, progress: ProgressCallback) -> None:
-        self.work, self.result, self.stop_after, self.progress = work, result, stop_after, progress
+    def __init__(self, work: Path, result: GraftResult, stop_after: str | None) -> None:
+        self.work, self.result, self.stop_after = work, result, stop_after
 
     def finished(self, stage: str, started: float) -> None:
         self.result.ran.append(stage)
@@ -350,8 +350,7 @@ def _pairs(strategy: str, scored: list[dict[str, Any]], sft_dir: Path, scorer: S
         return []
     if strategy == "paper":
         return paper_pairs(scored)
-    greedy = GenerationSettings(samples=1, temperature=0.0, max_new_tokens=generation.max_new_tokens,
-                                batch_size=generation.batch_size, seed=generation.seed)
+    greedy = replace(generation, samples=1, temperature=0.0)
     answers = [r[0] for r in generate_responses(Checkpoint(sft_dir), [r["prompt"] for r in scored], greedy,
                                                 device=_device(), progress=progress)]
     scores = [scorer.score(r["prompt"], [a], r.get("answer"))[0] for r, a in zip(scored, answers)]
