@@ -30,13 +30,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from skillhub.activation import apply_packs
 from skillhub.compress.options import CompressionOptions
-from skillhub.demo.synthetic import build_tiny_model, build_tiny_source, split_examples, write_jsonl
+from skillhub.demo.run import GRAFT_TASK as TASK, LEARNING_RATE, graft_settings, train_graft_source
+from skillhub.demo.synthetic import build_tiny_model, split_examples, write_jsonl
 from skillhub.demo.train import finetune
 from skillhub.evaluation.scoring import exact_match
-from skillhub.graft import GenerationSettings, TrainingSettings, graft
+from skillhub.graft import TrainingSettings, graft
 from skillhub.progress import quiet_transformers
 
-TASK = "rot"
 
 
 class PeakMemory:
@@ -80,10 +80,7 @@ def score(model_dir: Path, test: list[dict[str, str]]) -> float:
 def run_setting(root: Path, name: str, source: Path, target: Path, prompts: Path, test: list[dict[str, str]], *,
                 sft_epochs: float, pairs: str, seed: int, memory: PeakMemory | None = None) -> dict:
     output = root / name
-    result = graft(source, target, prompts, output, task=TASK,
-                   generation=GenerationSettings(samples=4, temperature=1.5, max_new_tokens=8), min_score=1.0,
-                   pairs=pairs, sft=TrainingSettings(learning_rate=5e-4, epochs=sft_epochs, batch_size=16),
-                   dpo=TrainingSettings(learning_rate=5e-5, epochs=2, batch_size=16),
+    result = graft(source, target, prompts, output, task=TASK, pairs=pairs, **graft_settings(sft_epochs=sft_epochs),
                    compression=CompressionOptions(seed=seed), keep=True,
                    progress=memory.progress if memory else lambda *_: None)
     work = result.work_dir
@@ -102,11 +99,11 @@ def trl_vs_bare_loop(root: Path, target: Path, prompts: list[dict[str, str]], st
 
     examples = [{"prompt": p["prompt"], "completion": p["answer"]} for p in prompts]
     started = time.perf_counter()
-    finetune(target, prompts, root / "bare", steps=steps, batch_size=16, learning_rate=5e-4)
+    finetune(target, prompts, root / "bare", steps=steps, batch_size=16, learning_rate=LEARNING_RATE)
     bare = time.perf_counter() - started
     started = time.perf_counter()
-    supervised_finetune(target, examples, root / "trl", TrainingSettings(learning_rate=5e-4, steps=steps,
-                                                                         batch_size=16))
+    supervised_finetune(target, examples, root / "trl",
+                        TrainingSettings(learning_rate=LEARNING_RATE, steps=steps, batch_size=16))
     trl = time.perf_counter() - started
     return {"steps": steps, "bare_seconds": round(bare, 2), "trl_seconds": round(trl, 2), "ratio": trl / bare}
 
@@ -123,8 +120,7 @@ def main() -> None:
         copy_train, _ = split_examples("copy", train=2000, test=1, seed=args.seed)
         target = finetune(build_tiny_model(root / "init", seed=args.seed), copy_train, root / "target", steps=800,
                           learning_rate=3e-3, seed=args.seed)
-        source = finetune(build_tiny_source(root / "source-init", seed=args.seed), train, root / "source",
-                          steps=600, learning_rate=3e-3, seed=args.seed)
+        source = train_graft_source(root, train, seed=args.seed)
         prompts = write_jsonl(train, root / "prompts.jsonl")
         report = {"seed": args.seed, "target_before": score(target, test), "source": score(source, test),
                   "settings": []}

@@ -170,6 +170,27 @@ def _add_in_sequence(registry: Registry, base: Path, data: dict[str, Any], workd
     return pack_ids, finetuned
 
 
+def graft_settings(*, sft_epochs: float = 8) -> dict[str, Any]:
+    """How the demo grafts (``graft`` keyword arguments; ``bench/bench_graft.py`` varies the SFT
+    epochs): 4 samples at temperature 1.5, right answers only, and learning rates for these
+    tiny models, not the paper's for 7B ones."""
+    from skillhub.graft import GenerationSettings, TrainingSettings
+
+    return {"generation": GenerationSettings(samples=4, temperature=1.5, max_new_tokens=8), "min_score": 1.0,
+            "sft": TrainingSettings(learning_rate=LEARNING_RATE, epochs=sft_epochs, batch_size=16),
+            "dpo": TrainingSettings(learning_rate=5e-5, epochs=2, batch_size=16)}
+
+
+def train_graft_source(folder: Path, train: list[dict[str, str]], *, seed: int,
+                       progress: ProgressCallback = no_progress) -> Path:
+    """The demo's grafting source: a tiny GPT-2 with its own tokenizer, trained on ``train``
+    (``folder/source``)."""
+    source = finetune(build_tiny_source(folder / "source-init", seed=seed), train, folder / "source", steps=600,
+                      learning_rate=3e-3, seed=seed, progress=progress)
+    shutil.rmtree(folder / "source-init")
+    return source
+
+
 def _graft_step(registry: Registry, base: Path, workdir: Path, seed: int,
                 progress: ProgressCallback) -> dict[str, Any]:
     """Graft GRAFT_TASK from a GPT-2 source (its own tokenizer: every token id differs) into the
@@ -177,7 +198,7 @@ def _graft_step(registry: Registry, base: Path, workdir: Path, seed: int,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from skillhub.errors import GraftError
-    from skillhub.graft import GenerationSettings, TrainingSettings, graft
+    from skillhub.graft import graft
     from skillhub.graft.training import require_trl
 
     try:
@@ -192,15 +213,10 @@ def _graft_step(registry: Registry, base: Path, workdir: Path, seed: int,
         return exact_match(model, AutoTokenizer.from_pretrained(model_dir), test)
 
     folder = workdir / "graft"
-    source = finetune(build_tiny_source(folder / "source-init", seed=seed), train, folder / "source", steps=600,
-                      learning_rate=3e-3, seed=seed, progress=progress)
-    shutil.rmtree(folder / "source-init")
+    source = train_graft_source(folder, train, seed=seed, progress=progress)
     others_before = {r["task"]: r["score"] for r in evaluate_tasks(registry, merge=None) if r["policy"] == "subset"}
     result = graft(source, base, write_jsonl(train, folder / "prompts.jsonl"), workdir / "packs" / GRAFT_TASK,
-                   task=GRAFT_TASK, work_dir=folder / "work",
-                   generation=GenerationSettings(samples=4, temperature=1.5, max_new_tokens=8), min_score=1.0,
-                   sft=TrainingSettings(learning_rate=LEARNING_RATE, epochs=8, batch_size=16),
-                   dpo=TrainingSettings(learning_rate=5e-5, epochs=2, batch_size=16),
+                   task=GRAFT_TASK, work_dir=folder / "work", **graft_settings(),
                    compression=CompressionOptions(seed=seed), keep=True, add_to=registry,
                    eval_file=write_jsonl(test, workdir / "packs" / f"{GRAFT_TASK}-eval.jsonl"), progress=progress)
     tuned = {"sft": score(folder / "work" / "sft"),
