@@ -9,7 +9,7 @@ like one of these:
 - ``rule:MODULE:FUNCTION`` (or ``rule:path/to/file.py:FUNCTION``): a Python callable of the
   user's, ``FUNCTION(prompt, response, answer) -> float | bool`` (``answer`` is None when the
   prompt has none). This **imports and runs the user's code**, as ``python -c`` would.
-- ``reward:MODEL``: a Hugging Face sequence-classification reward model with one output (a
+- ``reward:MODEL``: a Hugging Face sequence-classification reward model with one output (safetensors, a
   local directory or a Hub id); the score is its logit for ``prompt + response`` (with the
   reward model's chat template when it has one).
 
@@ -30,6 +30,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from skillhub.errors import GraftError
+from skillhub.graft.generation import open_model
 from skillhub.progress import quiet_transformers
 
 ENTRY_POINT_GROUP = "skillhub.scorers"
@@ -131,7 +132,7 @@ class RewardScorer:
         if not argument:
             raise GraftError("scorer reward needs a model: --scorer reward:MODEL (a directory or a Hub id)")
         self.model_id, self.batch_size = argument, batch_size
-        location = _model_location(argument)
+        location = open_model(argument, revision=None, role="reward").path  # safetensors only
         try:
             config = AutoConfig.from_pretrained(location)
         except (OSError, ValueError) as exc:
@@ -165,19 +166,6 @@ class RewardScorer:
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "model": self.model_id}
-
-
-def _model_location(ref: str) -> str:
-    """A local directory as given; a Hub id downloaded (safetensors only) through skillhub's Hub client."""
-    if Path(ref).is_dir():
-        return ref
-    from skillhub.io.checkpoint import open_checkpoint
-    from skillhub.errors import CheckpointError
-
-    try:
-        return str(open_checkpoint(ref).path)
-    except CheckpointError as exc:
-        raise GraftError(f"reward model {ref}: {exc}") from exc
 
 
 def scorer_names() -> list[str]:
