@@ -81,8 +81,14 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
                                              tokenize=False)
         return tokenizer.encode(text, add_special_tokens=False)
     ids = tokenizer.encode(prompt, add_special_tokens=True)
+    return [tokenizer.bos_token_id, *ids] if needs_bos(tokenizer) else ids
+
+
+def needs_bos(tokenizer) -> bool:
+    """Whether a plain prompt must be given the tokenizer's ``<s>`` by hand: it has one, and
+    encoding does not add it (skillhub's scoring reads ``<s> prompt answer </s>``)."""
     bos = tokenizer.bos_token_id
-    return ids if bos is None or ids[:1] == [bos] else [bos, *ids]
+    return bos is not None and tokenizer.encode("a", add_special_tokens=True)[:1] != [bos]
 
 
 @contextmanager

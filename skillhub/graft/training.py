@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from skillhub.errors import GraftError
+from skillhub.graft.generation import needs_bos
 from skillhub.progress import ProgressCallback, no_progress, quiet_transformers
 
 DPO_LOSSES = {"sigmoid": "sigmoid", "length-normalised": "sigmoid_norm"}  # ours -> TRL's loss_type
@@ -74,10 +75,7 @@ def example_format(tokenizer) -> str:
 
 def _plain_prefix(tokenizer) -> str:
     """The text in front of a plain prompt: ``<s>`` when the tokenizer does not add it itself."""
-    bos = tokenizer.bos_token
-    if bos is None or tokenizer.encode("a", add_special_tokens=True)[:1] == [tokenizer.bos_token_id]:
-        return ""
-    return bos
+    return tokenizer.bos_token if needs_bos(tokenizer) else ""
 
 
 def sft_records(tokenizer, examples: list[dict[str, str]]) -> list[dict[str, Any]]:
