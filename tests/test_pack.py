@@ -187,6 +187,25 @@ def test_recipe_role_override_and_pattern_rules(finetuned: FineTune, tmp_path: P
     assert pack.modules["model.layers.1.mlp.up_proj.weight"].meta == {"rank": 32}
 
 
+def test_routers_follow_a_router_rule_else_the_other_rule() -> None:
+    """A recipe written before the router role stores MoE routers by its `other` rule (raw), instead
+    of failing on MoE models; a router rule, when there is one, wins; no rule at all is an error."""
+    from skillhub.compress.recipe import Recipe
+
+    router = "model.layers.0.block_sparse_moe.gate.weight"
+    older = {"name": "older", "rules": [
+        {"match": {"role": ["attention", "mlp"]}, "operator": "lowrank", "params": {"rank": 4}},
+        {"match": {"role": ["embedding", "head", "norm", "bias", "other"]}, "operator": "raw"}]}
+    plan = Recipe(older).plan(router, model_type="mixtral", ndim=2)
+    assert (plan.role, plan.operator.name) == ("router", "raw")
+    newer = {**older, "rules": [{"match": {"role": "router"}, "operator": "rtn", "params": {"bits": 8}}, *older["rules"]]}
+    assert Recipe(newer).plan(router, model_type="mixtral", ndim=2).operator.name == "rtn"
+    assert Recipe("paper").plan(router, model_type="mixtral", ndim=2).operator.name == "raw"
+    no_rule = {"name": "mlp-only", "rules": [{"match": {"role": "mlp"}, "operator": "raw"}]}
+    with pytest.raises(RecipeError, match=r"no rule of recipe 'mlp-only' matches .*gate.weight \(role router\)"):
+        Recipe(no_rule).plan(router, model_type="mixtral", ndim=2)
+
+
 def test_corrupt_pack_is_detected(paper_pack, tmp_path: Path) -> None:
     corrupt = copy_tree(paper_pack.path, tmp_path / "corrupt")
     data = bytearray((corrupt / TENSORS_FILE).read_bytes())

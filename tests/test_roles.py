@@ -77,7 +77,12 @@ NON_MATRIX_CHECKS = [
     ("cohere", "model.layers.0.self_attn.q_norm.weight", "other"),
     ("cohere", "model.layers.1.self_attn.k_norm.weight", "other"),
     ("cohere", "model.layers.0.self_attn.q_proj.weight", "attention"),
-    ("deepseek_v3", "model.layers.1.mlp.gate.e_score_correction_bias", "other"),
+    ("deepseek_v3", "model.layers.1.mlp.gate.e_score_correction_bias", "router"),
+    ("deepseek_v3", "model.layers.1.mlp.gate.weight", "router"),
+    ("gpt_oss", "model.layers.0.mlp.router.weight", "router"),
+    ("gpt_oss", "model.layers.0.mlp.router.bias", "router"),
+    ("qwen3_next", "model.layers.0.mlp.gate.weight", "router"),
+    ("qwen3_next", "model.layers.0.mlp.shared_expert_gate.weight", "router"),
     ("deepseek_v3", "model.layers.0.self_attn.kv_a_proj_with_mqa.weight", "attention"),
 ]
 
@@ -138,11 +143,12 @@ SPOT_CHECKS: dict[str, list[tuple[str, str]]] = {
         ("model.layers.0.self_attn.q_norm.weight", "norm"),
         ("model.layers.0.pre_feedforward_layernorm.weight", "norm"),
     ],
+    # MoE routers have a role of their own; a dense model's gate projection stays mlp.
     "mixtral": [
-        ("model.layers.0.mlp.gate.weight", "mlp"),
+        ("model.layers.0.mlp.gate.weight", "router"),
         ("model.layers.0.mlp.experts.gate_up_proj", "mlp"),
     ],
-    "qwen3_moe": [("model.layers.1.mlp.experts.down_proj", "mlp")],
+    "qwen3_moe": [("model.layers.1.mlp.experts.down_proj", "mlp"), ("model.layers.1.mlp.gate.weight", "router")],
 }
 
 _STATE_SHAPES: dict[str, dict[str, torch.Size]] = {}
@@ -266,6 +272,12 @@ def test_not_transposed(name: str, model_type: str | None) -> None:
         ("model.layers.0.self_attn.q_norm.weight", 1, "norm"),
         ("model.layers.0.block_sparse_moe.experts.3.w2.weight", 2, "mlp"),
         ("model.layers.0.mlp.experts.gate_up_proj", 3, "mlp"),
+        # Routers as saved: Mixtral on disk, DBRX, Jamba/Llama 4; never a dense gate projection.
+        ("model.layers.0.block_sparse_moe.gate.weight", 2, "router"),
+        ("transformer.blocks.0.ffn.router.layer.weight", 2, "router"),
+        ("model.layers.3.feed_forward.router.weight", 2, "router"),
+        ("model.layers.0.mlp.gate_proj.weight", 2, "mlp"),
+        ("model.layers.0.mlp.gate_up_proj.weight", 2, "mlp"),
         ("transformer.h.0.ln_1.weight", 1, "norm"),
         # Saved buffers, not parameters: a 4-D causal mask and llama's inv_freq.
         ("transformer.h.0.attn.bias", 4, "other"),
@@ -297,4 +309,4 @@ def test_gpt2_unprefixed_checkpoint(name: str, ndim: int, role: str) -> None:
 
 
 def test_roles_tuple() -> None:
-    assert ROLES == ("embedding", "head", "attention", "mlp", "norm", "bias", "other")
+    assert ROLES == ("embedding", "head", "attention", "mlp", "router", "norm", "bias", "other")

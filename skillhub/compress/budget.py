@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from skillhub.compress.roles import MATRIX_ROLES
 from skillhub.errors import BudgetError
 from skillhub.operators import EncodeContext, LayerStatistics, get_operator, resolve_params, stored_bytes
 from skillhub.numerics.quantize import quantize_rtn, storage_bits
@@ -267,7 +268,7 @@ def _profile_modules(deltas: Any, roles: dict[str, str], ratio: float, budget_bi
         name, role = item.name, roles[item.name]
         if not torch.any(item.delta):
             continue
-        if item.delta.dim() < 2 or role not in ("embedding", "head", "attention", "mlp"):
+        if item.delta.dim() < 2 or role not in MATRIX_ROLES:
             plans[name] = ("raw", {"dtype": "float16"})
             fixed_bits += 16 * item.delta.numel()
             if fixed_bits > budget_bits:

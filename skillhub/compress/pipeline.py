@@ -215,12 +215,17 @@ def _plan_budget(inputs: _Inputs, plans: dict[str, ModulePlan], ratio: float, ca
     return _plan_every_parameter(recipe, inputs.base), recipe, budget
 
 
+# Roles whose matrices act on a layer's input, so that calibration statistics exist for them.
+_CALIBRATED_ROLES = ("attention", "mlp", "head")
+
+
 @dataclass
 class _Encoded:
     """What stage 4 produced: per-module manifest entries and whole-delta statistics."""
 
     modules: dict[str, dict[str, Any]]
     unchanged: list[str]
+    uncalibrated: list[str]  # layer matrices calibration had no statistics for (with --calib)
     fingerprint: str
     parameters: int
     squared_error: float
@@ -232,6 +237,7 @@ def _encode_all(inputs: _Inputs, plans: dict[str, ModulePlan], writer: PackWrite
     """Stage 4: stream the delta tensor by tensor, encode each module, write its tensors."""
     modules: dict[str, dict[str, Any]] = {}
     unchanged: list[str] = []
+    uncalibrated: list[str] = []
     fingerprint = Fingerprint()
     parameters, squared_error, squared_norm = 0, 0.0, 0.0
     deltas = iter_deltas(inputs.base, inputs.tuned, names=layer_order(list(plans)), fingerprint=fingerprint)
@@ -241,8 +247,10 @@ def _encode_all(inputs: _Inputs, plans: dict[str, ModulePlan], writer: PackWrite
             unchanged.append(item.name)
             continue
         plan = plans[item.name]
-        ctx = EncodeContext(name=item.name, role=plan.role, device=device, seed=seed,
-                            calibration=cursor.get(item.name) if cursor else None)
+        statistics = cursor.get(item.name) if cursor else None
+        if cursor is not None and statistics is None and plan.role in _CALIBRATED_ROLES:
+            uncalibrated.append(item.name)
+        ctx = EncodeContext(name=item.name, role=plan.role, device=device, seed=seed, calibration=statistics)
         result = encode_module(plan.operator, item.delta, plan.params, ctx, device=device)
         squared_error += result.error_norm**2
         squared_norm += result.delta_norm**2
@@ -254,7 +262,12 @@ def _encode_all(inputs: _Inputs, plans: dict[str, ModulePlan], writer: PackWrite
             "delta_fp16_bytes": 2 * item.delta.numel(), "error": result.relative_error,
         }
     _log.info("compressed %d modules (%d unchanged)", len(modules), len(unchanged))
-    return _Encoded(modules, unchanged, fingerprint.hexdigest(), parameters, squared_error, squared_norm)
+    if uncalibrated:
+        _log.warning("%d of %d layer matrices had no calibration statistics, so their operators ran without "
+                     "(svd-mixed: round-to-nearest); they are listed in the manifest's quantizer.uncalibrated, e.g. %s",
+                     len(uncalibrated), sum(modules[n]["role"] in _CALIBRATED_ROLES for n in modules),
+                     uncalibrated[0])
+    return _Encoded(modules, unchanged, uncalibrated, fingerprint.hexdigest(), parameters, squared_error, squared_norm)
 
 
 def _manifest(identity: dict[str, Any], inputs: _Inputs, recipe: Recipe, plans: dict[str, ModulePlan],
@@ -277,7 +290,7 @@ def _manifest(identity: dict[str, Any], inputs: _Inputs, recipe: Recipe, plans: 
         "recipe": recipe.document,
         "operators": {p.operator.name: provenance(p.operator)
                       for p in sorted(plans.values(), key=lambda p: p.operator.name) if p.name in encoded.modules},
-        "quantizer": quantizer,
+        "quantizer": {**quantizer, "uncalibrated": encoded.uncalibrated} if encoded.uncalibrated else quantizer,
         **({"budget": budget} if budget else {}),
         **({"graft": identity["provenance"]} if identity["provenance"] else {}),
         "modules": encoded.modules,

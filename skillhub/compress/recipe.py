@@ -3,6 +3,10 @@
 A recipe is a JSON document (``schemas/recipe.schema.json``): optional role overrides by
 regex, then ordered rules matched by role and/or regex, first match wins. ``paper`` is
 built in: the seed paper's Table 14 (GraftLLM, arXiv 2505.18502).
+
+The ``router`` role (MoE routers) is newer than the first recipes: a recipe with no rule for it
+compresses routers by its rule for ``other``, which every recipe written before had and which
+stores tensors raw, rather than failing on MoE models or letting an ``mlp`` rule SVD them.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ PAPER_RECIPE: dict[str, Any] = {
     "description": (
         "GraftLLM Table 14: embeddings and head magnitude-pruned (keep 0.5) at 4 bits; MLP SVD rank 1400 "
         "with 8/3/2 bits for ranks 20/180/1200; attention SVD rank 1000 with 8/2 bits for ranks 20/980; "
-        "ranks given for 4096-wide matrices scale with min(rows, cols); norms, biases and the rest stored raw."
+        "ranks given for 4096-wide matrices scale with min(rows, cols); MoE routers, norms, biases and the rest "
+        "stored raw."
     ),
     "rules": [
         {"match": {"role": ["embedding", "head"]}, "operator": "magnitude-prune", "params": {"keep": 0.5, "bits": 4}},
@@ -35,10 +40,13 @@ PAPER_RECIPE: dict[str, Any] = {
          "params": {"groups": [[20, 8], [180, 3], [1200, 2]], "reference_dim": 4096}},
         {"match": {"role": "attention"}, "operator": "svd-mixed",
          "params": {"groups": [[20, 8], [980, 2]], "reference_dim": 4096}},
-        {"match": {"role": ["norm", "bias", "other"]}, "operator": "raw", "params": {"dtype": "float16"}},
+        {"match": {"role": ["router", "norm", "bias", "other"]}, "operator": "raw", "params": {"dtype": "float16"}},
     ],
 }
 BUILTIN_RECIPES = {"paper": PAPER_RECIPE}
+# Roles added after recipes were first written, and the role a recipe without a rule for them
+# matches them as (see the module docstring).
+_FALLBACK_ROLES: dict[str, tuple[str, ...]] = {"router": ("other",)}
 
 
 def load_recipe(spec: str | os.PathLike[str] | dict[str, Any]) -> dict[str, Any]:
@@ -111,9 +119,10 @@ class Recipe:
             RecipeError: No rule matches it.
         """
         role = self.role(name, model_type=model_type, ndim=ndim)
-        for role_set, pattern, operator, params in self._rules:
-            if (role_set is None or role in role_set) and (pattern is None or pattern.search(name)):
-                return ModulePlan(name=name, role=role, operator=operator, params=copy.deepcopy(params))
+        for matched_as in (role, *_FALLBACK_ROLES.get(role, ())):
+            for role_set, pattern, operator, params in self._rules:
+                if (role_set is None or matched_as in role_set) and (pattern is None or pattern.search(name)):
+                    return ModulePlan(name=name, role=role, operator=operator, params=copy.deepcopy(params))
         raise RecipeError(
             f"no rule of recipe {self.name!r} matches {name} (role {role}); add a rule for that role or pattern"
         )

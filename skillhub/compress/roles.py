@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-ROLES: tuple[str, ...] = ("embedding", "head", "attention", "mlp", "norm", "bias", "other")
+ROLES: tuple[str, ...] = ("embedding", "head", "attention", "mlp", "router", "norm", "bias", "other")
 
 _Rules = tuple[tuple[re.Pattern[str], str], ...]
 
@@ -23,7 +23,15 @@ def _compile(rules: list[tuple[str, str]]) -> _Rules:
     return tuple((re.compile(pattern), role) for pattern, role in rules)
 
 
-# Checked before anything else, because a 1-D `.bias` is a bias whatever module owns it
+# MoE routers decide which experts run, so a small error in them changes which weights act at
+# all: they get a role of their own, checked before anything else (the router's own bias and
+# score-correction bias included). The module names transformers uses: Mixtral/Qwen-MoE/OLMoE/
+# DeepSeek `mlp.gate` (`block_sparse_moe.gate` on disk for Mixtral), Qwen2-MoE/Qwen3-Next
+# `mlp.shared_expert_gate`, GPT-OSS/Llama 4/Jamba `router`, DBRX `ffn.router.layer`. A dense
+# model's gate projection is `gate_proj`/`gate_up_proj`, never a bare `gate` segment.
+_ROUTER = re.compile(r"(^|\.)(mlp|block_sparse_moe|moe|feed_forward|ffn)\.(gate|router|shared_expert_gate)(\.|$)")
+
+# Checked next, because a 1-D `.bias` is a bias whatever module owns it
 # (GPT-2's ln_1.bias, Qwen2's q_proj.bias).
 _BIAS = re.compile(r"(^|\.)bias$")
 
@@ -149,6 +157,8 @@ def role_of(name: str, *, model_type: str | None, ndim: int) -> str:
     Returns:
         One of `ROLES`; ``"other"`` when no rule matches.
     """
+    if _ROUTER.search(name):
+        return "router"
     if ndim == 1 and _BIAS.search(name) or ndim == 2 and _EXPERT_BIAS.search(name):
         return "bias"
     if ndim > 1 and _NOT_A_MATRIX.search(name):

@@ -41,14 +41,14 @@ class CheckpointLayout:
         self.model = model
         self.parameters = dict(model.named_parameters())
         self.owner: dict[str, str] = {}  # checkpoint name -> parameter name
-        self.whole: set[str] = set()  # parameters that are one checkpoint tensor, same shape
+        self.whole: dict[str, str] = {}  # parameter -> its checkpoint name, when it is one tensor, same shape
         for name, parameter in self.parameters.items():
             # Meta tensors: names and shapes only, nothing allocated.
             reverted = _revert(model, name, torch.empty(parameter.shape, device="meta"))
             for key in reverted:
                 self.owner[key] = name
             if len(reverted) == 1 and next(iter(reverted.values())).shape == parameter.shape:
-                self.whole.add(name)
+                self.whole[name] = next(iter(reverted))
 
     def indices(self, parameter: str) -> dict[str, torch.Tensor]:
         """For each checkpoint tensor held in a fused ``parameter``: the flat indices of its
