@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from skillhub import create_pack
 from skillhub.activation import apply_packs
+from skillhub.compress.recipe import PAPER_RECIPE
 from skillhub.compress.roles import MATRIX_ROLES
 from skillhub.demo.synthetic import build_tokenizer
 from skillhub.progress import quiet_transformers
@@ -182,7 +183,7 @@ def test_calibration_sees_every_layer_as_a_plain_forward_does(family: str, tmp_p
     """Layer-by-layer calibration gives the Hessians of one plain forward of the whole model: each layer
     with its own mask and rotary embeddings (layer 0's, replayed everywhere, were 19-72% off on
     Gemma 2/3 and GPT-OSS), each expert with the tokens routed to it, routers included, under the
-    checkpoint's names. Only experts stored 3-D on disk (GPT-OSS) get none, and say so."""
+    checkpoint's names; experts stored 3-D on disk (GPT-OSS) get one Hessian per expert."""
     from skillhub.compress.calibrate import CalibrationSet, capture_statistics, layer_index, load_for_calibration
     from skillhub.compress.roles import role_of
     from skillhub.io.checkpoint import open_checkpoint
@@ -208,11 +209,17 @@ def test_calibration_sees_every_layer_as_a_plain_forward_does(family: str, tmp_p
             # are the input of the layer's routers.
             experts, expert = key
             layer = layer_index(experts + ".")
-            names = [n for n in routers if layer_index(n) == layer] if expert is None else [
-                n for n in captured if (m := _EXPERT_INPUT.search(n)) and int(m.group(1)) == expert
-                and layer_index(n) == layer]
-            assert len(names) == (0 if family == "gpt_oss" and expert is not None else 1 if expert is None
-                                  and family not in ("qwen2_moe", "qwen3_next") else 2), (key, names)
+            if expert is None:
+                names = [n for n in routers if layer_index(n) == layer]
+                assert len(names) == (2 if family in ("qwen2_moe", "qwen3_next") else 1), (key, names)
+            elif f"{experts}.gate_up_proj" in captured:  # saved 3-D: a Hessian per expert
+                stacked = captured[f"{experts}.gate_up_proj"]
+                assert torch.allclose(stacked.hessian[expert], 2.0 / count * total, rtol=1e-6, atol=1e-9), key
+                continue
+            else:
+                names = [n for n in captured if (m := _EXPERT_INPUT.search(n)) and int(m.group(1)) == expert
+                         and layer_index(n) == layer]
+                assert len(names) == 2, (key, names)
         elif key in saved_as:
             names = [saved_as[key]]
         else:  # a tied head is the embedding's weight, not a tensor of its own
@@ -225,26 +232,32 @@ def test_calibration_sees_every_layer_as_a_plain_forward_does(family: str, tmp_p
     layer_maps = {n for n in checkpoint.names()
                   if role_of(n, model_type=family, ndim=len(checkpoint.shape(n))) in ("attention", "mlp", "router")
                   and len(checkpoint.shape(n)) >= 2}
-    missing = {n for n in layer_maps if n not in captured}
-    assert missing == {n for n in layer_maps if len(checkpoint.shape(n)) == 3}, sorted(missing)
+    assert not layer_maps - set(captured), sorted(layer_maps - set(captured))
 
 
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
-def test_calibrated_packs_say_which_matrices_got_no_statistics(family: str, tmp_path: Path,
-                                                               caplog: pytest.LogCaptureFixture) -> None:
-    """With --calib, every expert stored per expert is quantized by GPTQ with its own routed inputs
-    (Mixtral: 26 of 34 SVD tensors fell back to round-to-nearest before, silently). Experts stored
-    3-D (GPT-OSS) are not yet, and the manifest lists them, as their own meta says rtn."""
+def test_every_expert_is_calibrated_and_what_is_not_is_said(family: str, tmp_path: Path,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """With --calib, every expert is quantized by GPTQ with its own routed inputs, stored per expert
+    (Mixtral: 26 of 34 SVD tensors fell back to round-to-nearest before, silently) or 3-D (GPT-OSS,
+    one expert at a time). A matrix with no statistics (here the embedding, made an MLP matrix by a
+    role override: a lookup, not a linear map) is listed in the manifest and warned about."""
     base, tuned = _fine_tune(family, MATRIX[family], tmp_path)
     calib = tmp_path / "calib.txt"
     calib.write_text(" ".join(f"w{i % 37} {i}" for i in range(2000)))
-    pack = create_pack(base, tuned, tmp_path / "pack", task="t", calib=calib, calib_samples=4, calib_seqlen=32)
+    recipe = {**PAPER_RECIPE, "name": "embedding-as-mlp",
+              "role_overrides": [{"pattern": r"embed_tokens\.weight$", "role": "mlp"}]}
+    pack = create_pack(base, tuned, tmp_path / "pack", task="t", recipe=recipe, calib=calib, calib_samples=4,
+                       calib_seqlen=32)
     modules, quantizer = pack.manifest["modules"], pack.manifest["quantizer"]
-    svd = {n: m["meta"]["quantizer"] for n, m in modules.items() if m["operator"] == "svd-mixed"}
-    fallen_back = sorted(n for n, q in svd.items() if q == "rtn")
-    assert quantizer["method"] == "gptq" and len(svd) > 10
-    assert fallen_back == sorted(quantizer.get("uncalibrated", []))
-    assert fallen_back == sorted(n for n in svd if len(modules[n]["shape"]) == 3)
-    assert bool(fallen_back) == (family == "gpt_oss")
+    quantized = {}
+    for name, entry in modules.items():
+        if entry["operator"] == "svd-mixed":
+            for part, meta in enumerate(entry["meta"].get("parts", [entry["meta"]])):
+                quantized[f"{name}#{part}" if "split" in entry else name] = meta["quantizer"]
+    fallen_back = sorted(n for n, q in quantized.items() if q == "rtn")
+    assert quantizer["method"] == "gptq" and len(quantized) > 10
+    assert fallen_back == quantizer["uncalibrated"] == ["model.embed_tokens.weight"]
+    assert any("split" in entry for entry in modules.values()) == (family == "gpt_oss")
     warned = [r.getMessage() for r in caplog.records if "had no calibration statistics" in r.getMessage()]
-    assert [w.split(" of ")[0] for w in warned] == ([str(len(fallen_back))] if fallen_back else [])
+    assert len(warned) == 1 and warned[0].startswith("1 of ")

@@ -74,7 +74,8 @@ def _pack_summary(pack: Any) -> dict[str, Any]:
         "quantizer": manifest["quantizer"],
         "modules": [
             {"name": name, **{k: entry[k] for k in ("role", "operator", "operator_version", "params", "meta",
-                                                     "shape", "stored_bytes", "delta_fp16_bytes", "error")}}
+                                                     "shape", "stored_bytes", "delta_fp16_bytes", "error")},
+             **({"split": entry["split"]} if "split" in entry else {})}
             for name, entry in manifest["modules"].items()
         ],
         "unchanged": manifest["unchanged"],
@@ -89,6 +90,11 @@ def _short_params(params: dict[str, Any], meta: dict[str, Any]) -> str:
         shown["groups"] = "/".join(f"{r}@{b}b" for r, b in meta["groups"])
     elif "rank" in meta:
         shown["rank"] = meta["rank"]
+    elif "parts" in meta:  # stored as several matrices: their ranks
+        ranks = [part.get("rank") for part in meta["parts"]]
+        shown["parts"] = len(ranks)
+        if all(isinstance(r, int) for r in ranks):
+            shown["ranks"] = f"{min(ranks)}-{max(ranks)}" if min(ranks) != max(ranks) else ranks[0]
     return " ".join(f"{k}={v}" for k, v in shown.items())
 
 

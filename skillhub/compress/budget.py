@@ -32,14 +32,15 @@ from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from skillhub.compress.roles import MATRIX_ROLES
 from skillhub.errors import BudgetError
-from skillhub.operators import EncodeContext, LayerStatistics, get_operator, resolve_params, stored_bytes
+from skillhub.operators import EncodeContext, LayerStatistics, Split, get_operator, resolve_params, stored_bytes
+from skillhub.operators.parts import part_statistics
 from skillhub.numerics.quantize import quantize_rtn, storage_bits
 from skillhub.numerics.svd import truncated_svd
 
@@ -179,13 +180,15 @@ def prune_keep_for(delta: torch.Tensor, target_bytes: int, *, ctx: EncodeContext
     return keep, size(keep)
 
 
-def budget_recipe(name: str, plans: dict[str, tuple[str, dict[str, Any]]], description: str) -> dict[str, Any]:
+def budget_recipe(name: str, plans: dict[str, tuple[str, dict[str, Any]]], description: str, *,
+                  split_fused: bool = False) -> dict[str, Any]:
     """A recipe document that reproduces the chosen settings exactly (one rule per parameter)."""
     import re
 
     return {
         "name": name,
         "description": description,
+        **({"split_fused": True} if split_fused else {}),
         "rules": [
             {"match": {"pattern": f"^{re.escape(parameter)}$"}, "operator": operator, "params": params}
             for parameter, (operator, params) in plans.items()
@@ -203,6 +206,7 @@ def plan_budget(
     roles: dict[str, str],
     numels: dict[str, int],
     ratio: float,
+    splits: dict[str, Split] | None = None,
     statistics: Any,
     device: torch.device,
     seed: int,
@@ -213,6 +217,7 @@ def plan_budget(
         deltas: Iterator of TensorDelta in layer order (one pass).
         roles: Role of every parameter.
         numels: Element count of every parameter.
+        splits: Parameters compressed as several matrices (see :mod:`skillhub.operators.parts`).
         ratio: Budget as a fraction of the fp16 delta bytes, in (0, 1].
         statistics: A StatisticsCursor, or None for identity weighting.
         device: Where SVDs run.
@@ -230,7 +235,8 @@ def plan_budget(
     def context(name: str) -> EncodeContext:
         return EncodeContext(name=name, role=roles[name], device=device, seed=seed)
 
-    plans, fixed_bits, profiles, held = _profile_modules(deltas, roles, ratio, budget_bits, statistics, context)
+    plans, fixed_bits, profiles, held = _profile_modules(deltas, roles, splits or {}, ratio, budget_bits, statistics,
+                                                         context)
     minimum = sum(p.cost[LEVELS[0]] for p in profiles)
     fixed_bits += _plan_embeddings(held, plans, numels, ratio, budget_bits - fixed_bits - minimum, context)
     # Every matrix keeps at least its top direction at 2 bits; the greedy search spends the rest.
@@ -254,8 +260,30 @@ def plan_budget(
     return plans, summary
 
 
-def _profile_modules(deltas: Any, roles: dict[str, str], ratio: float, budget_bits: int, statistics: Any,
-                     context: Any) -> tuple[dict[str, tuple[str, dict[str, Any]]], int, list[DirectionProfile],
+def _profile(name: str, delta: torch.Tensor, statistics: LayerStatistics | None, ratio: float,
+             ctx: EncodeContext) -> DirectionProfile:
+    """The profile of one matrix, over as many directions as the budget could ever give it."""
+    m, n = delta.shape[0], delta.numel() // delta.shape[0]
+    two_bit_cost = storage_bits(1, m, 2, GROUP_SIZE) + storage_bits(1, n, 2, GROUP_SIZE) + 16
+    max_rank = max(1, min(min(m, n), math.ceil(4 * ratio * 16 * m * n / two_bit_cost)))
+    return direction_profile(name, delta, statistics, max_rank=max_rank, group_size=GROUP_SIZE, ctx=ctx)
+
+
+def combined_profile(name: str, parts: list[DirectionProfile]) -> DirectionProfile:
+    """One staircase for the matrices of a split module: its params (rank groups) apply to every
+    part, so direction i means direction i of each part, and gains and costs add up. Directions
+    stop where the smallest part's do (q gets no more rank than k and v in budget mode)."""
+    length = min(p.drop_error.numel() for p in parts)
+    return DirectionProfile(
+        name=name,
+        drop_error=sum(p.drop_error[:length] for p in parts),
+        error={bits: sum(p.error[bits][:length] for p in parts) for bits in LEVELS},
+        cost={bits: sum(p.cost[bits] for p in parts) for bits in LEVELS},
+    )
+
+
+def _profile_modules(deltas: Any, roles: dict[str, str], splits: dict[str, Split], ratio: float, budget_bits: int,
+                     statistics: Any, context: Any) -> tuple[dict[str, tuple[str, dict[str, Any]]], int, list[DirectionProfile],
                                             dict[str, torch.Tensor]]:
     """One pass over the deltas: norms and biases stored raw, each attention/MLP matrix profiled
     (what each direction at each bit width gains and costs), embedding/head deltas held back
@@ -280,13 +308,16 @@ def _profile_modules(deltas: Any, roles: dict[str, str], ratio: float, budget_bi
             held[name] = item.delta
         else:
             layer_stats = statistics.get(name) if statistics is not None else None
-            m, n = item.delta.shape[0], item.delta.numel() // item.delta.shape[0]
-            two_bit_cost = storage_bits(1, m, 2, GROUP_SIZE) + storage_bits(1, n, 2, GROUP_SIZE) + 16
-            max_rank = max(1, min(min(m, n), math.ceil(4 * ratio * 16 * m * n / two_bit_cost)))
-            profiles.append(direction_profile(name, item.delta, layer_stats, max_rank=max_rank,
-                                              group_size=GROUP_SIZE, ctx=context(name)))
+            split = splits.get(name)
+            if split is None:
+                profiles.append(_profile(name, item.delta, layer_stats, ratio, context(name)))
+            else:
+                profiles.append(combined_profile(name, [
+                    _profile(name, piece, part_statistics(layer_stats, split, index), ratio,
+                             replace(context(name), name=f"{name}#{index}"))
+                    for index, piece in enumerate(split.pieces(item.delta))]))
             plans[name] = ("svd-mixed", {})  # filled in after allocation
-            fixed_bits += _ROUNDING_BITS_PER_MODULE
+            fixed_bits += _ROUNDING_BITS_PER_MODULE * (len(split.sizes) if split else 1)
     return plans, fixed_bits, profiles, held
 
 

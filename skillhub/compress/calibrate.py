@@ -209,27 +209,38 @@ class _InputStatistics(TorchFunctionMode):
 def _as_saved(layout: CheckpointLayout, statistics: dict[_Use, LayerStatistics]) -> dict[str, LayerStatistics]:
     """The statistics of each checkpoint tensor, from those of the in-memory parameters holding them.
 
-    A checkpoint matrix that is a whole 2-D parameter takes its statistics as they are. One held in a
-    fused parameter (Mixtral's experts.3.w1 in mlp.experts.gate_up_proj[3]) takes its expert's,
-    restricted to the input features it spans; its orientation on disk decides ``transposed``.
-    Tensors stored 3-D on disk (GPT-OSS experts) have one set per expert and get none here.
+    A checkpoint matrix that is a whole 2-D parameter takes its statistics as they are; experts
+    saved as one 3-D tensor (GPT-OSS) take one Hessian per expert, stacked (an expert no token
+    reached has zeros). One held in a fused parameter (Mixtral's experts.3.w1 in
+    mlp.experts.gate_up_proj[3]) takes its expert's, restricted to the input features it spans;
+    its orientation on disk decides ``transposed``.
     """
     by_parameter: dict[str, dict[tuple[int | None, int], LayerStatistics]] = {}
     for use, stats in statistics.items():
         by_parameter.setdefault(use.parameter, {})[(use.expert, use.input_axis)] = stats
     found: dict[str, LayerStatistics] = {}
     for parameter, uses in by_parameter.items():
-        if parameter in layout.whole:  # saved as it is: a 2-D matrix has one use, a 3-D one a use per expert
-            expert, _ = next(iter(uses))
-            if len(uses) == 1 and expert is None:
-                found[layout.whole[parameter]] = next(iter(uses.values()))
-            continue
         shape = layout.parameters[parameter].shape
-        for name, index in layout.indices(parameter).items():
-            saved = _fused_part(index.long(), shape, uses)
-            if saved is not None:
-                found[name] = saved
+        if parameter not in layout.whole:
+            for name, index in layout.indices(parameter).items():
+                saved = _fused_part(index.long(), shape, uses)
+                if saved is not None:
+                    found[name] = saved
+        elif len(shape) == 2 and len(uses) == 1:
+            found[layout.whole[parameter]] = next(iter(uses.values()))
+        elif len(shape) == 3 and len({axis for _, axis in uses}) == 1:
+            found[layout.whole[parameter]] = _stacked(uses, experts=shape[0])
     return found
+
+
+def _stacked(uses: dict[tuple[int | None, int], LayerStatistics], *, experts: int) -> LayerStatistics:
+    """One (experts, in, in) Hessian for experts saved as a 3-D tensor."""
+    first = next(iter(uses.values()))
+    hessian = torch.zeros((experts, *first.hessian.shape), dtype=first.hessian.dtype, device=first.hessian.device)
+    for (expert, _), stats in uses.items():
+        hessian[expert] = stats.hessian
+    return LayerStatistics(hessian=hessian, samples=sum(stats.samples for stats in uses.values()),
+                           transposed=first.transposed)
 
 
 def _fused_part(index: torch.Tensor, shape: torch.Size, uses: dict[tuple[int | None, int], LayerStatistics]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from skillhub.io.outputs import check_output, staged_directory
 from skillhub.pack.format import PackWriter, SkillPack, load_pack
 from skillhub.progress import ProgressCallback, no_progress, reporting
 from skillhub.compress.recipe import ModulePlan, Recipe
+from skillhub.compress.splits import split_for
 from skillhub.io.tensorfile import dtype_name
 
 
@@ -48,7 +49,13 @@ def _parent_reference(parent: str | os.PathLike[str] | None) -> dict[str, str] |
 
 
 def _plan_every_parameter(recipe: Recipe, checkpoint: Checkpoint) -> dict[str, ModulePlan]:
-    return {n: recipe.plan(n, model_type=checkpoint.model_type, ndim=len(checkpoint.shape(n))) for n in checkpoint.names()}
+    plans = {}
+    for name in checkpoint.names():
+        shape = checkpoint.shape(name)
+        plan = recipe.plan(name, model_type=checkpoint.model_type, ndim=len(shape))
+        split = split_for(name, role=plan.role, shape=shape, config=checkpoint.config, fused=recipe.split_fused)
+        plans[name] = replace(plan, split=split) if split else plan
+    return plans
 
 
 def _tokenizer(checkpoint: Checkpoint):
@@ -140,7 +147,8 @@ def create_pack(
     calibration = _Calibration.prepare(inputs.tuned, calib, samples=calib_samples, seqlen=calib_seqlen,
                                        device=torch_device)
     if ratio is not None:
-        plans, plan_recipe, budget = _plan_budget(inputs, plans, ratio, calibration, torch_device, seed, progress)
+        plans, plan_recipe, budget = _plan_budget(inputs, plans, plan_recipe, ratio, calibration, torch_device, seed,
+                                                   progress)
     else:
         budget = None
     with staged_directory(output, force=force, protect=protect, kind="pack") as staging:
@@ -198,8 +206,8 @@ class _Calibration:
         return StatisticsCursor(capture_statistics(self.model, self.windows)) if self.windows is not None else None
 
 
-def _plan_budget(inputs: _Inputs, plans: dict[str, ModulePlan], ratio: float, calibration: _Calibration,
-                 device: torch.device, seed: int,
+def _plan_budget(inputs: _Inputs, plans: dict[str, ModulePlan], roles_from: Recipe, ratio: float,
+                 calibration: _Calibration, device: torch.device, seed: int,
                  progress: ProgressCallback) -> tuple[dict[str, ModulePlan], Recipe, dict[str, Any]]:
     """Stage 3 with --ratio: budget mode chooses every module's settings (the recipe gave the roles)."""
     planning = iter_deltas(inputs.base, inputs.tuned, names=layer_order(list(plans)))
@@ -207,11 +215,13 @@ def _plan_budget(inputs: _Inputs, plans: dict[str, ModulePlan], ratio: float, ca
         reporting(planning, progress, "plan", len(plans)),
         roles={n: p.role for n, p in plans.items()},
         numels={n: math.prod(inputs.base.shape(n)) for n in plans},
-        ratio=ratio, statistics=calibration.cursor(), device=device, seed=seed,
+        ratio=ratio, splits={n: p.split for n, p in plans.items() if p.split}, statistics=calibration.cursor(),
+        device=device, seed=seed,
     )
     _log.info("budget mode: %d of %d target bytes planned", budget["planned_bytes"], budget["target_bytes"])
     description = f"chosen by budget mode for ratio {ratio} ({budget['weighting']} weighting)"
-    recipe = Recipe(budget_recipe(f"budget-{ratio:g}", chosen, description))
+    recipe = Recipe(budget_recipe(f"budget-{ratio:g}", chosen, description,
+                                  split_fused=roles_from.split_fused))
     return _plan_every_parameter(recipe, inputs.base), recipe, budget
 
 
@@ -251,7 +261,7 @@ def _encode_all(inputs: _Inputs, plans: dict[str, ModulePlan], writer: PackWrite
         if cursor is not None and statistics is None and plan.role in _CALIBRATED_ROLES:
             uncalibrated.append(item.name)
         ctx = EncodeContext(name=item.name, role=plan.role, device=device, seed=seed, calibration=statistics)
-        result = encode_module(plan.operator, item.delta, plan.params, ctx, device=device)
+        result = encode_module(plan.operator, item.delta, plan.params, ctx, device=device, split=plan.split)
         squared_error += result.error_norm**2
         squared_norm += result.delta_norm**2
         modules[item.name] = {
@@ -260,6 +270,7 @@ def _encode_all(inputs: _Inputs, plans: dict[str, ModulePlan], writer: PackWrite
             "dtype": dtype_name(item.base_dtype), "fields": list(result.encoded.tensors),
             "stored_bytes": writer.add_module(item.name, result.encoded.tensors),
             "delta_fp16_bytes": 2 * item.delta.numel(), "error": result.relative_error,
+            **({"split": plan.split.as_json()} if plan.split else {}),
         }
     _log.info("compressed %d modules (%d unchanged)", len(modules), len(unchanged))
     if uncalibrated:

@@ -20,7 +20,7 @@ from typing import Any
 
 from skillhub.errors import OperatorError, RecipeError
 from skillhub.io.jsonio import read_json
-from skillhub.operators import Operator, get_operator, resolve_params
+from skillhub.operators import Operator, Split, get_operator, resolve_params
 from skillhub.compress.roles import role_of
 from skillhub.pack.schemas import validate
 
@@ -31,9 +31,10 @@ PAPER_RECIPE: dict[str, Any] = {
     "description": (
         "GraftLLM Table 14: embeddings and head magnitude-pruned (keep 0.5) at 4 bits; MLP SVD rank 1400 "
         "with 8/3/2 bits for ranks 20/180/1200; attention SVD rank 1000 with 8/2 bits for ranks 20/980; "
-        "ranks given for 4096-wide matrices scale with min(rows, cols); MoE routers, norms, biases and the rest "
-        "stored raw."
+        "ranks given for 4096-wide matrices scale with min(rows, cols); fused projections (qkv_proj, gate_up_proj, "
+        "c_attn) and stacked experts compressed matrix by matrix; MoE routers, norms, biases and the rest stored raw."
     ),
+    "split_fused": True,
     "rules": [
         {"match": {"role": ["embedding", "head"]}, "operator": "magnitude-prune", "params": {"keep": 0.5, "bits": 4}},
         {"match": {"role": "mlp"}, "operator": "svd-mixed",
@@ -79,6 +80,7 @@ class ModulePlan:
     role: str
     operator: Operator
     params: dict[str, Any]
+    split: Split | None = None  # compressed as the matrices it is made of (skillhub.operators.parts)
 
 
 class Recipe:
@@ -91,6 +93,7 @@ class Recipe:
     def __init__(self, spec: str | os.PathLike[str] | dict[str, Any]) -> None:
         self.document = load_recipe(spec)
         self.name: str = self.document["name"]
+        self.split_fused: bool = self.document.get("split_fused", False)
         self._overrides = [(re.compile(o["pattern"]), o["role"]) for o in self.document.get("role_overrides", [])]
         self._rules: list[tuple[set[str] | None, re.Pattern[str] | None, Operator, dict[str, Any]]] = []
         for number, rule in enumerate(self.document["rules"], start=1):

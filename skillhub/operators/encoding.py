@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from skillhub.errors import OperatorError
+from skillhub.operators.parts import Split, decode_parts, encode_parts
 from skillhub.operators.protocol import EncodeContext, Encoded, Operator
 
 
@@ -43,16 +44,25 @@ def stored_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
 
 
 def encode_module(operator: Operator, delta: torch.Tensor, params: Mapping[str, Any], ctx: EncodeContext,
-                  *, device: torch.device | None = None) -> EncodedModule:
+                  *, device: torch.device | None = None, split: Split | None = None) -> EncodedModule:
     """Encode ``delta`` (on ``device``, default where it is), decode it back on the CPU, measure the error.
+
+    With ``split``, each of the matrices ``delta`` is made of is encoded on its own (see
+    :mod:`skillhub.operators.parts`).
 
     Raises:
         OperatorError: The operator refused the input (its documented ValueError), naming the parameter.
     """
+    on_device = delta if device is None else delta.to(device)
     try:
-        encoded = operator.encode(delta if device is None else delta.to(device), params, ctx)
-        decoded = operator.decode({k: v.cpu() for k, v in encoded.tensors.items()}, encoded.meta, params,
-                                  tuple(delta.shape), version=operator.version)
+        if split is None:
+            encoded = operator.encode(on_device, params, ctx)
+            decoded = operator.decode({k: v.cpu() for k, v in encoded.tensors.items()}, encoded.meta, params,
+                                      tuple(delta.shape), version=operator.version)
+        else:
+            encoded = encode_parts(operator, on_device, params, ctx, split)
+            decoded = decode_parts(operator, {k: v.cpu() for k, v in encoded.tensors.items()}, encoded.meta, params,
+                                   tuple(delta.shape), split, version=operator.version)
     except ValueError as exc:  # operators' documented way to refuse an input
         raise OperatorError(f"operator {operator.name} cannot encode {ctx.name}: {exc}") from exc
     reference = delta.cpu()

@@ -27,7 +27,9 @@ from skillhub.errors import OperatorError
 class LayerStatistics:
     """Calibration statistics of one linear layer's input x (see :mod:`skillhub.compress.calibrate`)."""
 
-    hessian: torch.Tensor  # (in_features, in_features) = 2/n X^T X, float64
+    # (in_features, in_features) = 2/n X^T X, float64; for experts stored as one 3-D tensor, one per
+    # expert, stacked: (experts, in_features, in_features) (see skillhub.operators.parts).
+    hessian: torch.Tensor
     samples: int  # number of input vectors n
     transposed: bool = False  # the checkpoint stores this weight as (in, out), e.g. GPT-2's Conv1D
 

@@ -29,7 +29,15 @@ from skillhub.pack.manifest import (
     embedded_part,
     validate_manifest,
 )
-from skillhub.operators import Operator, decoder_for, expected_fields, resolve_params
+from skillhub.operators import (
+    Operator,
+    Split,
+    decode_parts,
+    decoder_for,
+    expected_fields,
+    expected_part_fields,
+    resolve_params,
+)
 from skillhub.io.tensorfile import TensorFile, TensorFileWriter, dtype_name
 
 METADATA_KEY = "skillpack"
@@ -151,7 +159,10 @@ class SkillPack:
         operator = self._decoder(module)
         params = self._params(module, operator)
         try:
-            layout = expected_fields(operator, entry.meta, params, entry.shape, version=entry.operator_version)
+            split = self._split(module)
+            layout = expected_fields(operator, entry.meta, params, entry.shape, version=entry.operator_version) \
+                if split is None else \
+                expected_part_fields(operator, entry.meta, params, entry.shape, split, version=entry.operator_version)
         except ValueError as exc:
             raise PackError(f"{where}: its meta does not fit operator {operator.name}: {exc}") from exc
         if layout is None:
@@ -175,6 +186,15 @@ class SkillPack:
                 raise PackError(str(exc)) from exc
         return self._resolved[module]
 
+    def _split(self, module: str) -> Split | None:
+        """How the module is cut into matrices, checked against its shape (ValueError if it does not fit)."""
+        entry = self.modules[module]
+        if entry.split is None:
+            return None
+        split = Split.from_json(entry.split)
+        split.check(entry.shape)
+        return split
+
     def _decoder(self, module: str) -> Operator:
         entry = self.modules[module]
         return decoder_for(entry.operator, entry.operator_version, provenance=self.manifest.provenance(entry.operator),
@@ -194,8 +214,11 @@ class SkillPack:
         entry, where = self.modules[module], f"pack {self.name!r} module {module}"
         operator = self._decoder(module)
         try:
-            delta = operator.decode(self.fields(module), entry.meta, self._params(module, operator), entry.shape,
-                                    version=entry.operator_version)
+            split, params = self._split(module), self._params(module, operator)
+            delta = operator.decode(self.fields(module), entry.meta, params, entry.shape,
+                                    version=entry.operator_version) if split is None else \
+                decode_parts(operator, self.fields(module), entry.meta, params, entry.shape, split,
+                             version=entry.operator_version)
         except (ValueError, KeyError, IndexError, TypeError, RuntimeError) as exc:
             raise PackError(f"{where} cannot be decoded by operator {operator.name}: {exc}"[:300]) from exc
         if tuple(delta.shape) != entry.shape:

@@ -41,13 +41,14 @@ class ModuleEntry:
     stored_bytes: int
     delta_fp16_bytes: int
     error: float
+    split: dict[str, Any] | None = None  # stored as the matrices it is made of (skillhub.operators.parts)
 
     @classmethod
     def from_dict(cls, entry: dict[str, Any]) -> ModuleEntry:
         return cls(role=entry["role"], operator=entry["operator"], operator_version=entry["operator_version"],
                    params=entry["params"], meta=entry["meta"], shape=tuple(entry["shape"]), dtype=entry["dtype"],
                    fields=tuple(entry["fields"]), stored_bytes=entry["stored_bytes"],
-                   delta_fp16_bytes=entry["delta_fp16_bytes"], error=entry["error"])
+                   delta_fp16_bytes=entry["delta_fp16_bytes"], error=entry["error"], split=entry.get("split"))
 
 
 @dataclass(frozen=True)
