@@ -9,7 +9,10 @@ bit widths by hand; here they are chosen per module:
   deltas are sparse and the head is what turns hidden states into answers: squeezing them to
   R of their size cost 28 points of accuracy on a `reverse` fine-tune while the linear
   layers' output error was already below the paper recipe's). Only when the budget cannot
-  hold that are they pruned to the largest keep ratio that fits R of their own fp16 size;
+  hold that are they pruned to the largest keep ratio that fits R of their own fp16 size. The
+  word embedding a tied model shares with its head is the exception: its delta is dense (the
+  head's gradient reaches every row), pruning it costs 10-17x the logit error of an SVD
+  (bench/bench_families.py), so it is sized with the matrices below;
 - attention and MLP matrices share the rest through a greedy marginal-gain search over
   singular directions and bit widths. For direction i of a module (singular value s_i,
   right vector v_i, calibration Hessian H of the layer input) the output error of dropping
@@ -207,6 +210,7 @@ def plan_budget(
     numels: dict[str, int],
     ratio: float,
     splits: dict[str, Split] | None = None,
+    tied: str | None = None,
     statistics: Any,
     device: torch.device,
     seed: int,
@@ -218,6 +222,8 @@ def plan_budget(
         roles: Role of every parameter.
         numels: Element count of every parameter.
         splits: Parameters compressed as several matrices (see :mod:`skillhub.operators.parts`).
+        tied: The word embedding a tied model shares with its head: its delta is dense, so it is
+            sized like the attention and MLP matrices rather than pruned.
         ratio: Budget as a fraction of the fp16 delta bytes, in (0, 1].
         statistics: A StatisticsCursor, or None for identity weighting.
         device: Where SVDs run.
@@ -235,8 +241,8 @@ def plan_budget(
     def context(name: str) -> EncodeContext:
         return EncodeContext(name=name, role=roles[name], device=device, seed=seed)
 
-    plans, fixed_bits, profiles, held = _profile_modules(deltas, roles, splits or {}, ratio, budget_bits, statistics,
-                                                         context)
+    plans, fixed_bits, profiles, held = _profile_modules(deltas, roles, splits or {}, tied, ratio, budget_bits,
+                                                         statistics, context)
     minimum = sum(p.cost[LEVELS[0]] for p in profiles)
     fixed_bits += _plan_embeddings(held, plans, numels, ratio, budget_bits - fixed_bits - minimum, context)
     # Every matrix keeps at least its top direction at 2 bits; the greedy search spends the rest.
@@ -282,8 +288,8 @@ def combined_profile(name: str, parts: list[DirectionProfile]) -> DirectionProfi
     )
 
 
-def _profile_modules(deltas: Any, roles: dict[str, str], splits: dict[str, Split], ratio: float, budget_bits: int,
-                     statistics: Any, context: Any) -> tuple[dict[str, tuple[str, dict[str, Any]]], int, list[DirectionProfile],
+def _profile_modules(deltas: Any, roles: dict[str, str], splits: dict[str, Split], tied: str | None, ratio: float,
+                     budget_bits: int, statistics: Any, context: Any) -> tuple[dict[str, tuple[str, dict[str, Any]]], int, list[DirectionProfile],
                                             dict[str, torch.Tensor]]:
     """One pass over the deltas: norms and biases stored raw, each attention/MLP matrix profiled
     (what each direction at each bit width gains and costs), embedding/head deltas held back
@@ -304,7 +310,7 @@ def _profile_modules(deltas: Any, roles: dict[str, str], splits: dict[str, Split
                     f"a budget of {budget_bits // 8:,} bytes (ratio {ratio}) cannot hold even the norms and "
                     f"biases stored raw ({fixed_bits // 8:,}+ bytes): raise --ratio"
                 )
-        elif role in ("embedding", "head"):
+        elif role in ("embedding", "head") and name != tied:
             held[name] = item.delta
         else:
             layer_stats = statistics.get(name) if statistics is not None else None

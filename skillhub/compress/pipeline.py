@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -48,11 +49,31 @@ def _parent_reference(parent: str | os.PathLike[str] | None) -> dict[str, str] |
     return {"name": pack.name, "version": pack.version, "sha256": pack.manifest.tensors_sha256}
 
 
+_POSITIONS = re.compile(r"(^|\.)(wpe|\w*position\w*)\.")  # learned position embeddings: never tied to the head
+
+
+def tied_embedding(recipe: Recipe, checkpoint: Checkpoint) -> str | None:
+    """The word embedding a tied model shares with its output head: no head tensor on disk, and the
+    one embedding matrix with a row per vocabulary entry (not GPT-2's position embeddings)."""
+    if not checkpoint.tie_word_embeddings:
+        return None
+    config = checkpoint.config
+    vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    roles = {n: recipe.role(n, model_type=checkpoint.model_type, ndim=len(checkpoint.shape(n)))
+             for n in checkpoint.names()}
+    if "head" in roles.values():
+        return None
+    words = [n for n, role in roles.items() if role == "embedding" and len(checkpoint.shape(n)) == 2
+             and checkpoint.shape(n)[0] == vocab and not _POSITIONS.search(n)]
+    return words[0] if len(words) == 1 else None
+
+
 def _plan_every_parameter(recipe: Recipe, checkpoint: Checkpoint) -> dict[str, ModulePlan]:
     plans = {}
+    tied = tied_embedding(recipe, checkpoint)
     for name in checkpoint.names():
         shape = checkpoint.shape(name)
-        plan = recipe.plan(name, model_type=checkpoint.model_type, ndim=len(shape))
+        plan = recipe.plan(name, model_type=checkpoint.model_type, ndim=len(shape), tied=name == tied)
         split = split_for(name, role=plan.role, shape=shape, config=checkpoint.config, fused=recipe.split_fused)
         plans[name] = replace(plan, split=split) if split else plan
     return plans
@@ -216,7 +237,7 @@ def _plan_budget(inputs: _Inputs, plans: dict[str, ModulePlan], roles_from: Reci
         roles={n: p.role for n, p in plans.items()},
         numels={n: math.prod(inputs.base.shape(n)) for n in plans},
         ratio=ratio, splits={n: p.split for n, p in plans.items() if p.split}, statistics=calibration.cursor(),
-        device=device, seed=seed,
+        device=device, seed=seed, tied=tied_embedding(roles_from, inputs.base),
     )
     _log.info("budget mode: %d of %d target bytes planned", budget["planned_bytes"], budget["target_bytes"])
     description = f"chosen by budget mode for ratio {ratio} ({budget['weighting']} weighting)"
