@@ -1,15 +1,15 @@
 """Model-family choices of the paper recipe, measured side by side in one run (issue 15).
 
-1. Tied embeddings at real vocabulary sizes (Qwen3 151,936, Phi-4-mini 200,064, Falcon 65,024
+1. Experts saved as one 3-D tensor (GPT-OSS layout, 8 experts of 512 x 1024): the same fine-tune
+   delta encoded by svd-mixed as one E x (a*b) matrix (before) and expert by expert (now).
+2. A fused q/k/v projection at Phi-3-mini's real width (3 x 3072 x 3072), the delta of three
+   independent matrices with slowly decaying spectra: one SVD for the fused matrix (before) and
+   one per part (the paper recipe now).
+3. Tied embeddings at real vocabulary sizes (Qwen3 151,936, Phi-4-mini 200,064, Falcon 65,024
    tokens; hidden 256, 2 layers, tied head): a full fine-tune of a few steps, then packs that differ
    only in how the shared embedding/head matrix is stored. Reported: the relative logit error of
    base + pack against the fine-tune (||logits - tuned|| / ||tuned - base|| on held-out text) and the
    pack's size against the fp16 delta.
-2. Experts saved as one 3-D tensor (GPT-OSS layout, 8 experts of 512 x 1024): the same fine-tune
-   delta encoded by svd-mixed as one E x (a*b) matrix (before) and expert by expert (now).
-3. A fused q/k/v projection at Phi-3-mini's real width (3 x 3072 x 3072), the delta of three
-   independent matrices with slowly decaying spectra: one SVD for the fused matrix (before) and
-   one per part (the paper recipe now).
 
     python bench/bench_families.py [--skip-tied]
 """
@@ -87,7 +87,7 @@ def _logits(model_dir: Path, ids: torch.Tensor) -> torch.Tensor:
 
 
 def tied_embeddings() -> None:
-    print("## 1. Tied embeddings: relative logit error of base + pack, and pack size / fp16 delta\n")
+    print("## 3. Tied embeddings: relative logit error of base + pack, and pack size / fp16 delta\n")
     print("| model | vocab | " + " | ".join(EMBEDDING_RULES) + " |")
     print("|---|---:|" + "---:|" * len(EMBEDDING_RULES))
     for label, (model_type, vocab) in TIED.items():
@@ -113,7 +113,7 @@ def _svd_mixed(delta: torch.Tensor, split: Split | None, name: str) -> tuple[flo
 
 
 def stacked_experts() -> None:
-    print("## 2. Experts saved as one 3-D tensor (8 x 512 x 1024): svd-mixed, paper MLP ranks\n")
+    print("## 1. Experts saved as one 3-D tensor (8 x 512 x 1024): svd-mixed, paper MLP ranks\n")
     with tempfile.TemporaryDirectory() as tmp:
         config = AutoConfig.for_model("gpt_oss", vocab_size=256, hidden_size=512, intermediate_size=512,
                                       num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
@@ -140,7 +140,7 @@ def stacked_experts() -> None:
 
 
 def fused_qkv(width: int = 3072) -> None:
-    print(f"## 3. Fused q/k/v at Phi-3-mini width ({3 * width} x {width}), svd-mixed, paper attention ranks\n")
+    print(f"## 2. Fused q/k/v at Phi-3-mini width ({3 * width} x {width}), svd-mixed, paper attention ranks\n")
     generator = torch.Generator().manual_seed(0)
     parts = []
     for _ in range(3):  # independent deltas, singular values decaying as 1/sqrt(i)

@@ -1,13 +1,19 @@
-"""Families whose learned tensors are not all a layer's matrices, end to end: a tiny model from the
-family's `transformers` config, fine-tuned for a few steps, packed with the paper recipe from the
-checkpoint as saved on disk, applied, loaded with `from_pretrained` and compared with the fine-tune.
+"""Every decoder family users fine-tune today, end to end: a tiny model from the family's
+`transformers` config, fine-tuned for a few steps, then what a user does with it: `create` with and
+without calibration from the checkpoint as saved on disk, `apply` and `from_pretrained`, and the
+registry's `add` with an eval set, `activate`, `eval` and `remove`. Plus calibration's Hessians,
+layer by layer, against hooks on one plain forward of the whole model.
 
-Before, `create` failed on GPT-OSS (attention sinks) and Qwen3-Next (A_log, dt_bias) with
-"svd-mixed needs a matrix", and compressed Cohere's 2-D q/k norms as attention matrices.
+Before issue 15: `create` failed on GPT-OSS (attention sinks) and Qwen3-Next (A_log, dt_bias) with
+"svd-mixed needs a matrix"; Cohere's 2-D q/k norms and every MoE router were SVD-quantized; the eval
+path failed on Mixtral, Qwen2/3-MoE, DeepSeek-V3 and GPT-NeoX ("not the registered base"); 26 of
+34 SVD tensors fell back to round-to-nearest under --calib on Mixtral; calibration replayed layer
+0's mask and rotary embeddings in every layer.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -24,17 +30,28 @@ from skillhub.progress import quiet_transformers
 
 _COMMON = dict(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-FAMILIES = {
-    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16, sliding_window=8,
-                    layer_types=["sliding_attention", "full_attention"]),
+_LOCAL_GLOBAL = dict(head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+# Dense; sliding and global attention mixed (Mistral, Gemma 2/3, GPT-OSS); fused projections (Phi-3,
+# GPT-2, GPT-NeoX); tied heads (Gemma, GPT-2); MoE saved per expert (Mixtral, Qwen2/3-MoE,
+# DeepSeek-V3, renamed and fused into 3-D tensors on load) or 3-D (GPT-OSS); multi-head latent
+# attention (DeepSeek-V3); linear attention (Qwen3-Next); per-head 2-D q/k norms (Cohere).
+MATRIX = {
+    "llama": {}, "mistral": dict(sliding_window=8), "qwen2": {}, "qwen3": dict(head_dim=16),
+    "gemma": dict(head_dim=16), "gemma2": _LOCAL_GLOBAL, "gemma3_text": _LOCAL_GLOBAL, "phi3": {}, "gpt2": {},
+    "gpt_neox": {}, "cohere": dict(use_qk_norm=True, head_dim=16),
+    "mixtral": dict(num_local_experts=3),
+    "qwen2_moe": dict(num_experts=3, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=32),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+    "deepseek_v3": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+                        first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
+                        qk_nope_head_dim=8, v_head_dim=16, n_group=1, topk_group=1,
+                        num_key_value_heads=4),  # multi-head latent attention: as many kv heads as heads
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, **_LOCAL_GLOBAL),
     "qwen3_next": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                        shared_expert_intermediate_size=32, head_dim=16, linear_num_value_heads=4,
                        linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
                        layer_types=["linear_attention", "full_attention"]),
-    "cohere": dict(use_qk_norm=True, head_dim=16),
-    "deepseek_v3": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
-                        first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
-                        qk_nope_head_dim=8, v_head_dim=16, n_group=1, topk_group=1),
 }
 # Saved tensors that must be stored as they are (role: expected), per family.
 NOT_MATRICES = {
@@ -42,12 +59,14 @@ NOT_MATRICES = {
     "qwen3_next": {"model.layers.0.linear_attn.A_log": "other", "model.layers.0.linear_attn.dt_bias": "other",
                    "model.layers.0.linear_attn.conv1d.weight": "other"},
     "cohere": {"model.layers.0.self_attn.q_norm.weight": "other", "model.layers.1.self_attn.k_norm.weight": "other"},
-    "deepseek_v3": {},
 }
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss", "qwen3_next")
+# Per-expert checkpoint names of an expert's first projection(s), whose input is the tokens routed to it.
+_EXPERT_INPUT = re.compile(r"\.experts\.(\d+)\.(w1|w3|gate_proj|up_proj)\.weight$")
 
 
 def _fine_tune(family: str, extra: dict, root: Path) -> tuple[Path, Path]:
-    config = AutoConfig.for_model(family, **_COMMON, **extra)
+    config = AutoConfig.for_model(family, **{**_COMMON, **extra})
     torch.manual_seed(0)
     with quiet_transformers():
         model = AutoModelForCausalLM.from_config(config)
@@ -72,74 +91,69 @@ def _logits(model_dir: Path, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids).logits
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_pack_apply_and_load(family: str, tmp_path: Path) -> None:
-    base, tuned = _fine_tune(family, FAMILIES[family], tmp_path)
+def _svd_quantizers(pack) -> dict[str, str]:
+    """How each SVD-compressed matrix (each part of a split one) was quantized: gptq or rtn."""
+    found = {}
+    for name, entry in pack.manifest["modules"].items():
+        if entry["operator"] == "svd-mixed":
+            for part, meta in enumerate(entry["meta"].get("parts", [entry["meta"]])):
+                found[f"{name}#{part}" if "split" in entry else name] = meta["quantizer"]
+    return found
+
+
+@pytest.mark.parametrize("family", sorted(MATRIX))
+def test_every_family_end_to_end(family: str, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from skillhub.evaluation.forgetting import add_and_score, evaluate_tasks
+    from skillhub.registry import Registry
+
+    base, tuned = _fine_tune(family, MATRIX[family], tmp_path)
     pack = create_pack(base, tuned, tmp_path / "pack", task="t")
     modules = pack.manifest["modules"]
-    for name, role in NOT_MATRICES[family].items():
+    for name, role in NOT_MATRICES.get(family, {}).items():
         assert modules[name]["role"] == role and modules[name]["operator"] == "raw", (name, modules[name]["role"])
     for name, entry in modules.items():
         if entry["role"] in MATRIX_ROLES:
             assert len(entry["shape"]) >= 2, (name, entry["shape"])
         if entry["role"] == "router":  # stored as they are: 0.02-0.03% error from float16 (0.28-0.33 SVD'd)
             assert entry["operator"] == "raw" and entry["error"] < 1e-3, (name, entry["operator"], entry["error"])
-    assert family == "cohere" or any(entry["role"] == "router" for entry in modules.values())
-    applied = apply_packs(base, [pack], tmp_path / "applied")
+    assert any(entry["role"] == "router" for entry in modules.values()) == (family in MOE)
+
+    # apply, then from_pretrained: the pack brings back most of what the fine-tune changed.
     ids = torch.randint(3, 64, (2, 16), generator=torch.Generator().manual_seed(99))
-    before, after, got = _logits(base, ids), _logits(tuned, ids), _logits(applied, ids)
-    # The pack brings back most of what the fine-tune changed (0.17-0.40 measured; 1.0 = nothing).
-    assert ((got - after).norm() / (after - before).norm()).item() < 0.6
+    before, after = _logits(base, ids), _logits(tuned, ids)
+    applied = _logits(apply_packs(base, [pack], tmp_path / "applied"), ids)
+    assert ((applied - after).norm() / (after - before).norm()).item() < 0.6  # 1.0 = nothing brought back
 
+    # With calibration, every SVD'd matrix (every expert, every part) is quantized by GPTQ.
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(f"w{i % 37} {i}" for i in range(2000)))
+    calibrated = create_pack(base, tuned, tmp_path / "calibrated", task="t", calib=calib, calib_samples=4,
+                             calib_seqlen=32)
+    quantizers = _svd_quantizers(calibrated)
+    assert quantizers and set(quantizers.values()) == {"gptq"}, sorted(n for n, q in quantizers.items() if q != "gptq")
+    assert "uncalibrated" not in calibrated.manifest["quantizer"]
 
-# Saved under other names than in memory: transformers 5 fuses per-expert weights into 3-D tensors
-# on load (Mixtral's block_sparse_moe.experts.E.w1 -> mlp.experts.gate_up_proj[E]) and renames
-# (GPT-NeoX's embed_out -> lm_head). The registry's eval path patches and fingerprints loaded models.
-RENAMED = {
-    "mixtral": dict(num_local_experts=3),
-    "qwen2_moe": dict(num_experts=3, num_experts_per_tok=2, moe_intermediate_size=32,
-                      shared_expert_intermediate_size=32),
-    "gpt_neox": dict(),
-    "deepseek_v3": FAMILIES["deepseek_v3"],  # multi-head latent attention, shared experts, fused routed experts
-}
-
-
-@pytest.mark.parametrize("family", sorted(RENAMED))
-def test_the_eval_path_sees_the_model_as_saved(family: str, tmp_path: Path) -> None:
-    from safetensors.torch import load_file
-
-    from skillhub.registry import Registry
-
-    base, tuned = _fine_tune(family, RENAMED[family], tmp_path)
-    on_disk = load_file(base / "model.safetensors")
-    pack = create_pack(base, tuned, tmp_path / "pack", task="t")
+    # The registry: add with an eval set, activate in memory (== apply on disk), eval, remove.
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text("".join(json.dumps({"prompt": f"{w}=", "answer": w[::-1]}) + "\n"
+                                 for w in ("abc", "xyz", "hello")))
     registry = Registry(tmp_path / "registry")
-    entry = registry.add(pack, task="t", base_location=str(base))
+    scored = add_and_score(registry, pack, task="t", base_location=str(base), eval_file=eval_file)
+    assert {record["task"] for record in scored.scores} == {"t"}
     model, _, _ = registry.load_base_model()  # its fingerprint check reads the model as saved
     in_memory = dict(model.state_dict())
-    assert set(on_disk) != set(in_memory)  # the names really differ
-    ids = torch.randint(3, 64, (2, 16), generator=torch.Generator().manual_seed(5))
-    applied = _logits(apply_packs(base, [pack], tmp_path / "applied"), ids)
-    with registry.activated(model, packs=[entry.id]), torch.no_grad():
+    if family in ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_neox"):
+        assert set(load_file(base / "model.safetensors")) != set(in_memory)  # saved under other names
+    with registry.activated(model, packs=[scored.entry.id]), torch.no_grad():
         patched = model(input_ids=ids).logits
-    assert torch.allclose(patched, applied, atol=1e-5, rtol=0)  # patched in memory == written to disk
+    assert torch.allclose(patched, applied, atol=1e-5, rtol=0)
     assert all(torch.equal(model.state_dict()[k], t) for k, t in in_memory.items())  # restored exactly
-    registry.remove(entry.id)
-
-
-# The families users fine-tune today: dense, sliding and global attention mixed (Mistral, Gemma 2/3,
-# GPT-OSS), fused projections (Phi-3, GPT-2, GPT-NeoX), MoE with per-expert checkpoints (Mixtral,
-# Qwen2/3-MoE, DeepSeek-V3) or 3-D ones (GPT-OSS), linear attention (Qwen3-Next).
-_LOCAL_GLOBAL = dict(head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"])
-MATRIX = {
-    "llama": {}, "mistral": dict(sliding_window=8), "qwen2": {}, "qwen3": dict(head_dim=16),
-    "gemma": dict(head_dim=16), "gemma2": _LOCAL_GLOBAL, "gemma3_text": _LOCAL_GLOBAL, "phi3": {}, "gpt2": {},
-    "gpt_neox": {}, "cohere": FAMILIES["cohere"], "mixtral": RENAMED["mixtral"], "qwen2_moe": RENAMED["qwen2_moe"],
-    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
-    "deepseek_v3": FAMILIES["deepseek_v3"], "gpt_oss": FAMILIES["gpt_oss"], "qwen3_next": FAMILIES["qwen3_next"],
-}
-# Per-expert checkpoint names of an expert's first projection(s), whose input is the tokens routed to it.
-_EXPERT_INPUT = re.compile(r"\.experts\.(\d+)\.(w1|w3|gate_proj|up_proj)\.weight$")
+    assert {record["task"] for record in evaluate_tasks(registry)} == {"t"}
+    registry.remove(scored.entry.id)
+    with registry.activated(model, packs=[]), torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)
 
 
 def _plain_forward_statistics(model: torch.nn.Module, windows: torch.Tensor) -> dict[object, tuple[torch.Tensor, int]]:
@@ -189,7 +203,7 @@ def test_calibration_sees_every_layer_as_a_plain_forward_does(family: str, tmp_p
     from skillhub.io.checkpoint import open_checkpoint
     from skillhub.io.layout import CheckpointLayout
 
-    config = AutoConfig.for_model(family, **_COMMON, **MATRIX[family])
+    config = AutoConfig.for_model(family, **{**_COMMON, **MATRIX[family]})
     torch.manual_seed(0)
     with quiet_transformers():
         AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
@@ -235,29 +249,22 @@ def test_calibration_sees_every_layer_as_a_plain_forward_does(family: str, tmp_p
     assert not layer_maps - set(captured), sorted(layer_maps - set(captured))
 
 
-@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
-def test_every_expert_is_calibrated_and_what_is_not_is_said(family: str, tmp_path: Path,
-                                                            caplog: pytest.LogCaptureFixture) -> None:
-    """With --calib, every expert is quantized by GPTQ with its own routed inputs, stored per expert
-    (Mixtral: 26 of 34 SVD tensors fell back to round-to-nearest before, silently) or 3-D (GPT-OSS,
-    one expert at a time). A matrix with no statistics (here the embedding, made an MLP matrix by a
-    role override: a lookup, not a linear map) is listed in the manifest and warned about."""
-    base, tuned = _fine_tune(family, MATRIX[family], tmp_path)
+def test_a_matrix_without_statistics_is_listed_and_warned_about(tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """A layer matrix calibration has no statistics for (here the embedding, made an MLP matrix by a
+    role override: a lookup, not a linear map) falls back to round-to-nearest: the manifest lists
+    it in quantizer.uncalibrated, its meta says rtn, and create warns once; every other matrix,
+    3-D experts included, is quantized by GPTQ."""
+    base, tuned = _fine_tune("gpt_oss", MATRIX["gpt_oss"], tmp_path)
     calib = tmp_path / "calib.txt"
     calib.write_text(" ".join(f"w{i % 37} {i}" for i in range(2000)))
     recipe = {**PAPER_RECIPE, "name": "embedding-as-mlp",
               "role_overrides": [{"pattern": r"embed_tokens\.weight$", "role": "mlp"}]}
     pack = create_pack(base, tuned, tmp_path / "pack", task="t", recipe=recipe, calib=calib, calib_samples=4,
                        calib_seqlen=32)
-    modules, quantizer = pack.manifest["modules"], pack.manifest["quantizer"]
-    quantized = {}
-    for name, entry in modules.items():
-        if entry["operator"] == "svd-mixed":
-            for part, meta in enumerate(entry["meta"].get("parts", [entry["meta"]])):
-                quantized[f"{name}#{part}" if "split" in entry else name] = meta["quantizer"]
-    fallen_back = sorted(n for n, q in quantized.items() if q == "rtn")
-    assert quantizer["method"] == "gptq" and len(quantized) > 10
-    assert fallen_back == quantizer["uncalibrated"] == ["model.embed_tokens.weight"]
-    assert any("split" in entry for entry in modules.values()) == (family == "gpt_oss")
+    quantizers = _svd_quantizers(pack)
+    fallen_back = sorted(n for n, q in quantizers.items() if q == "rtn")
+    assert fallen_back == pack.manifest["quantizer"]["uncalibrated"] == ["model.embed_tokens.weight"]
+    assert any(n.startswith("model.layers.0.mlp.experts.gate_up_proj#") for n in quantizers)
     warned = [r.getMessage() for r in caplog.records if "had no calibration statistics" in r.getMessage()]
     assert len(warned) == 1 and warned[0].startswith("1 of ")
