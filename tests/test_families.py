@@ -242,6 +242,10 @@ def test_calibration_sees_every_layer_as_a_plain_forward_does(family: str, tmp_p
         for name in names:
             assert captured[name].samples == count, name
             assert torch.allclose(captured[name].hessian, 2.0 / count * total, rtol=1e-6, atol=1e-9), name
+            # Orientation as saved: GPT-2's Conv1D stores (in, out), nn.Linear (out, in).
+            rows, columns = checkpoint.shape(name)
+            assert captured[name].hessian.shape[0] == (rows if captured[name].transposed else columns), name
+            assert captured[name].transposed == (family == "gpt2" and "wte" not in name), name
 
     layer_maps = {n for n in checkpoint.names()
                   if role_of(n, model_type=family, ndim=len(checkpoint.shape(n))) in ("attention", "mlp", "router")

@@ -13,7 +13,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
-from skillhub.compress.roles import MATRIX_ROLES, ROLES, is_transposed, role_of
+from skillhub.compress.roles import MATRIX_ROLES, ROLES, role_of
 
 # In-vocab special tokens: the defaults (32000, 50256...) are outside a 64-token vocab,
 # which phi3 rejects outright and the others warn about.
@@ -203,50 +203,6 @@ def test_generic_rules_agree_on_known_layouts(model_type: str) -> None:
         family = role_of(name, model_type=model_type, ndim=len(shape))
         generic = role_of(name, model_type=None, ndim=len(shape))
         assert generic == family, name
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        "transformer.h.0.attn.c_attn.weight",
-        "transformer.h.1.attn.c_proj.weight",
-        "transformer.h.0.mlp.c_fc.weight",
-        "transformer.h.1.mlp.c_proj.weight",
-        "h.0.attn.c_attn.weight",  # openai-community/gpt2 saves keys without "transformer."
-    ],
-)
-def test_gpt2_conv1d_is_transposed(name: str) -> None:
-    assert is_transposed(name, model_type="gpt2")
-
-
-def test_transposed_flag_matches_stored_shapes() -> None:
-    """The flag must agree with where in_features (hidden size 32) sits in the shape."""
-    gpt2 = state_shapes("gpt2")
-    assert gpt2["transformer.h.0.attn.c_attn.weight"] == (32, 96)
-    assert gpt2["transformer.h.0.mlp.c_fc.weight"] == (32, 128)
-    assert gpt2["transformer.h.0.mlp.c_proj.weight"] == (128, 32)
-    llama = state_shapes("llama")
-    assert llama["model.layers.0.mlp.up_proj.weight"] == (64, 32)
-    assert not is_transposed("model.layers.0.mlp.up_proj.weight", model_type="llama")
-
-
-@pytest.mark.parametrize(
-    ("name", "model_type"),
-    [
-        ("transformer.wte.weight", "gpt2"),
-        ("transformer.wpe.weight", "gpt2"),
-        ("lm_head.weight", "gpt2"),
-        ("transformer.h.0.attn.c_attn.bias", "gpt2"),
-        ("model.layers.0.self_attn.qkv_proj.weight", "phi3"),
-        ("model.layers.0.mlp.gate_up_proj.weight", "phi3"),
-        ("model.layers.0.self_attn.q_proj.weight", "llama"),
-        # gpt_bigcode reuses GPT-2's names on nn.Linear, so names alone must not decide.
-        ("transformer.h.0.attn.c_attn.weight", "gpt_bigcode"),
-        ("transformer.h.0.attn.c_attn.weight", None),
-    ],
-)
-def test_not_transposed(name: str, model_type: str | None) -> None:
-    assert not is_transposed(name, model_type=model_type)
 
 
 @pytest.mark.parametrize("model_type", [None, "totally_new_arch"])

@@ -288,9 +288,10 @@ def combined_profile(name: str, parts: list[DirectionProfile]) -> DirectionProfi
     )
 
 
-def _profile_modules(deltas: Any, roles: dict[str, str], splits: dict[str, Split], tied: str | None, ratio: float,
-                     budget_bits: int, statistics: Any, context: Any) -> tuple[dict[str, tuple[str, dict[str, Any]]], int, list[DirectionProfile],
-                                            dict[str, torch.Tensor]]:
+def _profile_modules(
+    deltas: Any, roles: dict[str, str], splits: dict[str, Split], tied: str | None, ratio: float, budget_bits: int,
+    statistics: Any, context: Any,
+) -> tuple[dict[str, tuple[str, dict[str, Any]]], int, list[DirectionProfile], dict[str, torch.Tensor]]:
     """One pass over the deltas: norms and biases stored raw, each attention/MLP matrix profiled
     (what each direction at each bit width gains and costs), embedding/head deltas held back
     until the rest is sized. Returns plans so far, their fixed bits, the profiles, the held deltas."""

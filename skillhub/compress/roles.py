@@ -120,16 +120,6 @@ _CHAINS: dict[str | None, _Rules] = {
     None: _BUFFERS + _GENERIC,
 }
 
-# Only HF's Conv1D stores (in, out). Not guessed from names: gpt_bigcode (StarCoder) reuses
-# GPT-2's c_attn/c_proj/c_fc names with ordinary nn.Linear weights.
-_TRANSPOSED: dict[str, re.Pattern[str]] = {
-    "gpt2": re.compile(
-        r"(^|\.)(attn\.c_attn|crossattention\.(c_attn|q_attn)|(attn|crossattention|mlp)\.c_proj"
-        r"|mlp\.c_fc)\.weight$"
-    ),
-}
-
-
 # Roles whose operators factor or prune a matrix (SVD, magnitude pruning of rows).
 MATRIX_ROLES = ("embedding", "head", "attention", "mlp")
 # Learned tensors that are not matrices of a layer, whatever module owns them: the weight of a
@@ -171,22 +161,3 @@ def role_of(name: str, *, model_type: str | None, ndim: int) -> str:
         if pattern.search(name):
             return "other" if ndim < 2 and role in MATRIX_ROLES else role
     return "other"
-
-
-def is_transposed(name: str, *, model_type: str | None) -> bool:
-    """Tell whether a linear weight is stored as ``(in_features, out_features)``.
-
-    That is the layout of GPT-2's Conv1D (``c_attn``, ``c_proj``, ``c_fc``); ``nn.Linear``
-    stores ``(out_features, in_features)``. Calibration code needs the orientation to
-    multiply activations against the weight.
-
-    Args:
-        name: The safetensors key of the parameter.
-        model_type: ``model_type`` from config.json; ``None`` or unknown means ``nn.Linear``.
-
-    Returns:
-        True only for Conv1D weights of a family known to use Conv1D.
-    """
-    family = _family(model_type)
-    pattern = _TRANSPOSED.get(family) if family else None
-    return bool(pattern and pattern.search(name))

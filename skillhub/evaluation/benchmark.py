@@ -58,8 +58,8 @@ from skillhub.compress.recipe import PAPER_RECIPE, Recipe
 
 METHODS = ("paper", "budget", "svd-mixed-rtn", "lowrank-fp16", "prune-fp16", "bitdelta")
 DEFAULT_RATIO = 1 / 16
-PAPER_GROUPS = {rule["match"]["role"]: rule["params"]["groups"]
-                for rule in PAPER_RECIPE["rules"] if rule["operator"] == "svd-mixed"}
+PAPER_GROUPS = {rule["match"]["role"]: rule["params"]["groups"]  # the attention and MLP rules
+                for rule in PAPER_RECIPE["rules"] if rule["operator"] == "svd-mixed" and "tied" not in rule["match"]}
 
 
 def paper_groups_for(role: str, rows: int, cols: int, target_bytes: int) -> list[tuple[int, int]]:
