@@ -271,4 +271,20 @@ def test_a_matrix_without_statistics_is_listed_and_warned_about(tmp_path: Path,
     assert fallen_back == pack.manifest["quantizer"]["uncalibrated"] == ["model.embed_tokens.weight"]
     assert any(n.startswith("model.layers.0.mlp.experts.gate_up_proj#") for n in quantizers)
     warned = [r.getMessage() for r in caplog.records if "had no calibration statistics" in r.getMessage()]
-    assert len(warned) == 1 and warned[0].startswith("1 of ")
+    assert len(warned) == 1 and warned[0].startswith("1 layer matrices")
+
+
+def test_an_expert_no_calibration_token_reached_is_listed(tmp_path: Path) -> None:
+    """Two calibration tokens routed to one expert each reach at most 2 of 8 experts per layer: the
+    others have no statistics, fall back to round-to-nearest, and are listed as NAME#EXPERT."""
+    base, tuned = _fine_tune("gpt_oss", {**MATRIX["gpt_oss"], "num_local_experts": 8, "num_experts_per_tok": 1},
+                             tmp_path)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("ab ab ab")
+    pack = create_pack(base, tuned, tmp_path / "pack", task="t", calib=calib, calib_samples=1, calib_seqlen=2)
+    listed = pack.manifest["quantizer"]["uncalibrated"]
+    quantizers = _svd_quantizers(pack)
+    assert sorted(listed) == sorted(n for n, q in quantizers.items() if q == "rtn")
+    assert all("mlp.experts." in name and "#" in name for name in listed)
+    assert len(listed) >= 2 * 2 * 6  # 2 layers x (gate_up, down) x at least 6 experts
+    assert any(q == "gptq" and "#" in n for n, q in quantizers.items())  # the experts that were reached

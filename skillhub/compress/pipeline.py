@@ -30,7 +30,8 @@ from skillhub.compress.delta import check_compatible, iter_deltas
 from skillhub.errors import SkillhubError
 from skillhub.pack.manifest import FORMAT_VERSION, check_pack_identity, totals
 from skillhub.io.checkpoint import Checkpoint, Fingerprint, open_checkpoint
-from skillhub.operators import EncodeContext, encode_module, provenance
+from skillhub.operators import EncodeContext, LayerStatistics, Split, encode_module, provenance
+from skillhub.operators.parts import part_statistics
 from skillhub.io.outputs import check_output, staged_directory
 from skillhub.pack.format import PackWriter, SkillPack, load_pack
 from skillhub.progress import ProgressCallback, no_progress, reporting
@@ -250,6 +251,16 @@ def _plan_budget(inputs: _Inputs, plans: dict[str, ModulePlan], roles_from: Reci
 _CALIBRATED_ROLES = ("attention", "mlp", "head")
 
 
+def _without_statistics(name: str, statistics: LayerStatistics | None, split: Split | None) -> list[str]:
+    """``name`` if calibration has nothing for it, else ``name#part`` for each expert of a 3-D stack
+    that no calibration token was routed to."""
+    if statistics is None:
+        return [name]
+    if split is None or statistics.hessian.dim() == 2:
+        return []
+    return [f"{name}#{part}" for part in range(len(split.sizes)) if part_statistics(statistics, split, part) is None]
+
+
 @dataclass
 class _Encoded:
     """What stage 4 produced: per-module manifest entries and whole-delta statistics."""
@@ -279,8 +290,8 @@ def _encode_all(inputs: _Inputs, plans: dict[str, ModulePlan], writer: PackWrite
             continue
         plan = plans[item.name]
         statistics = cursor.get(item.name) if cursor else None
-        if cursor is not None and statistics is None and plan.role in _CALIBRATED_ROLES:
-            uncalibrated.append(item.name)
+        if cursor is not None and plan.role in _CALIBRATED_ROLES:
+            uncalibrated.extend(_without_statistics(item.name, statistics, plan.split))
         ctx = EncodeContext(name=item.name, role=plan.role, device=device, seed=seed, calibration=statistics)
         result = encode_module(plan.operator, item.delta, plan.params, ctx, device=device, split=plan.split)
         squared_error += result.error_norm**2
@@ -295,8 +306,9 @@ def _encode_all(inputs: _Inputs, plans: dict[str, ModulePlan], writer: PackWrite
         }
     _log.info("compressed %d modules (%d unchanged)", len(modules), len(unchanged))
     if uncalibrated:
-        _log.warning("%d of %d layer matrices had no calibration statistics, so their operators ran without "
-                     "(svd-mixed: round-to-nearest); they are listed in the manifest's quantizer.uncalibrated, e.g. %s",
+        _log.warning("%d layer matrices (of %d modules) had no calibration statistics, so their operators ran "
+                     "without (svd-mixed: round-to-nearest); they are listed in the manifest's quantizer.uncalibrated "
+                     "(NAME#EXPERT: an expert no calibration token was routed to), e.g. %s",
                      len(uncalibrated), sum(modules[n]["role"] in _CALIBRATED_ROLES for n in modules),
                      uncalibrated[0])
     return _Encoded(modules, unchanged, uncalibrated, fingerprint.hexdigest(), parameters, squared_error, squared_norm)
