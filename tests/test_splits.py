@@ -96,6 +96,21 @@ def test_budget_mode_fits_with_split_modules(tmp_path: Path) -> None:
     assert experts["error"] < 1.0
 
 
+def test_inspect_shows_the_parts(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from skillhub.cli import main
+
+    base, tuned = _fine_tune("gpt_oss", MATRIX["gpt_oss"], tmp_path)
+    pack = create_pack(base, tuned, tmp_path / "pack", task="t")
+    shown = CliRunner().invoke(main, ["inspect", str(pack.path)], catch_exceptions=False)
+    line = next(row for row in shown.output.splitlines() if "layers.0.mlp.experts.gate_up_proj " in row)
+    assert "parts=4" in line
+    as_json = json.loads(CliRunner().invoke(main, ["inspect", str(pack.path), "--json"]).output)
+    entry = next(m for m in as_json["modules"] if m["name"] == "model.layers.0.mlp.experts.gate_up_proj")
+    assert entry["split"] == {"axis": 0, "sizes": [1, 1, 1, 1], "squeeze": True}
+
+
 def test_a_split_that_does_not_tile_the_tensor_is_refused(tmp_path: Path) -> None:
     base, tuned = _fine_tune("gpt_oss", MATRIX["gpt_oss"], tmp_path)
     pack = create_pack(base, tuned, tmp_path / "pack", task="t")
