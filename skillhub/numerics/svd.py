@@ -19,8 +19,8 @@ _RANDOMIZED_SAVING = 0.5
 # The float32 Gram path is kept when the smallest kept eigenvalue is at least this share of the
 # largest (see gram_svd).
 _FLOAT32_ENOUGH = 1e-4
-# Rows of the matrix turned to float64 at a time while forming A^T A and A V: the float64 copy of
-# an 8B MLP matrix alone would be 470 MB.
+# Rows of the matrix converted to the Gram matrix's precision at a time while forming A^T A and
+# A V: a float64 copy of an 8B MLP matrix alone would be 470 MB.
 _BLOCK_ROWS = 2048
 
 
@@ -30,7 +30,7 @@ def truncated_svd(
     """Top-``rank`` singular triplets (U: m x r, S: r, Vh: r x n) of a float32 matrix.
 
     Two exact-enough methods, the cheaper one for the shape and rank asked (a full SVD computes
-    every triplet and costs 2.3x the Gram path on an 8B layer):
+    every triplet and costs 4.7x the Gram path on an 8B layer):
 
     - the eigendecomposition of the Gram matrix of the smaller side, in float32 where the spectrum
       allows and in float64 where squaring the singular values would lose what a float32
