@@ -293,7 +293,7 @@ def capture_statistics(
     layers = _decoder_layers(model)
     layer_prefix = next(name for name, module in model.named_modules() if module is layers) + "."
     batches = list(calibration.input_ids.to(device).split(batch_size))
-    parameters = dict(model.named_parameters())
+    parameters = layout.parameters
     outside = {name: p for name, p in parameters.items() if not name.startswith(layer_prefix)}
     first_inputs: list[torch.Tensor] = []
     calls: list[list[tuple[tuple[Any, ...], dict[str, Any]]]] = [[] for _ in layers]

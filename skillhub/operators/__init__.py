@@ -16,7 +16,7 @@ from skillhub.operators.protocol import (
     meta_int,
     resolve_params,
 )
-from skillhub.operators.parts import Split, decode_parts, expected_part_fields  # noqa: E402
+from skillhub.operators.parts import Split, decode_split, expected_split_fields  # noqa: E402
 from skillhub.operators.encoding import EncodedModule, encode_module, stored_bytes  # noqa: E402
 from skillhub.operators.discovery import (  # noqa: E402,I001  (discovery needs the protocol)
     ENTRY_POINT_GROUP,
@@ -29,6 +29,6 @@ from skillhub.operators.discovery import (  # noqa: E402,I001  (discovery needs 
 
 __all__ = [
     "ENTRY_POINT_GROUP", "EncodeContext", "Encoded", "EncodedModule", "FieldLayout", "LayerStatistics", "Operator",
-    "Split", "catalog", "decode_parts", "decoder_for", "encode_module", "expected_fields", "expected_part_fields", "get_operator", "meta_int", "operator_names", "provenance",
+    "Split", "catalog", "decode_split", "decoder_for", "encode_module", "expected_fields", "expected_split_fields", "get_operator", "meta_int", "operator_names", "provenance",
     "resolve_params", "stored_bytes",
 ]

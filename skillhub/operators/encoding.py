@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from skillhub.errors import OperatorError
-from skillhub.operators.parts import Split, decode_parts, encode_parts
+from skillhub.operators.parts import Split, decode_split, encode_split
 from skillhub.operators.protocol import EncodeContext, Encoded, Operator
 
 
@@ -55,14 +55,9 @@ def encode_module(operator: Operator, delta: torch.Tensor, params: Mapping[str, 
     """
     on_device = delta if device is None else delta.to(device)
     try:
-        if split is None:
-            encoded = operator.encode(on_device, params, ctx)
-            decoded = operator.decode({k: v.cpu() for k, v in encoded.tensors.items()}, encoded.meta, params,
-                                      tuple(delta.shape), version=operator.version)
-        else:
-            encoded = encode_parts(operator, on_device, params, ctx, split)
-            decoded = decode_parts(operator, {k: v.cpu() for k, v in encoded.tensors.items()}, encoded.meta, params,
-                                   tuple(delta.shape), split, version=operator.version)
+        encoded = encode_split(operator, on_device, params, ctx, split)
+        decoded = decode_split(operator, {k: v.cpu() for k, v in encoded.tensors.items()}, encoded.meta, params,
+                               tuple(delta.shape), split, version=operator.version)
     except ValueError as exc:  # operators' documented way to refuse an input
         raise OperatorError(f"operator {operator.name} cannot encode {ctx.name}: {exc}") from exc
     reference = delta.cpu()

@@ -7,7 +7,8 @@ matrix's rank for several (or, for a 3-D stack flattened to experts x (a*b), a r
 the number of experts). A :class:`Split` cuts such a tensor into its matrices; each part is
 encoded by the module's operator on its own, its fields stored as ``<part>.<field>`` and its
 meta as ``meta["parts"][part]``, and decoding joins the parts back. Operators never see a split:
-any operator, plugins included, works per part.
+any operator, plugins included, works per part. The functions below take ``split=None`` for a
+module stored whole, so callers have one path for both.
 """
 
 from __future__ import annotations
@@ -79,9 +80,11 @@ def part_statistics(statistics: LayerStatistics | None, split: Split, part: int)
     return replace(statistics, hessian=hessian)
 
 
-def encode_parts(operator: Operator, delta: torch.Tensor, params: Mapping[str, Any], ctx: EncodeContext,
-                 split: Split) -> Encoded:
+def encode_split(operator: Operator, delta: torch.Tensor, params: Mapping[str, Any], ctx: EncodeContext,
+                 split: Split | None) -> Encoded:
     """Encode every piece of ``delta`` on its own (with its own statistics and RNG stream)."""
+    if split is None:
+        return operator.encode(delta, params, ctx)
     tensors: dict[str, torch.Tensor] = {}
     metas = []
     for index, piece in enumerate(split.pieces(delta)):
@@ -92,8 +95,11 @@ def encode_parts(operator: Operator, delta: torch.Tensor, params: Mapping[str, A
     return Encoded(tensors=tensors, meta={"parts": metas})
 
 
-def decode_parts(operator: Operator, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any],
-                 params: Mapping[str, Any], shape: tuple[int, ...], split: Split, *, version: str) -> torch.Tensor:
+def decode_split(operator: Operator, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any],
+                 params: Mapping[str, Any], shape: tuple[int, ...], split: Split | None, *, version: str
+                 ) -> torch.Tensor:
+    if split is None:
+        return operator.decode(tensors, meta, params, shape, version=version)
     pieces = []
     for index, (part_meta, part_shape) in enumerate(zip(_part_metas(meta, split), split.part_shapes(shape))):
         prefix = f"{index}."
@@ -102,9 +108,11 @@ def decode_parts(operator: Operator, tensors: Mapping[str, torch.Tensor], meta: 
     return split.join(pieces)
 
 
-def expected_part_fields(operator: Operator, meta: Mapping[str, Any], params: Mapping[str, Any],
-                         shape: tuple[int, ...], split: Split, *, version: str) -> FieldLayout | None:
-    """The stored fields of a split module, ``<part>.<field>``; None for an operator without a layout."""
+def expected_split_fields(operator: Operator, meta: Mapping[str, Any], params: Mapping[str, Any],
+                          shape: tuple[int, ...], split: Split | None, *, version: str) -> FieldLayout | None:
+    """The stored fields of a module (``<part>.<field>`` when split); None for an operator without a layout."""
+    if split is None:
+        return expected_fields(operator, meta, params, shape, version=version)
     layout: FieldLayout = {}
     for index, (part_meta, part_shape) in enumerate(zip(_part_metas(meta, split), split.part_shapes(shape))):
         fields = expected_fields(operator, part_meta, params, part_shape, version=version)

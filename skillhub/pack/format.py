@@ -32,10 +32,9 @@ from skillhub.pack.manifest import (
 from skillhub.operators import (
     Operator,
     Split,
-    decode_parts,
+    decode_split,
     decoder_for,
-    expected_fields,
-    expected_part_fields,
+    expected_split_fields,
     resolve_params,
 )
 from skillhub.io.tensorfile import TensorFile, TensorFileWriter, dtype_name
@@ -159,10 +158,8 @@ class SkillPack:
         operator = self._decoder(module)
         params = self._params(module, operator)
         try:
-            split = self._split(module)
-            layout = expected_fields(operator, entry.meta, params, entry.shape, version=entry.operator_version) \
-                if split is None else \
-                expected_part_fields(operator, entry.meta, params, entry.shape, split, version=entry.operator_version)
+            layout = expected_split_fields(operator, entry.meta, params, entry.shape, self._split(module),
+                                           version=entry.operator_version)
         except ValueError as exc:
             raise PackError(f"{where}: its meta does not fit operator {operator.name}: {exc}") from exc
         if layout is None:
@@ -214,11 +211,8 @@ class SkillPack:
         entry, where = self.modules[module], f"pack {self.name!r} module {module}"
         operator = self._decoder(module)
         try:
-            split, params = self._split(module), self._params(module, operator)
-            delta = operator.decode(self.fields(module), entry.meta, params, entry.shape,
-                                    version=entry.operator_version) if split is None else \
-                decode_parts(operator, self.fields(module), entry.meta, params, entry.shape, split,
-                             version=entry.operator_version)
+            delta = decode_split(operator, self.fields(module), entry.meta, self._params(module, operator),
+                                 entry.shape, self._split(module), version=entry.operator_version)
         except (ValueError, KeyError, IndexError, TypeError, RuntimeError) as exc:
             raise PackError(f"{where} cannot be decoded by operator {operator.name}: {exc}"[:300]) from exc
         if tuple(delta.shape) != entry.shape:
