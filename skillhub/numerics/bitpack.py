@@ -2,8 +2,12 @@
 
 Codes are laid out as one little-endian bit stream: code i occupies bits
 [i*b, (i+1)*b) of the stream, so 3-bit codes straddle byte boundaries and a tensor of n
-b-bit codes takes exactly ceil(n*b/8) bytes. Work is done in chunks so the temporary
-bit matrix never exceeds a few MB regardless of the tensor size.
+b-bit codes takes exactly ceil(n*b/8) bytes. Work is done in chunks so temporaries never exceed
+a few MB regardless of the tensor size.
+
+Codes of up to 8 bits (every quantized factor, the pruning masks) are packed eight at a time: eight
+b-bit codes fill exactly b bytes, built as one 64-bit little-endian word, so no per-bit array is
+ever made. Wider codes (pruning gaps) go through a bit stream.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
         raise ValueError(f"codes must lie in [0, {(1 << bits) - 1}] for {bits}-bit packing")
     if bits == 8:
         return flat.to(torch.uint8).clone()
+    if bits < 8:
+        return torch.from_numpy(_pack_words(flat.to(torch.uint8).numpy(), bits))
     values = flat.to(torch.int64).numpy().astype(np.uint32)
     shifts = np.arange(bits, dtype=np.uint32)
     out = np.empty(packed_nbytes(values.size, bits), dtype=np.uint8)
@@ -60,6 +66,8 @@ def unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
         raise ValueError(f"{data.size} bytes cannot hold {count} codes of {bits} bits")
     if bits == 8:
         return torch.from_numpy(data[:count].copy())
+    if bits < 8:
+        return torch.from_numpy(_unpack_words(data, bits, count))
     weights = (1 << np.arange(bits, dtype=np.int64)).astype(np.int64)
     out = np.empty(count, dtype=np.uint8 if bits <= 8 else np.int64)
     for start in range(0, count, CHUNK):
@@ -68,6 +76,41 @@ def unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
         stream = np.unpackbits(data[offset : offset + packed_nbytes(n, bits)], bitorder="little", count=n * bits)
         out[start : start + n] = stream.reshape(n, bits).astype(np.int64) @ weights
     return torch.from_numpy(out)
+
+
+def _pack_words(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Eight codes of ``bits`` < 8 bits -> one uint64 word whose low ``bits`` bytes are the stream."""
+    out = np.empty(packed_nbytes(codes.size, bits), dtype=np.uint8)
+    shifts = np.arange(0, 8 * bits, bits, dtype=np.uint64)
+    for start in range(0, codes.size, CHUNK):
+        chunk = codes[start : start + CHUNK]
+        padded = np.zeros(-(-chunk.size // 8) * 8, dtype=np.uint64)
+        padded[: chunk.size] = chunk
+        words = np.bitwise_or.reduce(padded.reshape(-1, 8) << shifts, axis=1)
+        stream = words.astype("<u8").view(np.uint8).reshape(-1, 8)[:, :bits].reshape(-1)
+        offset = start * bits // 8
+        end = min(out.size, offset + stream.size)
+        out[offset:end] = stream[: end - offset]
+    return out
+
+
+def _unpack_words(data: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Inverse of :func:`_pack_words`: the first ``count`` codes, as uint8."""
+    out = np.empty(count, dtype=np.uint8)
+    shifts = np.arange(0, 8 * bits, bits, dtype=np.uint64)
+    for start in range(0, count, CHUNK):
+        n = min(CHUNK, count - start)
+        groups = -(-n // 8)
+        offset = start * bits // 8
+        stored = data[offset : offset + min(groups * bits, packed_nbytes(n, bits))]
+        padded = np.zeros(groups * bits, dtype=np.uint8)
+        padded[: stored.size] = stored
+        raw = np.zeros((groups, 8), dtype=np.uint8)
+        raw[:, :bits] = padded.reshape(groups, bits)
+        words = raw.view("<u8")  # (groups, 1)
+        codes = (words >> shifts) & np.uint64((1 << bits) - 1)
+        out[start : start + n] = codes.reshape(-1)[:n]
+    return out
 
 
 def _check_bits(bits: int) -> None:

@@ -266,7 +266,7 @@ class SVDMixedOperator:
         if meta.get("transposed"):
             m, n = n, m
         s = tensors["S"].to(torch.float32)
-        out = torch.zeros(m, n, dtype=torch.float32)
+        left, right = [], []  # U Sigma and V^T, one block per rank group, multiplied once
         offsets = {key: 0 for key in tensors}
         start = 0
         for size, bits in meta["groups"]:
@@ -281,8 +281,10 @@ class SVDMixedOperator:
                 factors.append(QuantizedMatrix.from_packed(
                     *pieces, rows=size, cols=length, bits=bits, group_size=params["group_size"]).dequantize())
             u_t, vh = factors
-            out += (u_t.T * s[start:start + size]) @ vh
+            left.append(u_t.T * s[start:start + size])
+            right.append(vh)
             start += size
+        out = torch.cat(left, dim=1) @ torch.cat(right)
         if meta.get("transposed"):
             out = out.T
         return out.reshape(shape)
