@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from skillhub.numerics.gptq import gptq_quantize, output_error
+from skillhub.numerics.gptq import gptq_quantize, output_error, prepare_hessian
 from skillhub.numerics.quantize import QUANT_BITS, quantize_rtn
 
 
@@ -63,6 +63,23 @@ def test_dead_inputs_are_zeroed_and_singular_hessians_are_damped() -> None:
     assert torch.all(quantized.dequantize()[:, 5] == 0)
     low_rank = torch.ones(64, 64)  # rank one: positive semi-definite only
     assert gptq_quantize(weight, low_rank, bits=4, group_size=16).codes.shape == weight.shape
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_a_prepared_hessian_quantizes_every_matrix_as_the_hessian_itself_does(act_order: bool) -> None:
+    """svd-mixed factors the Hessian once for all its rank groups: the codes must not change."""
+    weight, hessian = _problem(cols=96)
+    hessian[7, :] = 0
+    hessian[:, 7] = 0
+    original = hessian.clone()
+    prepared = prepare_hessian(hessian, damp=0.01, act_order=act_order)
+    assert torch.equal(hessian, original)  # factored in a copy: the caller's Hessian is untouched
+    for rows in (slice(0, 20), slice(20, 48)):  # two "rank groups", one preparation
+        direct = gptq_quantize(weight[rows], hessian, bits=3, group_size=32, act_order=act_order)
+        shared = gptq_quantize(weight[rows], prepared, bits=3, group_size=32)
+        for ours, theirs in zip(shared.packed(), direct.packed()):
+            assert torch.equal(ours, theirs)
+    assert torch.all(shared.dequantize()[:, 7] == 0)
 
 
 def test_bad_arguments_are_refused() -> None:

@@ -28,6 +28,8 @@ With H = I no error is propagated and the result equals round-to-nearest exactly
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from skillhub.numerics.quantize import QUANT_BITS, QuantizedMatrix, fit_scale_zero, num_groups
@@ -36,22 +38,51 @@ DEFAULT_DAMP = 0.01
 DEFAULT_BLOCK_SIZE = 128
 
 
-def _inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of the damped inverse Hessian, raising damping until it exists.
+@dataclass(frozen=True)
+class PreparedHessian:
+    """What GPTQ derives from a Hessian before it quantizes anything, shared by every matrix
+    quantized against the same inputs (the rank groups of one SVD): the inputs no sample
+    reached, the column order, and the upper Cholesky factor of the damped inverse."""
 
-    Damps ``hessian`` in place (the caller owns the copy): a 4096-wide Hessian is 64 MB.
+    dead: torch.Tensor  # bool, per column: H_jj == 0
+    perm: torch.Tensor | None  # column visiting order with act_order, else None
+    inverse_cholesky: torch.Tensor
+
+
+def prepare_hessian(hessian: torch.Tensor, *, damp: float = DEFAULT_DAMP, act_order: bool = False,
+                    device: torch.device | None = None) -> PreparedHessian:
+    """Steps 1-3 of the module docstring, raising damping until the factor exists.
+
+    One working copy of the Hessian, factored and inverted in place (a 14336-wide float32
+    Hessian is 822 MB: a copy per step would triple that).
+
+    Raises:
+        ValueError: No damping makes the Hessian positive definite.
     """
-    diagonal = torch.arange(hessian.shape[0], device=hessian.device)
-    undamped = torch.diag(hessian).clone()
+    device = hessian.device if device is None else device
+    work = hessian.detach().to(device=device, dtype=torch.float32)
+    diagonal = torch.diagonal(work)
+    dead = diagonal == 0
+    undamped = torch.where(dead, torch.ones_like(diagonal), diagonal)
+    perm = torch.argsort(undamped, descending=True) if act_order else None
+    if perm is not None:
+        undamped = undamped[perm]
     mean_diag = torch.mean(undamped)
+    info = torch.empty((), dtype=torch.int32, device=device)
     for attempt in range(6):
-        hessian[diagonal, diagonal] = undamped + damp * (10**attempt) * mean_diag
-        lower, info = torch.linalg.cholesky_ex(hessian)
+        work = hessian.detach().to(device=device, dtype=torch.float32, copy=True)
+        work[dead, :] = 0
+        work[:, dead] = 0
+        if perm is not None:
+            work = work[perm][:, perm]
+        torch.diagonal(work).copy_(undamped + damp * (10**attempt) * mean_diag)
+        torch.linalg.cholesky_ex(work, out=(work, info))  # in place: tested bit-identical to a copy
+        if int(info) != 0:
+            continue
+        torch.cholesky_inverse(work, out=work)
+        torch.linalg.cholesky_ex(work, upper=True, out=(work, info))
         if int(info) == 0:
-            inverse = torch.cholesky_inverse(lower)
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            if int(info) == 0:
-                return upper
+            return PreparedHessian(dead=dead, perm=perm, inverse_cholesky=work)
     raise ValueError("the calibration Hessian is not positive definite even with heavy damping")
 
 
@@ -67,7 +98,7 @@ def _fit_column(column: torch.Tensor, bits: int, group_size: int) -> tuple[torch
 
 def gptq_quantize(
     weight: torch.Tensor,
-    hessian: torch.Tensor,
+    hessian: torch.Tensor | PreparedHessian,
     *,
     bits: int,
     group_size: int,
@@ -80,7 +111,9 @@ def gptq_quantize(
 
     Args:
         weight: The matrix to quantize.
-        hessian: 2 X X^T of the calibration inputs the matrix multiplies (any positive scale).
+        hessian: 2 X X^T of the calibration inputs the matrix multiplies (any positive scale), or
+            what :func:`prepare_hessian` made of it (then ``act_order`` and ``damp`` are the
+            prepared ones).
         bits: 2, 3, 4 or 8.
         group_size: Entries per scale group (along columns for ``row``, along rows for ``column``).
         scale_axis: ``"row"`` or ``"column"``, see the module docstring.
@@ -98,16 +131,18 @@ def gptq_quantize(
         raise ValueError(f"bits must be one of {QUANT_BITS}, got {bits}")
     if scale_axis not in ("row", "column"):
         raise ValueError(f"scale_axis must be 'row' or 'column', got {scale_axis!r}")
-    if act_order and scale_axis == "column":
-        raise ValueError("act_order needs scale_axis='row'")
     W = weight.detach().to(torch.float32).clone()
     rows, cols = W.shape
-    if hessian.shape != (cols, cols):
-        raise ValueError(f"Hessian of shape {tuple(hessian.shape)} does not fit a matrix with {cols} columns")
-    H = hessian.detach().to(device=W.device, dtype=torch.float32).clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
+    prepared = hessian if isinstance(hessian, PreparedHessian) else None
+    size = prepared.inverse_cholesky.shape if prepared else hessian.shape
+    if tuple(size) != (cols, cols):
+        raise ValueError(f"Hessian of shape {tuple(size)} does not fit a matrix with {cols} columns")
+    act_order = prepared.perm is not None if prepared else act_order
+    if act_order and scale_axis == "column":
+        raise ValueError("act_order needs scale_axis='row'")
+    if prepared is None:
+        prepared = prepare_hessian(hessian, damp=damp, act_order=act_order, device=W.device)
+    W[:, prepared.dead.to(W.device)] = 0
 
     group_size = max(1, min(group_size, cols if scale_axis == "row" else rows))
     n_groups = num_groups(cols, group_size) if scale_axis == "row" else num_groups(rows, group_size)
@@ -119,12 +154,11 @@ def gptq_quantize(
     if act_order:
         for g in range(scale_cols):
             scales[:, g], zeros[:, g] = fit_scale_zero(W[:, g * group_size : (g + 1) * group_size], bits)
-        perm = torch.argsort(torch.diag(H), descending=True)
+        perm = prepared.perm.to(W.device)
         W = W[:, perm]
-        H = H[perm][:, perm]
     else:
         perm = torch.arange(cols, device=W.device)
-    Hinv = _inverse_cholesky(H, damp)
+    Hinv = prepared.inverse_cholesky.to(W.device)
 
     maxq = (1 << bits) - 1
     order = perm.tolist()
