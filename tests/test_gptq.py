@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from skillhub.numerics.gptq import gptq_quantize, output_error, prepare_hessian
+from skillhub.numerics.gptq import gptq_quantize, gptq_quantize_stacked, output_error, prepare_hessian
 from skillhub.numerics.quantize import QUANT_BITS, quantize_rtn
 
 
@@ -80,6 +80,46 @@ def test_a_prepared_hessian_quantizes_every_matrix_as_the_hessian_itself_does(ac
         for ours, theirs in zip(shared.packed(), direct.packed()):
             assert torch.equal(ours, theirs)
     assert torch.all(shared.dequantize()[:, 7] == 0)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_the_prepared_factor_is_the_upper_cholesky_factor_of_the_damped_inverse(act_order: bool) -> None:
+    """R^T R = (H + damp)^-1, with R read back block by block as GPTQ reads it."""
+    _, hessian = _problem(cols=200)
+    hessian = hessian.double()
+    hessian[11, :] = 0
+    hessian[:, 11] = 0
+    prepared = prepare_hessian(hessian, damp=0.01, act_order=act_order)
+    reference = hessian.clone()
+    reference[11, 11] = 1
+    if act_order:
+        assert torch.equal(prepared.perm, torch.argsort(torch.diag(reference), descending=True))
+        reference = reference[prepared.perm][:, prepared.perm]
+    reference += 0.01 * torch.diag(reference).mean() * torch.eye(200, dtype=torch.float64)
+    expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(reference)), upper=True)
+    for start, stop in ((0, 64), (64, 128), (128, 200)):
+        block = prepared.rows(start, stop).double()
+        assert torch.allclose(block, expected[start:stop, start:], rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+    assert prepared.dead.tolist() == [j == 11 for j in range(200)]
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_stacked_parts_are_quantized_as_each_alone(act_order: bool) -> None:
+    """svd-mixed quantizes V^T's rank groups (8, 3 and 2 bits) in one pass over the columns."""
+    weight, hessian = _problem(rows=60, cols=160)
+    parts = [(4, 8), (20, 3), (36, 2)]
+    prepared = prepare_hessian(hessian, damp=0.01, act_order=act_order)
+    stacked = gptq_quantize_stacked(weight, prepared, parts=parts, group_size=32)
+    start = 0
+    for (rows, bits), ours in zip(parts, stacked):
+        alone = gptq_quantize(weight[start:start + rows], prepared, bits=bits, group_size=32)
+        assert ours.bits == bits and ours.shape == (rows, 160)
+        assert int(ours.codes.max()) <= (1 << bits) - 1 and int(ours.zeros.max()) <= (1 << bits) - 1
+        for mine, theirs in zip(ours.packed(), alone.packed()):
+            assert torch.equal(mine, theirs)
+        start += rows
+    with pytest.raises(ValueError, match="do not stack"):
+        gptq_quantize_stacked(weight, prepared, parts=[(4, 8)], group_size=32)
 
 
 def test_bad_arguments_are_refused() -> None:

@@ -1,12 +1,14 @@
 """Calibration: the inputs x of every matrix a layer applies, summarised as Hessians H = 2/n X^T X.
 
 Activations come from the *tuned* model, the model a pack should reproduce, on its real forward
-pass: one plain pass records the arguments the model gives each decoder layer (masks and rotary
-embeddings differ between sliding and full attention layers), then decoder layers run one at a
-time, each over every calibration window with its own arguments. Inputs are caught where torch
-applies a parameter as a linear map, so routers and fused 3-D experts (one slice per expert) are
-seen as well as nn.Linear. Only one layer's Hessians exist at any moment; the caller consumes
-them (compresses that layer) before the next layer runs. Statistics are keyed by checkpoint name.
+pass, with memory flat in the model's size (:class:`skillhub.io.lazy_model.LazyModel`): the model
+is built without weights; one stubbed pass records the arguments the model gives each decoder layer
+(masks and rotary embeddings differ between sliding and full attention layers), then decoder layers
+are read from the checkpoint, run over every calibration window with their own arguments, and
+released, one at a time. Inputs are caught where torch applies a parameter as a linear map, so
+routers and fused 3-D experts (one slice per expert) are seen as well as nn.Linear. Only one
+layer's Hessians exist at any moment; the caller consumes them (compresses that layer) before the
+next layer runs. Statistics are keyed by checkpoint name.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import os
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,8 +29,9 @@ from torch.overrides import TorchFunctionMode
 from skillhub.errors import CalibrationError
 from skillhub.io.jsonio import MAX_TEXT_BYTES, parse_json, read_regular
 from skillhub.operators import LayerStatistics
-from skillhub.progress import quiet_transformers
+from skillhub.io.checkpoint import Checkpoint
 from skillhub.io.layout import CheckpointLayout
+from skillhub.io.lazy_model import LazyModel
 
 _LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 
@@ -151,6 +155,9 @@ _LINEAR_MAPS: dict[str, tuple[int, int]] = {  # name -> (argument index of the w
 }
 
 
+_CASTS = ("to", "type", "float")  # Tensor methods that copy a parameter into another dtype
+
+
 @dataclass(frozen=True)
 class _Use:
     """One parameter used as a linear map: which slice (expert) of it, and which axis meets x."""
@@ -161,30 +168,78 @@ class _Use:
 
 
 class _InputStatistics(TorchFunctionMode):
-    """Accumulates 2/n X^T X (float64) of the inputs every tracked parameter is applied to."""
+    """Accumulates X^T X of the inputs every tracked parameter is applied to, in float32 (as GPTQ's
+    reference does: a 14336-wide Hessian is 822 MB so, twice that in float64). Matrices applied to
+    the same input tensor (q, k and v; gate and up) share one sum while they keep seeing the same
+    inputs. A tracked weight left on the meta device (an unread output head) is applied on meta:
+    only its input is wanted."""
 
     def __init__(self, parameters: dict[str, torch.nn.Parameter]) -> None:
         super().__init__()
         self._parameters = [(name, p) for name, p in parameters.items() if p.dim() in (2, 3)]
         self.sums: dict[_Use, torch.Tensor] = {}
         self.counts: dict[_Use, int] = {}
+        self._inputs: list[tuple[torch.Tensor, _Use]] = []  # this batch's inputs, each with its first use
+        self._casts: list[tuple[str, torch.Tensor]] = []  # this batch's copies of parameters in another dtype
+
+    def next_batch(self) -> None:
+        """Forget which tensors this batch's inputs and casts were (a later batch's may reuse their memory)."""
+        self._inputs.clear()
+        self._casts.clear()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if getattr(func, "__name__", "") in _CASTS and args and isinstance(args[0], torch.Tensor):
+            # A model that casts a weight itself (DeepSeek's router: weight.type(torch.float32))
+            # applies the copy: it stands for the parameter.
+            result = func(*args, **kwargs)
+            source = next((name for name, p in self._parameters if p is args[0]), None)
+            if source is not None and result is not args[0]:
+                self._casts.append((source, result))
+            return result
         where = _LINEAR_MAPS.get(getattr(func, "__name__", ""))
         if where is not None and len(args) > where[0]:
             weight, x = args[where[0]], args[where[0] - 1]
             use = self._use(weight, where[1]) if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
             if use is not None and isinstance(x, torch.Tensor):
-                x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
-                product = x.T @ x
-                self.sums[use] = self.sums[use] + product if use in self.sums else product
-                self.counts[use] = self.counts.get(use, 0) + x.shape[0]
+                self._add(use, x)
+                if weight.is_meta:
+                    args = tuple(a.to("meta") if isinstance(a, torch.Tensor) else a for a in args)
+                elif weight.dtype != x.dtype:  # read as stored (bfloat16): widened for this product only
+                    args = tuple(a.to(x.dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                                 for a in args)
         return func(*args, **kwargs)
+
+    def _add(self, use: _Use, x: torch.Tensor) -> None:
+        rows = x.numel() // x.shape[-1]
+        self.counts[use] = self.counts.get(use, 0) + rows
+        first = next((u for seen, u in self._inputs if seen is x), None)
+        if first is None:
+            self._inputs.append((x, use))
+        elif first != use:
+            if use not in self.sums and self.counts[first] == self.counts[use]:
+                self.sums[use] = self.sums[first]  # the same inputs since the start: one sum
+                return
+            if self.sums.get(use) is self.sums[first]:
+                return  # added already, under the first use
+        total = self.sums.get(use)
+        if total is None:
+            total = self.sums[use] = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device)
+        elif any(other is total for key, other in self.sums.items() if key != use):
+            total = self.sums[use] = total.clone()  # a shared sum whose users now see different inputs
+        _accumulate_gram(total, x.detach().reshape(rows, x.shape[-1]).to(torch.float32))
 
     def _use(self, weight: torch.Tensor, input_axis: int) -> _Use | None:
         """The tracked parameter (or expert slice) ``weight`` is, and the axis of it x meets."""
-        for name, parameter in self._parameters:
+        candidates = [*self._parameters, *self._casts]
+        for name, parameter in candidates:
+            if weight is parameter:
+                return _Use(name, None, input_axis % 2)
+        if weight.is_meta:
+            return None
+        for name, parameter in candidates:
+            if parameter.is_meta:
+                continue
             offset = (weight.data_ptr() - parameter.data_ptr()) // parameter.element_size()
             expert, shape, strides = None, parameter.shape, parameter.stride()
             if parameter.dim() == 3:  # one expert's matrix, a slice along dim 0
@@ -200,10 +255,45 @@ class _InputStatistics(TorchFunctionMode):
                 return _Use(name, expert, 1 - input_axis % 2)
         return None
 
-    def statistics(self) -> dict[_Use, LayerStatistics]:
-        return {use: LayerStatistics(hessian=(2.0 / self.counts[use]) * total, samples=self.counts[use],
-                                     transposed=use.input_axis == 0)
-                for use, total in self.sums.items()}
+    def take_statistics(self) -> dict[_Use, LayerStatistics]:
+        """H = 2/n X^T X per use: the sums, scaled in place, handed over (this object forgets them)."""
+        sums, self.sums = self.sums, {}
+        scaled: set[int] = set()
+        for use, total in sums.items():
+            if id(total) not in scaled:
+                scaled.add(id(total))
+                _symmetrize(total)
+                total.mul_(2.0 / self.counts[use])  # uses sharing a sum have the same count
+        return {use: LayerStatistics(hessian=total, samples=self.counts[use], transposed=use.input_axis == 0)
+                for use, total in sums.items()}
+
+
+def _accumulate_gram(total: torch.Tensor, x: torch.Tensor) -> None:
+    """total += x^T x, in its lower triangle only (:func:`_symmetrize` completes it).
+
+    On the CPU this is BLAS's symmetric rank-k update (through SciPy; torch has no binding): half
+    the flops of a matrix product, and the largest cost of calibration at an 8B model's MLP width.
+    """
+    if total.device.type != "cpu":
+        total.addmm_(x.T, x)
+        return
+    from scipy.linalg import blas
+
+    # Row-major x (rows, n) is column-major x^T (n, rows): syrk's C += A A^T with A = x^T. The
+    # row-major total is its own column-major transpose; SciPy's upper triangle is our lower one.
+    blas.ssyrk(1.0, x.numpy().T, beta=1.0, c=total.numpy().T, trans=0, lower=0, overwrite_c=1)
+
+
+def _symmetrize(total: torch.Tensor, block: int = 1024) -> None:
+    """Copy the lower triangle onto the upper one, in place, a block of rows at a time."""
+    if total.device.type != "cpu":
+        return  # accumulated whole by addmm_
+    n = total.shape[0]
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        diagonal = total[start:stop, start:stop]
+        diagonal.copy_(diagonal.tril() + diagonal.tril(-1).T)
+        total[start:stop, stop:] = total[stop:, start:stop].T
 
 
 def _as_saved(layout: CheckpointLayout, statistics: dict[_Use, LayerStatistics]) -> dict[str, LayerStatistics]:
@@ -266,70 +356,156 @@ def _fused_part(index: torch.Tensor, shape: torch.Size, uses: dict[tuple[int | N
             along, transposed = feature[:, 0], True
         else:
             continue
-        return LayerStatistics(hessian=stats.hessian[along][:, along], samples=stats.samples, transposed=transposed)
+        every = torch.equal(along, torch.arange(stats.hessian.shape[0], device=along.device))
+        hessian = stats.hessian if every else stats.hessian[along][:, along]  # w1 and w3 share their expert's
+        return LayerStatistics(hessian=hessian, samples=stats.samples, transposed=transposed)
     return None
 
 
 def capture_statistics(
-    model: torch.nn.Module, calibration: CalibrationSet, *, batch_size: int = 8
+    lazy: LazyModel, calibration: CalibrationSet, *, batch_size: int | None = None
 ) -> Iterator[tuple[int | None, dict[str, LayerStatistics]]]:
     """Yield ``(layer index, {checkpoint name: statistics})`` for layer 0, 1, ... and finally
     ``(None, ...)`` for matrices outside the decoder layers (the output head).
 
-    One plain forward pass over the windows records, for every decoder layer, the extra arguments
-    the model gives it (its attention mask, its rotary embeddings: they differ between sliding and
-    full attention layers in Gemma 2/3 and GPT-OSS), and the head's statistics. Then the layers run
-    again one at a time, each over every window with its own arguments, so that only one layer's
-    Hessians exist at any moment. Names are the checkpoint's, as saved (see :mod:`skillhub.io.layout`).
+    Memory stays flat in the model's size: only one decoder layer's weights are read (from the
+    checkpoint, by :class:`LazyModel`), only one layer's inputs and outputs and one layer's
+    Hessians are held, and the input embedding is read only at the vocabulary rows the windows use.
+
+    1. One forward pass with every decoder layer stubbed records the arguments the model gives
+       each layer (its attention mask and rotary embeddings: they differ between sliding and full
+       attention layers in Gemma 2/3 and GPT-OSS) and layer 0's input, then stops.
+    2. Each layer is read, run over every window with its own arguments while its inputs are
+       summarised, and released; its outputs are the next layer's inputs.
+    3. A last pass feeds the final hidden states through the model's tail (final norm, head) with
+       the layers stubbed to pass them through; the head itself is never read.
+
+    Names are the checkpoint's, as saved (see :mod:`skillhub.io.layout`).
 
     Args:
-        model: A causal LM from :func:`load_for_calibration`, on the device to compute on.
+        lazy: The tuned model from :func:`load_for_calibration`.
         calibration: Token windows.
-        batch_size: Windows per forward call.
+        batch_size: Windows per forward call (default: about 1024 tokens' worth, so that a
+            layer's intermediate activations stay near 60 MB at an 8B model's MLP width).
     """
-    model.eval()
-    layout = CheckpointLayout(model)
-    device = next(model.parameters()).device
+    model = lazy.model
     layers = _decoder_layers(model)
     layer_prefix = next(name for name, module in model.named_modules() if module is layers) + "."
-    batches = list(calibration.input_ids.to(device).split(batch_size))
-    parameters = layout.parameters
-    outside = {name: p for name, p in parameters.items() if not name.startswith(layer_prefix)}
+    seqlen = calibration.input_ids.shape[1]
+    batches = list(calibration.input_ids.split(batch_size or max(1, _BATCH_TOKENS // seqlen)))
+    outside = lazy.names(prefix="")
+    outside = [name for name in outside if not name.startswith(layer_prefix)]
+    tail = [name for name in outside if name not in _embedding_names(lazy)]  # norms, position tables
+    lazy.materialize(tail)
+    try:
+        hidden, calls = _layer_calls(lazy, layers, batches)
+        returns_tuple = False
+        for index, layer in enumerate(layers):
+            hidden, statistics, returns_tuple = _replay(lazy, layer, f"{layer_prefix}{index}.", hidden, calls[index])
+            calls[index] = []
+            saved = _as_saved(lazy.layout, statistics)
+            # Only `saved` holds the Hessians across the yield, and StatisticsCursor pops from
+            # it: each Hessian is freed as soon as its module is encoded.
+            del statistics
+            yield index, saved
+        yield None, _tail_statistics(lazy, layers, hidden, {n: lazy.parameter(n) for n in outside}, returns_tuple)
+    finally:
+        lazy.release(tail)
+
+
+def _replay(lazy: LazyModel, layer: torch.nn.Module, prefix: str, hidden: list[torch.Tensor],
+            calls: list[tuple[tuple[Any, ...], dict[str, Any]]]
+            ) -> tuple[list[torch.Tensor], dict[_Use, LayerStatistics], bool]:
+    """Read one decoder layer, run it over every batch with its own arguments while its inputs
+    are summarised, release it: (its outputs, its statistics, whether it returns a tuple)."""
+    names = lazy.names(prefix=prefix)
+    # Matrices stay as stored (bfloat16: half the memory) and are widened one product at a
+    # time by _InputStatistics: the same float32 results, since widening is exact.
+    lazy.materialize(names, matrices_as_stored=True)
+    try:
+        outputs, returns_tuple = [], False
+        with torch.no_grad(), _InputStatistics({n: lazy.parameter(n) for n in names}) as inputs:
+            for x, (args, kwargs) in zip(hidden, calls):
+                inputs.next_batch()
+                args, kwargs = _with_hidden(args, kwargs, x)
+                result = layer(*args, **kwargs)
+                returns_tuple = isinstance(result, tuple)
+                outputs.append(_output(result))
+        return outputs, inputs.take_statistics(), returns_tuple
+    finally:
+        lazy.release(names)
+
+
+def _embedding_names(lazy: LazyModel) -> set[str]:
+    """The input embedding and output head: the two vocabulary-sized matrices, never read whole."""
+    modules = [lazy.model.get_input_embeddings(), lazy.model.get_output_embeddings()]
+    return {name for name in lazy.names() if any(module is not None and lazy.parameter(name) is module.weight
+                                                 for module in modules)}
+
+
+_BATCH_TOKENS = 1024
+
+
+class _Stop(Exception):
+    """Raised by the last stubbed layer: nothing after the decoder layers is needed yet."""
+
+
+def _layer_calls(lazy: LazyModel, layers: torch.nn.ModuleList, batches: list[torch.Tensor]
+                 ) -> tuple[list[torch.Tensor], list[list[tuple[tuple[Any, ...], dict[str, Any]]]]]:
+    """Layer 0's input per batch, and every layer's call arguments (hidden states left out)."""
     first_inputs: list[torch.Tensor] = []
     calls: list[list[tuple[tuple[Any, ...], dict[str, Any]]]] = [[] for _ in layers]
 
-    def record(index: int):
-        def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            # Hidden states are kept for layer 0 only: the replay makes every later layer's.
+    def stub(index: int):
+        def forward(*args: Any, **kwargs: Any) -> Any:
             if index == 0:
                 first_inputs.append(_hidden_states(args, kwargs))
             calls[index].append(_with_hidden(args, kwargs, None))
-        return hook
+            if index == len(layers) - 1:
+                raise _Stop
+            return _hidden_states(args, kwargs)
+        return forward
 
-    # Grad mode is process state: a generator suspended inside `with torch.no_grad()` would
-    # leave autograd off for its caller, so no-grad scopes never span a yield.
-    handles = [layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    try:
-        with torch.no_grad(), _InputStatistics(outside) as head:
-            for batch in batches:
-                model(input_ids=batch, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    head_statistics = _as_saved(layout, head.statistics())
+    with _stubbed(layers, stub), torch.no_grad():
+        for batch in batches:
+            try:
+                lazy.model(inputs_embeds=lazy.embed(batch), use_cache=False)
+            except _Stop:
+                continue
+            raise CalibrationError(f"{type(lazy.model).__name__} never called its last decoder layer")
+    return first_inputs, calls
 
-    hidden = first_inputs
+
+def _tail_statistics(lazy: LazyModel, layers: torch.nn.ModuleList, finals: list[torch.Tensor],
+                     outside: dict[str, torch.nn.Parameter], returns_tuple: bool) -> dict[str, LayerStatistics]:
+    """Statistics of the matrices after the decoder layers (the head's input: the final norm's output)."""
+    current: list[torch.Tensor] = []
+
+    def stub(index: int):
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            hidden = current[0] if index == 0 else _hidden_states(args, kwargs)
+            return (hidden,) if returns_tuple else hidden
+        return forward
+
+    with _stubbed(layers, stub), torch.no_grad(), _InputStatistics(outside) as tail:
+        for final in finals:
+            tail.next_batch()
+            current[:] = [final]
+            lazy.model(inputs_embeds=torch.zeros_like(final), use_cache=False)
+    return _as_saved(lazy.layout, tail.take_statistics())
+
+
+@contextmanager
+def _stubbed(layers: torch.nn.ModuleList, stub: Any) -> Iterator[None]:
+    """Each layer's ``forward`` replaced by ``stub(index)`` (module attributes the model reads, such
+    as a layer's attention type, stay as they are)."""
     for index, layer in enumerate(layers):
-        prefix = f"{layer_prefix}{index}."
-        mine = {name: p for name, p in parameters.items() if name.startswith(prefix)}
-        outputs = []
-        with torch.no_grad(), _InputStatistics(mine) as inputs:
-            for x, (args, kwargs) in zip(hidden, calls[index]):
-                args, kwargs = _with_hidden(args, kwargs, x)
-                outputs.append(_output(layer(*args, **kwargs)))
-        hidden, calls[index] = outputs, []
-        yield index, _as_saved(layout, inputs.statistics())
-    yield None, head_statistics
+        layer.forward = stub(index)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
 
 
 def _hidden_states(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
@@ -348,17 +524,11 @@ def _output(result: Any) -> torch.Tensor:
     return result[0] if isinstance(result, tuple) else result
 
 
-def load_for_calibration(model_dir: str | os.PathLike[str], *, device: str) -> torch.nn.Module:
-    """The tuned model in float32 on ``device``, for :func:`capture_statistics`.
-
-    MoE experts run one expert at a time ("eager"), so each expert's inputs are seen on their own.
-    """
-    from transformers import AutoModelForCausalLM
-
-    with quiet_transformers():
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
-                                                     experts_implementation="eager")
-    return model.to(device).eval()
+def load_for_calibration(model: str | os.PathLike[str] | Checkpoint, *, device: str) -> LazyModel:
+    """The tuned model for :func:`capture_statistics`: built without weights, read layer by layer
+    in float32 onto ``device``."""
+    checkpoint = model if isinstance(model, Checkpoint) else Checkpoint(model)
+    return LazyModel(checkpoint, device=device, dtype=torch.float32)
 
 
 class StatisticsCursor:
@@ -375,14 +545,18 @@ class StatisticsCursor:
         self._done = False
 
     def get(self, name: str) -> LayerStatistics | None:
-        """Statistics of ``name``'s input, or None for parameters that are not linear weights."""
+        """Statistics of ``name``'s input, or None for parameters that are not linear weights.
+
+        Each name is handed out once: the cursor lets go of it, so its Hessian is freed as soon
+        as the caller has used it."""
         wanted = layer_index(name)
         while not self._done and self._layer != wanted:
+            self._current = {}  # the finished layer's leftovers go before the next layer's arrive
             try:
                 self._layer, self._current = next(self._statistics)
             except StopIteration:
-                self._done, self._current = True, {}
-        return self._current.get(name) if self._layer == wanted else None
+                self._done = True
+        return self._current.pop(name, None) if self._layer == wanted else None
 
 
 def layer_order(names: list[str]) -> list[str]:

@@ -79,13 +79,17 @@ def iter_deltas(
         DeltaError: A delta holds NaN or Inf (naming the tensor).
     """
     for name in base.names() if names is None else names:
-        base_tensor = base.read(name)
-        if fingerprint is not None:
-            fingerprint.update(name, base_tensor)
-        delta = tuned.read(name).to(torch.float32).sub_(base_tensor)
-        # One reduction instead of an elementwise test: a sum is finite only if every term is
-        # (the exact count is made only for an error message).
-        if not torch.isfinite(delta.sum()) and not torch.isfinite(delta).all():
-            bad = int((~torch.isfinite(delta)).sum())
-            raise DeltaError(f"delta of {name} has {bad} NaN/Inf value(s): the tuned checkpoint is broken")
-        yield TensorDelta(name=name, delta=delta, base_dtype=base_tensor.dtype)
+        yield _delta(base, tuned, name, fingerprint)  # no tensor stays in this frame across the yield
+
+
+def _delta(base: Checkpoint, tuned: Checkpoint, name: str, fingerprint: Fingerprint | None) -> TensorDelta:
+    base_tensor = base.read(name)
+    if fingerprint is not None:
+        fingerprint.update(name, base_tensor)
+    delta = tuned.read(name).to(torch.float32).sub_(base_tensor)
+    # One reduction instead of an elementwise test: a sum is finite only if every term is
+    # (the exact count is made only for an error message).
+    if not torch.isfinite(delta.sum()) and not torch.isfinite(delta).all():
+        bad = int((~torch.isfinite(delta)).sum())
+        raise DeltaError(f"delta of {name} has {bad} NaN/Inf value(s): the tuned checkpoint is broken")
+    return TensorDelta(name=name, delta=delta, base_dtype=base_tensor.dtype)

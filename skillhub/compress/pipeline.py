@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from skillhub import __version__, config
+from skillhub._memory import return_freed_memory
 from skillhub.compress.budget import budget_recipe, check_ratio, plan_budget
 from skillhub.compress.calibrate import (
     StatisticsCursor,
@@ -26,7 +27,7 @@ from skillhub.compress.calibrate import (
     load_for_calibration,
 )
 from skillhub.pack.card import render_card
-from skillhub.compress.delta import check_compatible, iter_deltas
+from skillhub.compress.delta import TensorDelta, check_compatible, iter_deltas
 from skillhub.errors import SkillhubError
 from skillhub.pack.manifest import FORMAT_VERSION, check_pack_identity, totals
 from skillhub.io.checkpoint import Checkpoint, Fingerprint, open_checkpoint
@@ -221,7 +222,7 @@ class _Calibration:
         windows = build_calibration_set(calib, _tokenizer(tuned), samples=samples, seqlen=seqlen)
         _log.info("calibration: %d windows of %d tokens from %s", samples, seqlen, calib)
         return cls({"method": "gptq", "calibration": windows.source}, windows,
-                   load_for_calibration(tuned.path, device=str(device)))
+                   load_for_calibration(tuned, device=str(device)))
 
     def cursor(self) -> StatisticsCursor | None:
         """A fresh pass of layer-by-layer statistics over the tuned model (None without calibration)."""
@@ -292,18 +293,11 @@ def _encode_all(inputs: _Inputs, plans: dict[str, ModulePlan], writer: PackWrite
         statistics = cursor.get(item.name) if cursor else None
         if cursor is not None and plan.role in _CALIBRATED_ROLES:
             uncalibrated.extend(_without_statistics(item.name, statistics, plan.split))
-        ctx = EncodeContext(name=item.name, role=plan.role, device=device, seed=seed, calibration=statistics)
-        result = encode_module(plan.operator, item.delta, plan.params, ctx, device=device, split=plan.split)
-        squared_error += result.error_norm**2
-        squared_norm += result.delta_norm**2
-        modules[item.name] = {
-            "role": plan.role, "operator": plan.operator.name, "operator_version": plan.operator.version,
-            "params": plan.params, "meta": result.encoded.meta, "shape": list(item.delta.shape),
-            "dtype": dtype_name(item.base_dtype), "fields": list(result.encoded.tensors),
-            "stored_bytes": writer.add_module(item.name, result.encoded.tensors),
-            "delta_fp16_bytes": 2 * item.delta.numel(), "error": result.relative_error,
-            **({"split": plan.split.as_json()} if plan.split else {}),
-        }
+        modules[item.name], error, norm = _encode_one(item, plan, statistics, writer, device, seed)
+        squared_error += error**2
+        squared_norm += norm**2
+        del item, statistics  # before the next delta is read: one module's tensors at a time
+        return_freed_memory()
     _log.info("compressed %d modules (%d unchanged)", len(modules), len(unchanged))
     if uncalibrated:
         _log.warning("%d layer matrices (of %d modules) had no calibration statistics, so their operators ran "
@@ -312,6 +306,22 @@ def _encode_all(inputs: _Inputs, plans: dict[str, ModulePlan], writer: PackWrite
                      len(uncalibrated), sum(modules[n]["role"] in _CALIBRATED_ROLES for n in modules),
                      uncalibrated[0])
     return _Encoded(modules, unchanged, uncalibrated, fingerprint.hexdigest(), parameters, squared_error, squared_norm)
+
+
+def _encode_one(item: TensorDelta, plan: ModulePlan, statistics: LayerStatistics | None, writer: PackWriter,
+                device: torch.device, seed: int) -> tuple[dict[str, Any], float, float]:
+    """Encode one module and write its tensors: its manifest entry, ||error|| and ||delta||."""
+    ctx = EncodeContext(name=item.name, role=plan.role, device=device, seed=seed, calibration=statistics)
+    result = encode_module(plan.operator, item.delta, plan.params, ctx, device=device, split=plan.split)
+    entry = {
+        "role": plan.role, "operator": plan.operator.name, "operator_version": plan.operator.version,
+        "params": plan.params, "meta": result.encoded.meta, "shape": list(item.delta.shape),
+        "dtype": dtype_name(item.base_dtype), "fields": list(result.encoded.tensors),
+        "stored_bytes": writer.add_module(item.name, result.encoded.tensors),
+        "delta_fp16_bytes": 2 * item.delta.numel(), "error": result.relative_error,
+        **({"split": plan.split.as_json()} if plan.split else {}),
+    }
+    return entry, result.error_norm, result.delta_norm
 
 
 def _manifest(identity: dict[str, Any], inputs: _Inputs, recipe: Recipe, plans: dict[str, ModulePlan],

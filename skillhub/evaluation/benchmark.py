@@ -216,7 +216,7 @@ class _CalibrationHalves:
         half = samples // 2
         return cls(CalibrationSet(windows.input_ids[:half], windows.source),
                    CalibrationSet(windows.input_ids[half:], windows.source),
-                   load_for_calibration(tuned.path, device=device))
+                   load_for_calibration(tuned, device=device))
 
     def cursor(self, which: str) -> StatisticsCursor | None:
         windows = getattr(self, which)

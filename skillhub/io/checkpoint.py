@@ -149,6 +149,10 @@ class Checkpoint:
         """Load tensor ``name`` (and nothing else)."""
         return self._where[name].read(name)
 
+    def read_rows(self, name: str, rows: list[int]) -> torch.Tensor:
+        """Load only ``rows`` (along the first axis) of tensor ``name``."""
+        return self._where[name].read_rows(name, rows)
+
     def dominant_dtype(self) -> str:
         """The dtype most parameters are stored in, e.g. ``"bfloat16"``."""
         counts: dict[str, int] = {}

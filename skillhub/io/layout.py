@@ -18,7 +18,8 @@ from collections.abc import Iterator
 import torch
 
 
-def _revert(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+def revert(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``tensor``, the value of the model's parameter or buffer ``name``, as the checkpoint saves it."""
     from transformers.core_model_loading import revert_weight_conversion
 
     return revert_weight_conversion(model, {name: tensor})
@@ -31,7 +32,7 @@ def checkpoint_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tens
     for name, tensor in model.state_dict().items():
         if tied and name == "lm_head.weight":
             continue
-        yield from _revert(model, name, tensor).items()
+        yield from revert(model, name, tensor).items()
 
 
 class CheckpointLayout:
@@ -44,7 +45,7 @@ class CheckpointLayout:
         self.whole: dict[str, str] = {}  # parameter -> its checkpoint name, when it is one tensor, same shape
         for name, parameter in self.parameters.items():
             # Meta tensors: names and shapes only, nothing allocated.
-            reverted = _revert(model, name, torch.empty(parameter.shape, device="meta"))
+            reverted = revert(model, name, torch.empty(parameter.shape, device="meta"))
             for key in reverted:
                 self.owner[key] = name
             if len(reverted) == 1 and next(iter(reverted.values())).shape == parameter.shape:
@@ -55,4 +56,4 @@ class CheckpointLayout:
         elements in the parameter, shaped as the checkpoint tensor."""
         shape = self.parameters[parameter].shape
         dtype = torch.int32 if shape.numel() < 2**31 else torch.int64
-        return _revert(self.model, parameter, torch.arange(shape.numel(), dtype=dtype).reshape(shape))
+        return revert(self.model, parameter, torch.arange(shape.numel(), dtype=dtype).reshape(shape))

@@ -158,6 +158,25 @@ class TensorFile:
             return torch.empty(shape, dtype=dtype)
         return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
 
+    def read_rows(self, name: str, rows: list[int]) -> torch.Tensor:
+        """Read only ``rows`` (indices along the first axis) of tensor ``name``: the vocabulary
+        rows a calibration set uses, say, out of a 128k-row embedding."""
+        dtype, shape, begin, end = self._entries[name]
+        if not shape:
+            raise self._broken(f"tensor {name!r} is a scalar and has no rows")
+        row_bytes = (end - begin) // shape[0] if shape[0] else 0
+        if any(not 0 <= row < shape[0] for row in rows):
+            raise ValueError(f"tensor {name!r} has {shape[0]} rows; asked for rows outside that")
+        buffer = bytearray(row_bytes * len(rows))
+        with open(self.path, "rb") as handle:
+            for index, row in enumerate(rows):
+                handle.seek(self._data_start + begin + row * row_bytes)
+                if handle.readinto(memoryview(buffer)[index * row_bytes:(index + 1) * row_bytes]) != row_bytes:
+                    raise self._broken(f"tensor {name!r} is cut short")
+        if not buffer:
+            return torch.empty((len(rows), *shape[1:]), dtype=dtype)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(len(rows), *shape[1:])
+
 
 class TensorFileWriter:
     """Write a safetensors file one tensor at a time.

@@ -42,11 +42,23 @@ DEFAULT_BLOCK_SIZE = 128
 class PreparedHessian:
     """What GPTQ derives from a Hessian before it quantizes anything, shared by every matrix
     quantized against the same inputs (the rank groups of one SVD): the inputs no sample
-    reached, the column order, and the upper Cholesky factor of the damped inverse."""
+    reached, the column order, and the upper Cholesky factor R of the damped inverse (R^T R = H^-1).
+
+    R is kept as ``reversed_inverse`` M = R reversed along both axes, the inverse of the lower
+    Cholesky factor of H reversed: J H J = L L^T gives H^-1 = (J L^-T J)(J L^-1 J) with J L^-1 J
+    upper triangular. That costs one Cholesky and one in-place triangular inverse (2n^3/3 flops,
+    one n x n buffer) instead of Cholesky, inverse and Cholesky again (4n^3/3); measured 2.5x
+    faster at n = 4096 on CPU.
+    """
 
     dead: torch.Tensor  # bool, per column: H_jj == 0
     perm: torch.Tensor | None  # column visiting order with act_order, else None
-    inverse_cholesky: torch.Tensor
+    reversed_inverse: torch.Tensor  # M, lower triangular: R[i, j] = M[n-1-i, n-1-j]
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """R[start:stop, start:]: the rows GPTQ needs for one block of columns."""
+        n = self.reversed_inverse.shape[0]
+        return self.reversed_inverse[n - stop:n - start, :n - start].flip(0, 1)
 
 
 def prepare_hessian(hessian: torch.Tensor, *, damp: float = DEFAULT_DAMP, act_order: bool = False,
@@ -54,36 +66,54 @@ def prepare_hessian(hessian: torch.Tensor, *, damp: float = DEFAULT_DAMP, act_or
     """Steps 1-3 of the module docstring, raising damping until the factor exists.
 
     One working copy of the Hessian, factored and inverted in place (a 14336-wide float32
-    Hessian is 822 MB: a copy per step would triple that).
+    Hessian is 822 MB).
 
     Raises:
         ValueError: No damping makes the Hessian positive definite.
     """
     device = hessian.device if device is None else device
-    work = hessian.detach().to(device=device, dtype=torch.float32)
-    diagonal = torch.diagonal(work)
+    diagonal = torch.diagonal(hessian).to(device=device, dtype=torch.float32)
     dead = diagonal == 0
     undamped = torch.where(dead, torch.ones_like(diagonal), diagonal)
     perm = torch.argsort(undamped, descending=True) if act_order else None
-    if perm is not None:
-        undamped = undamped[perm]
+    order = (perm if perm is not None else torch.arange(len(diagonal), device=device)).flip(0)  # J: reversed
     mean_diag = torch.mean(undamped)
-    info = torch.empty((), dtype=torch.int32, device=device)
     for attempt in range(6):
-        work = hessian.detach().to(device=device, dtype=torch.float32, copy=True)
-        work[dead, :] = 0
-        work[:, dead] = 0
-        if perm is not None:
-            work = work[perm][:, perm]
-        torch.diagonal(work).copy_(undamped + damp * (10**attempt) * mean_diag)
-        torch.linalg.cholesky_ex(work, out=(work, info))  # in place: tested bit-identical to a copy
-        if int(info) != 0:
-            continue
-        torch.cholesky_inverse(work, out=work)
-        torch.linalg.cholesky_ex(work, upper=True, out=(work, info))
-        if int(info) == 0:
-            return PreparedHessian(dead=dead, perm=perm, inverse_cholesky=work)
+        work = hessian.detach().to(device=device, dtype=torch.float32)
+        work = work.flip(0, 1) if perm is None else work[order][:, order]  # a fresh copy: J H J
+        reversed_dead = dead[order]
+        work[reversed_dead, :] = 0
+        work[:, reversed_dead] = 0
+        torch.diagonal(work).copy_(undamped[order] + damp * (10**attempt) * mean_diag)
+        if _factor_and_invert(work):
+            return PreparedHessian(dead=dead, perm=perm, reversed_inverse=work)
     raise ValueError("the calibration Hessian is not positive definite even with heavy damping")
+
+
+def _factor_and_invert(work: torch.Tensor) -> bool:
+    """Overwrite the symmetric ``work`` = A with L^-1, A = L L^T (the other triangle zeroed);
+    False if A is not positive definite.
+
+    On the CPU, LAPACK's potrf and trtri through SciPy work in place on the buffer (torch's
+    Cholesky copies a row-major input to column-major first: 822 MB more at 14336 wide, and it has
+    no triangular inverse); elsewhere, torch's Cholesky and a triangular solve.
+    """
+    if work.device.type != "cpu":
+        lower, info = torch.linalg.cholesky_ex(work)
+        if int(info) != 0:
+            return False
+        work.copy_(torch.linalg.solve_triangular(lower, torch.eye(len(work), device=work.device), upper=False))
+        return True
+    from scipy.linalg import lapack
+
+    # Row-major A is column-major A^T = A: its upper factor U (U^T U = A) is, read row-major,
+    # the lower L = U^T; then U^-1 read row-major is (U^-1)^T = L^-1.
+    column_major = work.numpy().T
+    _, info = lapack.spotrf(column_major, lower=0, clean=1, overwrite_a=1)
+    if info != 0:
+        return False
+    _, info = lapack.strtri(column_major, lower=0, overwrite_c=1)
+    return info == 0
 
 
 def _fit_column(column: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,29 +157,93 @@ def gptq_quantize(
     Raises:
         ValueError: Bad arguments, or a Hessian that no damping makes positive definite.
     """
-    if bits not in QUANT_BITS:
-        raise ValueError(f"bits must be one of {QUANT_BITS}, got {bits}")
     if scale_axis not in ("row", "column"):
         raise ValueError(f"scale_axis must be 'row' or 'column', got {scale_axis!r}")
+    if scale_axis == "row":
+        return gptq_quantize_stacked(weight, hessian, parts=[(weight.shape[0], bits)], group_size=group_size,
+                                     act_order=act_order, damp=damp, block_size=block_size)[0]
+    _check_bits(bits)
+    if act_order or (isinstance(hessian, PreparedHessian) and hessian.perm is not None):
+        raise ValueError("act_order needs scale_axis='row'")
+    W, prepared = _setup(weight, hessian, act_order=False, damp=damp)
+    codes, scales, zeros = _quantize_columns(W, prepared, bits, max(1, min(group_size, W.shape[0])), "column",
+                                             block_size)
+    return QuantizedMatrix(codes=codes.to(torch.uint8).cpu(), scales=scales.to(torch.float16).cpu(),
+                           zeros=zeros.to(torch.uint8).cpu(), bits=bits, group_size=max(1, min(group_size, W.shape[0])))
+
+
+def gptq_quantize_stacked(
+    weight: torch.Tensor,
+    hessian: torch.Tensor | PreparedHessian,
+    *,
+    parts: list[tuple[int, int]],
+    group_size: int,
+    act_order: bool = False,
+    damp: float = DEFAULT_DAMP,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> list[QuantizedMatrix]:
+    """Quantize matrices stacked along their rows that multiply the same inputs, each at its own
+    bit width (``parts``: ``[(rows, bits), ...]`` from the top): the rank groups of V^T in one SVD.
+
+    GPTQ treats rows independently, so this is quantizing each part alone (``row`` layout, same
+    arguments as :func:`gptq_quantize`; tested), in one pass over the columns instead of one per
+    part: the pass is a Python loop over columns, so its cost is per column, not per row.
+    """
+    for _, bits in parts:
+        _check_bits(bits)
+    if sum(rows for rows, _ in parts) != weight.shape[0]:
+        raise ValueError(f"parts of {sum(rows for rows, _ in parts)} rows do not stack to {weight.shape[0]}")
+    W, prepared = _setup(weight, hessian, act_order=act_order, damp=damp)
+    widths = torch.cat([torch.full((rows,), bits) for rows, bits in parts]).to(W.device)
+    group_size = max(1, min(group_size, W.shape[1]))
+    codes, scales, zeros = _quantize_columns(W, prepared, widths if len(parts) > 1 else parts[0][1], group_size,
+                                             "row", block_size)
+    codes = codes.T
+    quantized, start = [], 0
+    for rows, bits in parts:
+        block = slice(start, start + rows)
+        quantized.append(QuantizedMatrix(codes=codes[block].to(torch.uint8).cpu(),
+                                         scales=scales[block].to(torch.float16).cpu(),
+                                         zeros=zeros[block].to(torch.uint8).cpu(), bits=bits, group_size=group_size))
+        start += rows
+    return quantized
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in QUANT_BITS:
+        raise ValueError(f"bits must be one of {QUANT_BITS}, got {bits}")
+
+
+def _setup(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian, *, act_order: bool, damp: float
+           ) -> tuple[torch.Tensor, PreparedHessian]:
+    """The working copy of ``weight`` (dead inputs zeroed) and the prepared Hessian."""
     W = weight.detach().to(torch.float32).clone()
-    rows, cols = W.shape
+    cols = W.shape[1]
     prepared = hessian if isinstance(hessian, PreparedHessian) else None
-    size = prepared.inverse_cholesky.shape if prepared else hessian.shape
+    size = prepared.reversed_inverse.shape if prepared else hessian.shape
     if tuple(size) != (cols, cols):
         raise ValueError(f"Hessian of shape {tuple(size)} does not fit a matrix with {cols} columns")
-    act_order = prepared.perm is not None if prepared else act_order
-    if act_order and scale_axis == "column":
-        raise ValueError("act_order needs scale_axis='row'")
     if prepared is None:
         prepared = prepare_hessian(hessian, damp=damp, act_order=act_order, device=W.device)
     W[:, prepared.dead.to(W.device)] = 0
+    return W, prepared
 
-    group_size = max(1, min(group_size, cols if scale_axis == "row" else rows))
+
+def _quantize_columns(W: torch.Tensor, prepared: PreparedHessian, bits: int | torch.Tensor, group_size: int,
+                      scale_axis: str, block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Step 4 of the module docstring: (codes transposed, i.e. cols x rows, scales, zeros) as float
+    tensors. ``bits`` may be one width per row (``row`` layout).
+
+    The work is done on W^T, so that each column GPTQ visits is a contiguous row in memory: a
+    column of a 14336-row U factor read with a stride was most of the time spent here.
+    """
+    rows, cols = W.shape
+    act_order = prepared.perm is not None
     n_groups = num_groups(cols, group_size) if scale_axis == "row" else num_groups(rows, group_size)
-    scale_rows, scale_cols = (rows, num_groups(cols, group_size)) if scale_axis == "row" else (cols, n_groups)
+    scale_rows, scale_cols = (rows, n_groups) if scale_axis == "row" else (cols, n_groups)
     scales = torch.zeros(scale_rows, scale_cols, device=W.device)
     zeros = torch.zeros(scale_rows, scale_cols, device=W.device)
-    codes = torch.zeros(rows, cols, device=W.device)
+    codes = torch.zeros(cols, rows, device=W.device)  # transposed, like the work
 
     if act_order:
         for g in range(scale_cols):
@@ -158,19 +252,21 @@ def gptq_quantize(
         W = W[:, perm]
     else:
         perm = torch.arange(cols, device=W.device)
-    Hinv = prepared.inverse_cholesky.to(W.device)
+    Wt = W.T.contiguous()
+    del W
 
-    maxq = (1 << bits) - 1
+    maxq = (1 << bits) - 1 if isinstance(bits, int) else (2**bits - 1).to(Wt.dtype)
     order = perm.tolist()
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        W1 = W[:, i1:i2].clone()
-        block_codes = torch.empty_like(W1)
-        errors = torch.empty_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
+        block = Wt[i1:i2].clone()
+        block_codes = torch.empty_like(block)
+        errors = torch.empty_like(block)
+        R = prepared.rows(i1, i2).to(Wt.device)  # R[i1:i2, i1:]
+        Hinv1 = R[:, : i2 - i1]
         for i in range(i2 - i1):
             column = order[i1 + i]
-            w = W1[:, i]
+            w = block[i]
             if scale_axis == "column":
                 scale, zero = _fit_column(w, bits, group_size)
                 scales[column], zeros[column] = scale, zero
@@ -181,21 +277,17 @@ def gptq_quantize(
                 if not act_order and column % group_size == 0:
                     # Fitted from W as updated by earlier blocks (the reference algorithm's choice).
                     start = i1 + i
-                    scales[:, group], zeros[:, group] = fit_scale_zero(W[:, start : start + group_size], bits)
+                    scales[:, group], zeros[:, group] = fit_scale_zero(Wt[start : start + group_size].T, bits)
                 scale, zero = scales[:, group], zeros[:, group]
-            q = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
-            block_codes[:, i] = q
+            q = torch.round(w / scale).add_(zero).clamp_(min=0)
+            q = q.clamp_(max=maxq) if isinstance(maxq, int) else torch.minimum(q, maxq, out=q)
+            block_codes[i] = q
             error = (w - (q - zero) * scale) / Hinv1[i, i]
-            W1[:, i:].addr_(error, Hinv1[i, i:], alpha=-1)
-            errors[:, i] = error
-        codes[:, perm[i1:i2] if act_order else slice(i1, i2)] = block_codes
-        W[:, i2:] -= errors @ Hinv[i1:i2, i2:]
-
-    if scale_axis == "column":
-        return QuantizedMatrix(codes=codes.T.to(torch.uint8).contiguous().cpu(), scales=scales.to(torch.float16).cpu(),
-                               zeros=zeros.to(torch.uint8).cpu(), bits=bits, group_size=group_size)
-    return QuantizedMatrix(codes=codes.to(torch.uint8).cpu(), scales=scales.to(torch.float16).cpu(),
-                           zeros=zeros.to(torch.uint8).cpu(), bits=bits, group_size=group_size)
+            block[i:].addr_(Hinv1[i, i:], error, alpha=-1)
+            errors[i] = error
+        codes[perm[i1:i2] if act_order else slice(i1, i2)] = block_codes
+        Wt[i2:] -= R[:, i2 - i1 :].T @ errors
+    return codes, scales, zeros
 
 
 def output_error(weight: torch.Tensor, approximation: torch.Tensor, hessian: torch.Tensor) -> float:

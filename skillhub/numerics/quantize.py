@@ -22,8 +22,9 @@ from skillhub.numerics.bitpack import pack_codes, packed_nbytes, unpack_codes
 QUANT_BITS = (2, 3, 4, 8)
 
 
-def fit_scale_zero(values: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric min/max scale and integer zero point for each row of ``values`` (rows, k).
+def fit_scale_zero(values: torch.Tensor, bits: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric min/max scale and integer zero point for each row of ``values`` (rows, k),
+    at ``bits`` for every row or one width per row.
 
     The range always includes 0 (as in GPTQ): the zero point is an integer code in
     ``[0, 2**bits - 1]``, which can only express an offset if 0 lies inside the range. An
@@ -31,7 +32,7 @@ def fit_scale_zero(values: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch
     float32 while codes are computed and are rounded to float16 only for storage, as in
     gptqmodel, so codes agree with it exactly.
     """
-    maxq = (1 << bits) - 1
+    maxq = (1 << bits) - 1 if isinstance(bits, int) else (2**bits - 1).to(values.dtype)
     vmin, vmax = values.amin(dim=-1), values.amax(dim=-1)
     low, high = vmin.clamp_max(0), vmax.clamp_min(0)
     empty = (low == 0) & (high == 0)
@@ -43,8 +44,8 @@ def fit_scale_zero(values: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch
     constant = (vmin == vmax) & ~empty
     scale = torch.where(constant, vmin.abs(), scale)
     scale = scale.clamp_min(torch.finfo(torch.float16).tiny)
-    zero = torch.clamp(torch.round(-low / scale), 0, maxq)
-    return scale, zero
+    zero = torch.round(-low / scale).clamp_(min=0)
+    return scale, zero.clamp_(max=maxq) if isinstance(maxq, int) else torch.minimum(zero, maxq)
 
 
 def quantize_codes(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:

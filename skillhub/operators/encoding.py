@@ -62,5 +62,11 @@ def encode_module(operator: Operator, delta: torch.Tensor, params: Mapping[str, 
         raise OperatorError(f"operator {operator.name} cannot encode {ctx.name}: {exc}") from exc
     reference = delta.cpu()
     return EncodedModule(encoded=encoded, decoded=decoded, stored_bytes=stored_bytes(encoded.tensors),
-                         error_norm=float(torch.linalg.vector_norm(decoded - reference)),
-                         delta_norm=float(torch.linalg.vector_norm(reference)))
+                         error_norm=_distance(decoded, reference), delta_norm=float(torch.linalg.vector_norm(reference)))
+
+
+def _distance(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 22) -> float:
+    """||a - b||_F, a few MB at a time instead of one temporary of the module's size."""
+    squares = sum(float(torch.linalg.vector_norm(x - y)) ** 2
+                  for x, y in zip(a.reshape(-1).split(chunk), b.reshape(-1).split(chunk)))
+    return squares**0.5

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from skillhub.operators import EncodeContext, Encoded, FieldLayout, meta_int
-from skillhub.numerics.gptq import DEFAULT_DAMP, PreparedHessian, gptq_quantize, prepare_hessian
+from skillhub.numerics.gptq import DEFAULT_DAMP, gptq_quantize, gptq_quantize_stacked
 from skillhub.numerics.quantize import QUANT_BITS, QuantizedMatrix, packed_sizes, quantize_rtn
 from skillhub.numerics.svd import truncated_svd
 from skillhub.operators.builtin.rtn import as_matrix
@@ -194,17 +194,18 @@ class SVDMixedOperator:
 
     def quantize_group(
         self, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, *, bits: int, params: Mapping[str, Any],
-        hessian: torch.Tensor | None, prepared: PreparedHessian | None = None,
+        hessian: torch.Tensor | None, v_quantized: QuantizedMatrix | None = None,
     ) -> tuple[QuantizedMatrix, QuantizedMatrix]:
         """Quantize one rank group: returns (U^T quantized, V^T quantized), both rank x length.
 
-        ``prepared`` is ``hessian`` as :func:`prepare_hessian` made it, when the caller quantizes
-        several groups against it (made here otherwise)."""
+        ``v_quantized`` is V^T already quantized by GPTQ against ``hessian`` (with every other
+        rank group, in one pass: see :meth:`encode`); made here otherwise."""
         group_size = params["group_size"]
         if hessian is None:
             return quantize_rtn(u.T, bits=bits, group_size=group_size), quantize_rtn(vh, bits=bits, group_size=group_size)
         options = {"bits": bits, "group_size": group_size, "damp": params["damp"]}
-        v_quantized = gptq_quantize(vh, prepared or hessian, act_order=params["act_order"], **options)
+        if v_quantized is None:
+            v_quantized = gptq_quantize(vh, hessian, act_order=params["act_order"], **options)
         # Eq. 8: U's input is Sigma V^T x with the *quantized* V, so U absorbs V's error.
         projection = s[:, None] * v_quantized.dequantize().to(hessian.device, hessian.dtype)
         u_hessian = projection @ hessian @ projection.T
@@ -219,17 +220,19 @@ class SVDMixedOperator:
         if transposed:  # GPT-2's Conv1D stores (in, out); Eq. 8 needs the (out, in) map of x
             matrix = matrix.T
         hessian = ctx.calibration.hessian.to(ctx.device, torch.float32) if use_gptq else None
-        # V's Hessian is the layer input's for every rank group: factored once, not per group.
-        prepared = prepare_hessian(hessian, damp=params["damp"], act_order=params["act_order"]) if use_gptq else None
         groups = resolve_rank_groups(params["groups"], min(matrix.shape), params["reference_dim"])
         rank = sum(r for r, _ in groups)
         u, s, vh = truncated_svd(matrix, rank, generator=ctx.generator())
+        # Every rank group of V^T multiplies the layer input: one Hessian factorization and one
+        # GPTQ pass over its columns for them all.
+        v_groups = gptq_quantize_stacked(vh, hessian, parts=groups, group_size=params["group_size"],
+                                         act_order=params["act_order"], damp=params["damp"]) if use_gptq else None
         parts: dict[str, list[torch.Tensor]] = {f"{side}.{kind}": [] for side in "UV" for kind in ("codes", "scales", "zeros")}
         start = 0
-        for size, bits in groups:
+        for index, (size, bits) in enumerate(groups):
             block = slice(start, start + size)
             quantized = self.quantize_group(u[:, block], s[block], vh[block], bits=bits, params=params,
-                                            hessian=hessian, prepared=prepared)
+                                            hessian=hessian, v_quantized=v_groups[index] if v_groups else None)
             for side, q in zip("UV", quantized):
                 for kind, tensor in zip(("codes", "scales", "zeros"), q.packed()):
                     parts[f"{side}.{kind}"].append(tensor)
