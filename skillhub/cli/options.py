@@ -52,6 +52,12 @@ def compression_options(*, calib_samples: int = 128, calib_seqlen: int = 512, ra
     recipe_options = [
         click.option("--recipe", default="paper", show_default=True, help=f"{prefix}'paper' or a recipe JSON file."),
         click.option("--seed", default=0, show_default=True, help="Seed of randomized SVD."),
+        click.option("--workers", default=1, show_default=True, type=int,
+                     help="Modules encoded at once, each in its own process (the pack's bytes do not change)."),
+        click.option("--executor", default="local", show_default=True, type=click.Choice(["local", "ray"]),
+                     help="Where workers run: this machine, or a Ray cluster (pip install 'skillhub[ray]')."),
+        click.option("--ray-address", help="Ray cluster to join with --executor ray (default: $RAY_ADDRESS, "
+                                           "else a Ray started for this command)."),
     ]
     options = (recipe_options if with_recipe else []) + [
         click.option("--ratio", type=float, default=ratio, show_default=ratio is not None,
@@ -67,10 +73,12 @@ def compression_options(*, calib_samples: int = 128, calib_seqlen: int = 512, ra
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(command)  # keeps the click params the decorators below attached
         def collect(*args: Any, ratio: float | None, calib: Path | None, calib_samples: int, calib_seqlen: int,
-                    device: str | None, recipe: str = "paper", seed: int = 0, **kwargs: Any) -> Any:
+                    device: str | None, recipe: str = "paper", seed: int = 0, workers: int = 1,
+                    executor: str = "local", ray_address: str | None = None, **kwargs: Any) -> Any:
             kwargs["compression"] = CompressionOptions(recipe=recipe, ratio=ratio, calib=calib,
                                                        calib_samples=calib_samples, calib_seqlen=calib_seqlen,
-                                                       device=device, seed=seed)
+                                                       device=device, seed=seed, workers=workers, executor=executor,
+                                                       ray_address=ray_address)
             return command(*args, **kwargs)
 
         for option in reversed(options):

@@ -120,6 +120,28 @@ def _token_stream(path: str | os.PathLike[str], tokenizer: Any) -> list[int]:
     return stream
 
 
+def check_activation_memory(config: dict[str, Any], *, samples: int, seqlen: int) -> None:
+    """Refuse a calibration set whose activations cannot be held: a layer's inputs and outputs for
+    every window, in float32, must fit in half the memory available now (the layer itself, its
+    Hessians and the compression need the rest).
+
+    Raises:
+        CalibrationError: Naming what it needs, what there is, and what to lower.
+    """
+    import psutil
+
+    text = config.get("text_config") or {}
+    width = config.get("hidden_size") or config.get("n_embd") or text.get("hidden_size") or 0
+    needed = 2 * samples * seqlen * width * 4
+    available = psutil.virtual_memory().available
+    if needed > available / 2:
+        raise CalibrationError(
+            f"calibration activations need {needed / 2**30:.1f} GiB ({samples} windows x {seqlen} tokens x "
+            f"{width} features, float32, a layer's inputs and outputs) but {available / 2**30:.1f} GiB of memory "
+            "is available: lower --calib-samples or --calib-seqlen"
+        )
+
+
 def fit_windows(path: str | os.PathLike[str], tokenizer: Any, *, samples: int, seqlen: int) -> tuple[int, int]:
     """(samples, seqlen) shrunk to what the file holds: fewer windows first, then shorter ones.
 

@@ -79,10 +79,12 @@ def iter_deltas(
         DeltaError: A delta holds NaN or Inf (naming the tensor).
     """
     for name in base.names() if names is None else names:
-        yield _delta(base, tuned, name, fingerprint)  # no tensor stays in this frame across the yield
+        yield read_delta(base, tuned, name, fingerprint)  # no tensor stays in this frame across the yield
 
 
-def _delta(base: Checkpoint, tuned: Checkpoint, name: str, fingerprint: Fingerprint | None) -> TensorDelta:
+def read_delta(base: Checkpoint, tuned: Checkpoint, name: str, fingerprint: Fingerprint | None = None
+               ) -> TensorDelta:
+    """The delta of one parameter (see :func:`iter_deltas`)."""
     base_tensor = base.read(name)
     if fingerprint is not None:
         fingerprint.update(name, base_tensor)

@@ -20,6 +20,9 @@ class CompressionOptions:
         calib_seqlen: Tokens per window.
         device: ``cpu``, ``cuda``... (None: ``$SKILLHUB_DEVICE``, else cpu).
         seed: Seed of randomized operators.
+        workers: Modules encoded at once, each in its own process.
+        executor: ``"local"`` or ``"ray"``.
+        ray_address: Ray cluster for ``executor="ray"`` (None: ``$RAY_ADDRESS``, else a local one).
     """
 
     recipe: str | os.PathLike[str] | dict[str, Any] = "paper"
@@ -29,6 +32,9 @@ class CompressionOptions:
     calib_seqlen: int = 512
     device: str | None = None
     seed: int = 0
+    workers: int = 1
+    executor: str = "local"
+    ray_address: str | None = None
 
     def as_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :func:`skillhub.compress.create_pack` (which resolves a None device)."""

@@ -5,10 +5,12 @@ operator on one delta) is the seam where parallel workers will plug in."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,15 +25,18 @@ from skillhub.compress.calibrate import (
     StatisticsCursor,
     build_calibration_set,
     capture_statistics,
+    check_activation_memory,
+    layer_index,
     layer_order,
     load_for_calibration,
 )
+from skillhub.compress.workers import EncodeJob, EncodeResult, Executor, check_workers, make_executor, run_in_order
 from skillhub.pack.card import render_card
-from skillhub.compress.delta import TensorDelta, check_compatible, iter_deltas
+from skillhub.compress.delta import check_compatible, iter_deltas, read_delta
 from skillhub.errors import SkillhubError
 from skillhub.pack.manifest import FORMAT_VERSION, check_pack_identity, totals
 from skillhub.io.checkpoint import Checkpoint, Fingerprint, open_checkpoint
-from skillhub.operators import EncodeContext, LayerStatistics, Split, encode_module, provenance
+from skillhub.operators import LayerStatistics, Split, provenance
 from skillhub.operators.parts import part_statistics
 from skillhub.io.outputs import check_output, staged_directory
 from skillhub.pack.format import PackWriter, SkillPack, load_pack
@@ -111,6 +116,9 @@ def create_pack(
     calib_samples: int = 128,
     calib_seqlen: int = 512,
     device: str | None = None,
+    workers: int = 1,
+    executor: str = "local",
+    ray_address: str | None = None,
     seed: int = 0,
     force: bool = False,
     provenance: dict[str, Any] | None = None,
@@ -140,6 +148,10 @@ def create_pack(
         calib_samples: Calibration windows.
         calib_seqlen: Tokens per window.
         device: Where the compression maths runs (``cpu``, ``cuda``...; default ``$SKILLHUB_DEVICE``, else cpu).
+        workers: Modules encoded at once, each in its own process (1: in this one); see
+            :mod:`skillhub.compress.workers`. The pack is byte-identical whatever the count.
+        executor: ``"local"`` (this machine) or ``"ray"`` (jobs sent to a Ray cluster, ``workers`` at a time).
+        ray_address: The Ray cluster to join (default: ``$RAY_ADDRESS``, else a local Ray started for this call).
         seed: Seed of randomized operators.
         force: Replace ``output`` if it exists.
         provenance: How the tuned model was made, recorded as the manifest's ``graft`` (see
@@ -155,6 +167,7 @@ def create_pack(
     output = Path(output)
     if ratio is not None:
         check_ratio(ratio)
+    check_workers(workers)
     plan_recipe = Recipe(recipe)
     inputs = _Inputs.open(base, tuned, base_revision=base_revision, tuned_revision=tuned_revision)
     protect = [inputs.base.path, inputs.tuned.path, parent, calib,
@@ -174,11 +187,15 @@ def create_pack(
                                                    progress)
     else:
         budget = None
-    with staged_directory(output, force=force, protect=protect, kind="pack") as staging:
-        writer = PackWriter(staging)
-        encoded = _encode_all(inputs, plans, writer, calibration.cursor(), torch_device, seed, progress)
-        manifest = _manifest(identity, inputs, plan_recipe, plans, encoded, calibration.quantizer, budget)
-        writer.finish(manifest, render_card(manifest))
+    engine = make_executor(workers, executor=executor, ray_address=ray_address)  # checked before any output
+    try:
+        with staged_directory(output, force=force, protect=protect, kind="pack") as staging:
+            writer = PackWriter(staging)
+            encoded = _encode_all(inputs, plans, writer, calibration.cursor(), torch_device, seed, progress, engine)
+            manifest = _manifest(identity, inputs, plan_recipe, plans, encoded, calibration.quantizer, budget)
+            writer.finish(manifest, render_card(manifest))
+    finally:
+        engine.close()
     return load_pack(output, verify=False)
 
 
@@ -219,6 +236,7 @@ class _Calibration:
                 device: torch.device) -> _Calibration:
         if calib is None:
             return cls({"method": "rtn", "note": "no calibration data: factors quantized by round-to-nearest"})
+        check_activation_memory(tuned.config, samples=samples, seqlen=seqlen)
         windows = build_calibration_set(calib, _tokenizer(tuned), samples=samples, seqlen=seqlen)
         _log.info("calibration: %d windows of %d tokens from %s", samples, seqlen, calib)
         return cls({"method": "gptq", "calibration": windows.source}, windows,
@@ -276,52 +294,78 @@ class _Encoded:
 
 
 def _encode_all(inputs: _Inputs, plans: dict[str, ModulePlan], writer: PackWriter, cursor: StatisticsCursor | None,
-                device: torch.device, seed: int, progress: ProgressCallback) -> _Encoded:
-    """Stage 4: stream the delta tensor by tensor, encode each module, write its tensors."""
-    modules: dict[str, dict[str, Any]] = {}
-    unchanged: list[str] = []
-    uncalibrated: list[str] = []
+                device: torch.device, seed: int, progress: ProgressCallback, executor: Executor) -> _Encoded:
+    """Stage 4: layer by layer, read each module's delta, encode it (on ``executor``: a layer's
+    largest modules first), and write the layer's modules in name order, whatever finished first."""
+    base = inputs.base
+    encoded = _Encoded({}, [], [], "", 0, 0.0, 0.0)
     fingerprint = Fingerprint()
-    parameters, squared_error, squared_norm = 0, 0.0, 0.0
-    deltas = iter_deltas(inputs.base, inputs.tuned, names=layer_order(list(plans)), fingerprint=fingerprint)
-    for item in reporting(deltas, progress, "compress", len(plans)):
-        parameters += item.delta.numel()
-        if not torch.any(item.delta):
-            unchanged.append(item.name)
-            continue
-        plan = plans[item.name]
-        statistics = cursor.get(item.name) if cursor else None
-        if cursor is not None and plan.role in _CALIBRATED_ROLES:
-            uncalibrated.extend(_without_statistics(item.name, statistics, plan.split))
-        modules[item.name], error, norm = _encode_one(item, plan, statistics, writer, device, seed)
-        squared_error += error**2
-        squared_norm += norm**2
-        del item, statistics  # before the next delta is read: one module's tensors at a time
+    results: dict[str, EncodeResult] = {}
+    done = itertools.count(1)
+
+    def job(name: str) -> Callable[[], EncodeJob | None]:
+        def make() -> EncodeJob | None:  # called when a slot is free: one delta per slot in memory
+            item = read_delta(base, inputs.tuned, name, fingerprint)
+            encoded.parameters += item.delta.numel()
+            if not torch.any(item.delta):
+                encoded.unchanged.append(name)
+                progress("compress", next(done), len(plans))
+                return None
+            plan = plans[name]
+            statistics = cursor.get(name) if cursor else None
+            if cursor is not None and plan.role in _CALIBRATED_ROLES:
+                encoded.uncalibrated.extend(_without_statistics(name, statistics, plan.split))
+            return EncodeJob(name=name, role=plan.role, operator=plan.operator.name, params=plan.params,
+                             delta=item.delta, statistics=statistics, split=plan.split, seed=seed, device=str(device))
+        return make
+
+    def finished(result: EncodeResult) -> None:
+        results[result.name] = result
+        progress("compress", next(done), len(plans))
+
+    order = layer_order(list(plans))
+    for layer in _by_layer(order):
+        largest_first = sorted(layer, key=lambda n: -math.prod(base.shape(n)))
+        run_in_order(executor, (job(name) for name in largest_first), finished)
+        for name in layer:  # the serial order: the pack's bytes do not depend on the executor
+            if name in results:
+                encoded.modules[name] = _module_entry(results.pop(name), plans[name], base, writer, encoded)
         return_freed_memory()
-    _log.info("compressed %d modules (%d unchanged)", len(modules), len(unchanged))
-    if uncalibrated:
+    position = {name: index for index, name in enumerate(order)}
+    encoded.unchanged.sort(key=position.__getitem__)
+    encoded.fingerprint = fingerprint.hexdigest()
+    _log.info("compressed %d modules (%d unchanged)", len(encoded.modules), len(encoded.unchanged))
+    if encoded.uncalibrated:
         _log.warning("%d layer matrices (of %d modules) had no calibration statistics, so their operators ran "
                      "without (svd-mixed: round-to-nearest); they are listed in the manifest's quantizer.uncalibrated "
                      "(NAME#EXPERT: an expert no calibration token was routed to), e.g. %s",
-                     len(uncalibrated), sum(modules[n]["role"] in _CALIBRATED_ROLES for n in modules),
-                     uncalibrated[0])
-    return _Encoded(modules, unchanged, uncalibrated, fingerprint.hexdigest(), parameters, squared_error, squared_norm)
+                     len(encoded.uncalibrated),
+                     sum(encoded.modules[n]["role"] in _CALIBRATED_ROLES for n in encoded.modules),
+                     encoded.uncalibrated[0])
+    return encoded
 
 
-def _encode_one(item: TensorDelta, plan: ModulePlan, statistics: LayerStatistics | None, writer: PackWriter,
-                device: torch.device, seed: int) -> tuple[dict[str, Any], float, float]:
-    """Encode one module and write its tensors: its manifest entry, ||error|| and ||delta||."""
-    ctx = EncodeContext(name=item.name, role=plan.role, device=device, seed=seed, calibration=statistics)
-    result = encode_module(plan.operator, item.delta, plan.params, ctx, device=device, split=plan.split)
-    entry = {
+def _by_layer(names: list[str]) -> Iterator[list[str]]:
+    """Consecutive runs of names (in layer order) that share a decoder layer (or lie outside all)."""
+    for _, group in itertools.groupby(names, key=layer_index):
+        yield list(group)
+
+
+def _module_entry(result: EncodeResult, plan: ModulePlan, base: Checkpoint, writer: PackWriter,
+                  encoded: _Encoded) -> dict[str, Any]:
+    """Write one module's tensors and make its manifest entry."""
+    shape = base.shape(result.name)
+    encoded.squared_error += result.error_norm**2
+    encoded.squared_norm += result.delta_norm**2
+    return {
         "role": plan.role, "operator": plan.operator.name, "operator_version": plan.operator.version,
-        "params": plan.params, "meta": result.encoded.meta, "shape": list(item.delta.shape),
-        "dtype": dtype_name(item.base_dtype), "fields": list(result.encoded.tensors),
-        "stored_bytes": writer.add_module(item.name, result.encoded.tensors),
-        "delta_fp16_bytes": 2 * item.delta.numel(), "error": result.relative_error,
+        "params": plan.params, "meta": result.meta, "shape": list(shape),
+        "dtype": dtype_name(base.dtype(result.name)), "fields": list(result.tensors),
+        "stored_bytes": writer.add_module(result.name, result.tensors),
+        "delta_fp16_bytes": 2 * math.prod(shape),
+        "error": result.error_norm / result.delta_norm if result.delta_norm else 0.0,
         **({"split": plan.split.as_json()} if plan.split else {}),
     }
-    return entry, result.error_norm, result.delta_norm
 
 
 def _manifest(identity: dict[str, Any], inputs: _Inputs, recipe: Recipe, plans: dict[str, ModulePlan],

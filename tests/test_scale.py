@@ -1,0 +1,88 @@
+"""Compression at scale (issue 16): parallel workers give the serial pack byte for byte, and what a
+user can get wrong about workers, devices, clusters and calibration sizes is one line, exit 1,
+nothing written. (Memory and time at 8B width are measured in bench/bench_scale.py.)"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from skillhub import create_pack
+from skillhub.cli import main
+from skillhub.pack.format import MANIFEST_FILE
+
+from conftest import FineTune
+
+
+def _pack_bytes(pack_dir: Path) -> dict[str, object]:
+    """Every byte of a pack but its creation time (in the manifest, and in the copy of it that the
+    tensor file's header carries)."""
+    manifest = json.loads((pack_dir / MANIFEST_FILE).read_text())
+    manifest.pop("created_at")
+    content: dict[str, object] = {"manifest": manifest}
+    for name in manifest["files"]:
+        if name.endswith(".safetensors"):
+            manifest["files"][name].pop("sha256")  # of a file whose header holds the time: compared below
+        data = (pack_dir / name).read_bytes()
+        if name.endswith(".safetensors"):
+            size = int.from_bytes(data[:8], "little")
+            header = json.loads(data[8:8 + size])
+            embedded = json.loads(header["__metadata__"]["skillpack"])
+            embedded.pop("created_at")
+            header["__metadata__"]["skillpack"] = embedded
+            content[name] = (header, data[8 + size:])
+        elif name != "README.md":  # the model card shows the date too
+            content[name] = data
+    return content
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_workers_write_the_serial_pack_byte_for_byte(finetuned: FineTune, tmp_path: Path, calibrated: bool) -> None:
+    options = {"calib": finetuned.calib, "calib_samples": 8, "calib_seqlen": 32} if calibrated else {}
+    serial = create_pack(finetuned.base, finetuned.tuned, tmp_path / "serial", name="p", task="shift", **options)
+    steps: list[tuple[str, int, int]] = []
+    parallel = create_pack(finetuned.base, finetuned.tuned, tmp_path / "parallel", name="p", task="shift", workers=2,
+                           progress=lambda *step: steps.append(step), **options)
+    assert _pack_bytes(serial.path) == _pack_bytes(parallel.path)
+    assert serial.manifest["quantizer"]["method"] == ("gptq" if calibrated else "rtn")
+    total = len(serial.manifest["modules"]) + len(serial.manifest["unchanged"])
+    assert [done for _, done, _ in steps] == list(range(1, total + 1)) and {t for *_, t in steps} == {total}
+
+
+def _refused(tmp_path: Path, *args: object) -> str:
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 1, result.output
+    assert not (tmp_path / "pack").exists()  # nothing written, not even a staging directory
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("calib")) == []
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    return lines[0]
+
+
+def test_zero_workers_are_refused(finetuned: FineTune, tmp_path: Path) -> None:
+    line = _refused(tmp_path, "create", finetuned.base, finetuned.tuned, "-o", tmp_path / "pack", "--workers", 0)
+    assert line == "Error: --workers must be a whole number >= 1 (1: encode in this process), got 0"
+
+
+def test_a_device_this_machine_lacks_is_refused(finetuned: FineTune, tmp_path: Path) -> None:
+    # "cuda" on a machine without a GPU (CI); one past the last GPU on a machine with some.
+    device = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
+    line = _refused(tmp_path, "create", finetuned.base, finetuned.tuned, "-o", tmp_path / "pack", "--device", device)
+    assert line.startswith(f"Error: device '{device}' is not usable here: ")
+
+
+def test_a_calibration_set_larger_than_memory_is_refused(finetuned: FineTune, tmp_path: Path) -> None:
+    line = _refused(tmp_path, "create", finetuned.base, finetuned.tuned, "-o", tmp_path / "pack",
+                    "--calib", finetuned.calib, "--calib-samples", 1_000_000, "--calib-seqlen", 100_000)
+    assert line.startswith("Error: calibration activations need ")
+    assert line.endswith("is available: lower --calib-samples or --calib-seqlen")
+
+
+def test_ray_address_without_the_ray_executor_is_refused(finetuned: FineTune, tmp_path: Path) -> None:
+    line = _refused(tmp_path, "create", finetuned.base, finetuned.tuned, "-o", tmp_path / "pack",
+                    "--ray-address", "127.0.0.1:1")
+    assert line == "Error: --ray-address needs --executor ray"
