@@ -39,6 +39,7 @@ OWNERS = {
     "peft": ("skillhub.activation",),
     "sklearn": ("skillhub.routing.training",),
     "trl": ("skillhub.graft.training",),
+    "ray": ("skillhub.compress.ray_executor",),
     "datasets": ("skillhub.graft.training",),
 }
 

@@ -86,3 +86,29 @@ def test_ray_address_without_the_ray_executor_is_refused(finetuned: FineTune, tm
     line = _refused(tmp_path, "create", finetuned.base, finetuned.tuned, "-o", tmp_path / "pack",
                     "--ray-address", "127.0.0.1:1")
     assert line == "Error: --ray-address needs --executor ray"
+
+
+def test_the_ray_executor_writes_the_serial_pack_byte_for_byte(finetuned: FineTune, tmp_path: Path) -> None:
+    """A Ray instance started for the call (the driver submits two jobs at a time and writes in order)."""
+    import ray
+
+    options = {"calib": finetuned.calib, "calib_samples": 8, "calib_seqlen": 32}
+    serial = create_pack(finetuned.base, finetuned.tuned, tmp_path / "serial", name="p", task="shift", **options)
+    distributed = create_pack(finetuned.base, finetuned.tuned, tmp_path / "ray", name="p", task="shift",
+                              executor="ray", workers=2, **options)
+    assert _pack_bytes(serial.path) == _pack_bytes(distributed.path)
+    assert not ray.is_initialized()  # the instance it started is stopped
+
+
+def test_an_unreachable_ray_cluster_is_refused_at_once(finetuned: FineTune, tmp_path: Path) -> None:
+    import socket
+    import time
+
+    with socket.socket() as unused:  # a port nothing listens on
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    start = time.perf_counter()
+    line = _refused(tmp_path, "create", finetuned.base, finetuned.tuned, "-o", tmp_path / "pack",
+                    "--executor", "ray", "--ray-address", f"127.0.0.1:{port}")
+    assert line.startswith(f"Error: no Ray cluster answers at 127.0.0.1:{port}: ")
+    assert time.perf_counter() - start < 30  # Ray alone retries for minutes

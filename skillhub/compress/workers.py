@@ -17,6 +17,7 @@ exchanges is read from or written to the user's files.
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -90,8 +91,33 @@ class Executor:
         """Release whatever the executor holds."""
 
 
-def _init_worker(threads: int) -> None:
-    torch.set_num_threads(threads)  # the parent's: LAPACK's last bits depend on it
+@dataclass(frozen=True)
+class Threads:
+    """How many threads this process computes with: torch's, and SciPy's BLAS/LAPACK's (GPTQ's
+    in-place factorizations). A worker takes its parent's: LAPACK's last bits depend on them."""
+
+    torch: int
+    blas: int
+
+    @classmethod
+    def current(cls) -> Threads:
+        from threadpoolctl import threadpool_info
+
+        importlib.import_module("scipy.linalg")  # loads SciPy's BLAS, so that threadpoolctl sees it
+
+        blas = [info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"]
+        return cls(torch.get_num_threads(), max(blas, default=1))
+
+    def apply(self) -> None:
+        """Use these counts in this process (Ray workers start with one thread each)."""
+        from threadpoolctl import threadpool_limits
+
+        torch.set_num_threads(self.torch)
+        threadpool_limits(limits=self.blas, user_api="blas")
+
+
+def _init_worker(threads: Threads) -> None:
+    threads.apply()
 
 
 class ProcessExecutor(Executor):
@@ -107,7 +133,7 @@ class ProcessExecutor(Executor):
         self._saved_policy = os.environ.get("OMP_WAIT_POLICY")
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
         self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                         initializer=_init_worker, initargs=(torch.get_num_threads(),))
+                                         initializer=_init_worker, initargs=(Threads.current(),))
 
     def submit(self, job: EncodeJob) -> Future[EncodeResult]:
         return self._pool.submit(run_job, job)
