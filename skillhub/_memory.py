@@ -9,15 +9,15 @@ calibration. ``malloc_trim`` returns them; elsewhere (macOS, musl) this does not
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 
 
 @functools.cache
 def _trim():  # -> the C function, or None where there is none
-    name = ctypes.util.find_library("c")
     try:
-        return ctypes.CDLL(name).malloc_trim if name else None
+        # The process's own symbols (libc among them): ctypes.util.find_library would fork a
+        # subprocess, a copy of what may be a multi-GB process.
+        return ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
         return None
 

@@ -50,7 +50,10 @@ def test_workers_write_the_serial_pack_byte_for_byte(finetuned: FineTune, tmp_pa
     assert _pack_bytes(serial.path) == _pack_bytes(parallel.path)
     assert serial.manifest["quantizer"]["method"] == ("gptq" if calibrated else "rtn")
     total = len(serial.manifest["modules"]) + len(serial.manifest["unchanged"])
-    assert [done for _, done, _ in steps] == list(range(1, total + 1)) and {t for *_, t in steps} == {total}
+    compress = [(done, of) for stage, done, of in steps if stage == "compress"]
+    assert compress == [(done, total) for done in range(1, total + 1)]
+    calibrate = [(done, of) for stage, done, of in steps if stage == "calibrate"]
+    assert calibrate == ([(layer, 4) for layer in range(1, 5)] if calibrated else [])
 
 
 def _refused(tmp_path: Path, *args: object) -> str:
@@ -112,3 +115,48 @@ def test_an_unreachable_ray_cluster_is_refused_at_once(finetuned: FineTune, tmp_
                     "--executor", "ray", "--ray-address", f"127.0.0.1:{port}")
     assert line.startswith(f"Error: no Ray cluster answers at 127.0.0.1:{port}: ")
     assert time.perf_counter() - start < 30  # Ray alone retries for minutes
+
+
+def test_dry_run_predicts_the_pack_from_headers_alone(finetuned: FineTune, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """create --dry-run: every module's plan and bytes (exactly what create stores, where the
+    operator's bytes do not depend on the data), times and memory; no weight read, nothing written."""
+    from skillhub.compress.estimate import estimate_pack
+    from skillhub.io.tensorfile import TensorFile
+
+    pack = create_pack(finetuned.base, finetuned.tuned, tmp_path / "pack", task="shift", calib=finetuned.calib,
+                       calib_samples=8, calib_seqlen=32)
+
+    def no_reading(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a dry run read a weight")
+
+    monkeypatch.setattr(TensorFile, "read", no_reading)
+    monkeypatch.setattr(TensorFile, "read_rows", no_reading)
+    plan = estimate_pack(finetuned.base, finetuned.tuned, calib=finetuned.calib, calib_samples=8, calib_seqlen=32)
+    monkeypatch.undo()
+
+    stored = pack.manifest["modules"]
+    assert sorted(m["name"] for m in plan["modules"]) == sorted([*stored, *pack.manifest["unchanged"]])
+    for module in plan["modules"]:
+        if module["name"] not in stored:
+            continue
+        actual = stored[module["name"]]
+        assert module["operator"] == actual["operator"] and module["role"] == actual["role"]
+        if module["bytes_exact"]:
+            assert module["stored_bytes"] == actual["stored_bytes"], module["name"]
+        else:
+            assert module["stored_bytes"] >= actual["stored_bytes"], module["name"]
+        if actual["operator"] == "svd-mixed":
+            assert module["rank_groups"] == actual["meta"]["groups"]
+        assert module["seconds"] > 0 and module["peak_bytes"] >= 3 * 4 * module["shape"][0]
+    assert plan["quantizer"] == "gptq" and plan["totals"]["calibration_peak_bytes"] > 0
+    assert any(m["operator"] == "svd-mixed" and m["bytes_exact"] for m in plan["modules"])
+
+    result = CliRunner().invoke(main, ["create", str(finetuned.base), str(finetuned.tuned), "-o", str(tmp_path / "x"),
+                                       "--dry-run", "--json"], catch_exceptions=False)
+    assert result.exit_code == 0 and not (tmp_path / "x").exists()
+    assert json.loads(result.stdout)["totals"]["modules"] == len(plan["modules"])
+    text = CliRunner().invoke(main, ["create", str(finetuned.base), str(finetuned.tuned), "-o", str(tmp_path / "x"),
+                                     "--dry-run"], catch_exceptions=False)
+    assert text.exit_code == 0 and "s of compression on this machine" in text.stdout
+    assert not (tmp_path / "x").exists()

@@ -27,12 +27,14 @@ if TYPE_CHECKING:
 @click.option("--parent", type=click.Path(path_type=Path), help="Pack this fine-tune started from (lineage).")
 @base_revision_option
 @click.option("--tuned-revision", help="Hub revision of TUNED.")
+@click.option("--dry-run", is_flag=True, help="Print the plan (per module: operator, rank groups, bytes, predicted "
+                                               "time and memory) from the checkpoints' headers; write nothing.")
 @force_option
 @json_option
 @click.pass_context
 def create(ctx: click.Context, base: str, tuned: str, output: Path, task: str | None, name: str | None,
            version: str, compression: CompressionOptions, parent: Path | None, base_revision: str | None,
-           tuned_revision: str | None, force: bool, as_json: bool) -> None:
+           tuned_revision: str | None, dry_run: bool, force: bool, as_json: bool) -> None:
     """Compress TUNED - BASE into a SkillPack directory.
 
     BASE and TUNED are local Hugging Face model directories or Hub ids.
@@ -40,6 +42,9 @@ def create(ctx: click.Context, base: str, tuned: str, output: Path, task: str | 
     from skillhub.compress.pipeline import create_pack
 
     as_json = wants_json(ctx, as_json)
+    if dry_run:
+        _print_plan(base, tuned, compression, base_revision, tuned_revision, as_json)
+        return
     with progress_bar(not as_json) as progress:
         pack = create_pack(base, tuned, output, task=task, name=name, version=version, parent=parent,
                            base_revision=base_revision, tuned_revision=tuned_revision, force=force,
@@ -54,6 +59,34 @@ def create(ctx: click.Context, base: str, tuned: str, output: Path, task: str | 
         f"{totals['delta_fp16_bytes']:,}-byte fp16 delta (ratio {totals['ratio']:.2%}), "
         f"relative error {totals['relative_error']:.4f}"
     )
+
+
+def _print_plan(base: str, tuned: str, compression: CompressionOptions, base_revision: str | None,
+                tuned_revision: str | None, as_json: bool) -> None:
+    from skillhub.compress.estimate import estimate_pack
+
+    plan = estimate_pack(base, tuned, base_revision=base_revision, tuned_revision=tuned_revision,
+                         **compression.as_kwargs())
+    if as_json:
+        emit_json(plan)
+        return
+    table = new_table(title=f"create --dry-run: recipe {markup_safe(str(plan['recipe']))}, {plan['quantizer']}")
+    for column in ("module", "role", "operator", "parts", "rank groups", "bytes", "seconds", "peak MB"):
+        table.add_column(column, justify="right" if column in ("parts", "bytes", "seconds", "peak MB") else "left")
+    for module in plan["modules"]:
+        stored = module["stored_bytes"]
+        table.add_row(markup_safe(module["name"]), module["role"], module["operator"], str(module["parts"]),
+                      " ".join(f"{r}@{b}" for r, b in module["rank_groups"] or []) or "-",
+                      "?" if stored is None else f"{'' if module['bytes_exact'] else '<='}{stored:,}",
+                      f"{module['seconds']:.2f}", f"{module['peak_bytes'] / 2**20:,.0f}")
+    stdout().print(table)
+    totals = plan["totals"]
+    exact = "" if totals["stored_bytes_exact"] else "at most "
+    click.echo(f"{totals['modules']} modules: {exact}{totals['stored_bytes']:,} bytes stored; about "
+               f"{totals['seconds']:,.0f} s of compression on this machine; peak memory about "
+               f"{totals['peak_bytes'] / 2**30:.2f} GiB"
+               + (f" (calibration: {totals['calibration_peak_bytes'] / 2**30:.2f} GiB)"
+                  if totals["calibration_peak_bytes"] else ""))
 
 
 def _pack_summary(pack: Any) -> dict[str, Any]:

@@ -75,7 +75,8 @@ def tied_embedding(recipe: Recipe, checkpoint: Checkpoint) -> str | None:
     return words[0] if len(words) == 1 else None
 
 
-def _plan_every_parameter(recipe: Recipe, checkpoint: Checkpoint) -> dict[str, ModulePlan]:
+def plan_every_parameter(recipe: Recipe, checkpoint: Checkpoint) -> dict[str, ModulePlan]:
+    """Every parameter's operator, parameters, role and split, from the checkpoint's headers."""
     plans = {}
     tied = tied_embedding(recipe, checkpoint)
     for name in checkpoint.names():
@@ -176,7 +177,7 @@ def create_pack(
     name = name or output.name
     task = task or name
     check_pack_identity(name=name, task=task, version=version)
-    plans = _plan_every_parameter(plan_recipe, inputs.base)  # every parameter has an operator: checked first
+    plans = plan_every_parameter(plan_recipe, inputs.base)  # every parameter has an operator: checked first
     identity = {"name": name, "task": task, "version": version, "parent": _parent_reference(parent),
                 "provenance": provenance}
     torch_device = _device(device or config.default_device())
@@ -191,7 +192,8 @@ def create_pack(
     try:
         with staged_directory(output, force=force, protect=protect, kind="pack") as staging:
             writer = PackWriter(staging)
-            encoded = _encode_all(inputs, plans, writer, calibration.cursor(), torch_device, seed, progress, engine)
+            encoded = _encode_all(inputs, plans, writer, calibration.cursor(progress), torch_device, seed, progress,
+                                      engine)
             manifest = _manifest(identity, inputs, plan_recipe, plans, encoded, calibration.quantizer, budget)
             writer.finish(manifest, render_card(manifest))
     finally:
@@ -242,9 +244,11 @@ class _Calibration:
         return cls({"method": "gptq", "calibration": windows.source}, windows,
                    load_for_calibration(tuned, device=str(device)))
 
-    def cursor(self) -> StatisticsCursor | None:
+    def cursor(self, progress: ProgressCallback = no_progress) -> StatisticsCursor | None:
         """A fresh pass of layer-by-layer statistics over the tuned model (None without calibration)."""
-        return StatisticsCursor(capture_statistics(self.model, self.windows)) if self.windows is not None else None
+        if self.windows is None:
+            return None
+        return StatisticsCursor(capture_statistics(self.model, self.windows, progress=progress))
 
 
 def _plan_budget(inputs: _Inputs, plans: dict[str, ModulePlan], roles_from: Recipe, ratio: float,
@@ -263,7 +267,7 @@ def _plan_budget(inputs: _Inputs, plans: dict[str, ModulePlan], roles_from: Reci
     description = f"chosen by budget mode for ratio {ratio} ({budget['weighting']} weighting)"
     recipe = Recipe(budget_recipe(f"budget-{ratio:g}", chosen, description,
                                   split_fused=roles_from.split_fused))
-    return _plan_every_parameter(recipe, inputs.base), recipe, budget
+    return plan_every_parameter(recipe, inputs.base), recipe, budget
 
 
 # Roles whose matrices act on a layer's input, so that calibration statistics exist for them.

@@ -178,6 +178,7 @@ def run_in_order(executor: Executor, jobs: Iterator[Callable[[], EncodeJob | Non
             job = make()
             if job is not None:
                 running.add(executor.submit(job))
+            job = None  # not held while the next delta is read
         for future in wait(running).done:
             on_result(future.result())
     except BrokenProcessPool as exc:
