@@ -421,23 +421,21 @@ def capture_statistics(
     batches = list(calibration.input_ids.split(batch_size or max(1, _BATCH_TOKENS // seqlen)))
     outside = [name for name in lazy.names() if not name.startswith(layer_prefix)]
     vocabulary = _embedding_names(lazy)
-    tail = [name for name in outside if name not in vocabulary]  # norms, position tables
-    lazy.materialize(tail)
-    try:
-        hidden, calls = _layer_calls(lazy, layers, batches)
-        returns_tuple = False
-        for index, layer in enumerate(layers):
-            hidden, statistics, returns_tuple = _replay(lazy, layer, f"{layer_prefix}{index}.", hidden, calls[index])
-            calls[index] = []
-            progress("calibrate", index + 1, len(layers))
-            saved = _as_saved(lazy.layout, statistics)
-            # Only `saved` holds the Hessians across the yield, and StatisticsCursor pops from
-            # it: each Hessian is freed as soon as its module is encoded.
-            del statistics
-            yield index, saved
-        yield None, _tail_statistics(lazy, layers, hidden, {n: lazy.parameter(n) for n in outside}, returns_tuple)
-    finally:
-        lazy.release(tail)
+    # Norms and position tables: read for each pass that needs them and released after it, never
+    # across a yield, so that several captures can walk one model (fit and held-out halves).
+    tail = [name for name in outside if name not in vocabulary]
+    hidden, calls = _layer_calls(lazy, layers, batches, tail)
+    returns_tuple = False
+    for index, layer in enumerate(layers):
+        hidden, statistics, returns_tuple = _replay(lazy, layer, f"{layer_prefix}{index}.", hidden, calls[index])
+        calls[index] = []
+        progress("calibrate", index + 1, len(layers))
+        saved = _as_saved(lazy.layout, statistics)
+        # Only `saved` holds the Hessians across the yield, and StatisticsCursor pops from
+        # it: each Hessian is freed as soon as its module is encoded.
+        del statistics
+        yield index, saved
+    yield None, _tail_statistics(lazy, layers, hidden, outside, tail, returns_tuple)
 
 
 def _replay(lazy: LazyModel, layer: torch.nn.Module, prefix: str, hidden: list[torch.Tensor],
@@ -477,7 +475,7 @@ class _Stop(Exception):
     """Raised by the last stubbed layer: nothing after the decoder layers is needed yet."""
 
 
-def _layer_calls(lazy: LazyModel, layers: torch.nn.ModuleList, batches: list[torch.Tensor]
+def _layer_calls(lazy: LazyModel, layers: torch.nn.ModuleList, batches: list[torch.Tensor], tail: list[str]
                  ) -> tuple[list[torch.Tensor], list[list[tuple[tuple[Any, ...], dict[str, Any]]]]]:
     """Layer 0's input per batch, and every layer's call arguments (hidden states left out)."""
     first_inputs: list[torch.Tensor] = []
@@ -493,18 +491,22 @@ def _layer_calls(lazy: LazyModel, layers: torch.nn.ModuleList, batches: list[tor
             return _hidden_states(args, kwargs)
         return forward
 
-    with _stubbed(layers, stub), torch.no_grad():
-        for batch in batches:
-            try:
-                lazy.model(inputs_embeds=lazy.embed(batch), use_cache=False)
-            except _Stop:
-                continue
-            raise CalibrationError(f"{type(lazy.model).__name__} never called its last decoder layer")
+    lazy.materialize(tail)
+    try:
+        with _stubbed(layers, stub), torch.no_grad():
+            for batch in batches:
+                try:
+                    lazy.model(inputs_embeds=lazy.embed(batch), use_cache=False)
+                except _Stop:
+                    continue
+                raise CalibrationError(f"{type(lazy.model).__name__} never called its last decoder layer")
+    finally:
+        lazy.release(tail)
     return first_inputs, calls
 
 
-def _tail_statistics(lazy: LazyModel, layers: torch.nn.ModuleList, finals: list[torch.Tensor],
-                     outside: dict[str, torch.nn.Parameter], returns_tuple: bool) -> dict[str, LayerStatistics]:
+def _tail_statistics(lazy: LazyModel, layers: torch.nn.ModuleList, finals: list[torch.Tensor], outside: list[str],
+                     tail: list[str], returns_tuple: bool) -> dict[str, LayerStatistics]:
     """Statistics of the matrices after the decoder layers (the head's input: the final norm's output)."""
     current: list[torch.Tensor] = []
 
@@ -514,12 +516,17 @@ def _tail_statistics(lazy: LazyModel, layers: torch.nn.ModuleList, finals: list[
             return (hidden,) if returns_tuple else hidden
         return forward
 
-    with _stubbed(layers, stub), torch.no_grad(), _InputStatistics(outside) as tail:
-        for final in finals:
-            tail.next_batch()
-            current[:] = [final]
-            lazy.model(inputs_embeds=torch.zeros_like(final), use_cache=False)
-    return _as_saved(lazy.layout, tail.take_statistics())
+    lazy.materialize(tail)
+    try:
+        with (_stubbed(layers, stub), torch.no_grad(),
+              _InputStatistics({n: lazy.parameter(n) for n in outside}) as inputs):
+            for final in finals:
+                inputs.next_batch()
+                current[:] = [final]
+                lazy.model(inputs_embeds=torch.zeros_like(final), use_cache=False)
+    finally:
+        lazy.release(tail)
+    return _as_saved(lazy.layout, inputs.take_statistics())
 
 
 @contextmanager

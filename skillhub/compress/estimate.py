@@ -2,8 +2,8 @@
 
 For every module: its role, operator and parameters, its parts (experts, fused projections), the
 rank groups of an SVD, the bytes it will store, and a prediction of its seconds and peak memory.
-Times come from a cost model whose rates are measured on this machine in a fraction of a second
-(one float32 matrix product, one symmetric eigendecomposition, a few GPTQ columns): the same
+Times come from a cost model whose rates are measured on this machine in about a second (one
+float32 matrix product, one symmetric eigendecomposition, a few hundred GPTQ columns): the
 operations ``create`` spends its time in (see bench/bench_scale.py). Bytes are exact for
 ``svd-mixed``, ``lowrank``, ``rtn`` and ``raw``, an upper bound for ``magnitude-prune`` (its index
 is the smaller of a bitmask and gap codes, whose width depends on the data), and unknown for
@@ -35,25 +35,29 @@ class MachineRates:
 
     matmul_flops: float  # float32 matrix product
     eigh_per_cube: float  # seconds per n^3 of a symmetric eigendecomposition
-    gptq_column: float  # seconds per column GPTQ visits (its Python loop), per 1000 rows
+    gptq_column: float  # seconds per column GPTQ visits: its Python loop, nearly flat in the rows
 
     @classmethod
     def measure(cls, device: torch.device) -> MachineRates:
         generator = torch.Generator().manual_seed(0)
         a = torch.randn(1024, 1024, generator=generator).to(device)
-        symmetric = a[:512, :512] @ a[:512, :512].T
-        a @ a, torch.linalg.eigh(symmetric)  # warm-up
+        symmetric = a @ a.T
+        a @ a  # warm-up
         start = time.perf_counter()
         for _ in range(3):
             a @ a
         matmul = 3 * 2 * 1024**3 / (time.perf_counter() - start)
+        big = torch.randn(2048, 2048, generator=generator).to(device)
+        big = big @ big.T
         start = time.perf_counter()
-        torch.linalg.eigh(symmetric)
-        eigh = (time.perf_counter() - start) / 512**3
-        rows = torch.randn(1000, 256, generator=generator)
+        torch.linalg.eigh(big)  # at 2048: smaller ones carry fixed costs that inflate the n^3 rate
+        eigh = (time.perf_counter() - start) / 2048**3
+        rows = torch.randn(1000, 512, generator=generator)
+        hessian = symmetric[:512, :512] + 512 * torch.eye(512)
+        gptq_quantize(rows[:, :128], hessian[:128, :128], bits=4, group_size=128)  # warm-up
         start = time.perf_counter()
-        gptq_quantize(rows, symmetric[:256, :256] + 256 * torch.eye(256), bits=4, group_size=128)
-        return cls(matmul, eigh, (time.perf_counter() - start) / 256)
+        gptq_quantize(rows, hessian, bits=4, group_size=128)
+        return cls(matmul, eigh, (time.perf_counter() - start) / 512)
 
 
 @dataclass(frozen=True)
@@ -117,8 +121,8 @@ def _seconds_and_peak(plan: ModulePlan, shape: tuple[int, ...], groups: list[lis
     peak += 4 * small**2 * 2  # the Gram matrix and its eigenvectors
     if calibrated:
         inputs = cols  # the Hessian is over the matrix's input features
-        seconds += (2 / 3 * inputs**3 + 2 * rank * inputs**2) / (rates.matmul_flops / 2)  # factor, U's Hessians
-        seconds += rates.gptq_column * (inputs * rank + rank * rows) / 1000  # V's columns, then U's
+        seconds += (2 / 3 * inputs**3 + 2 * rank * inputs**2) / rates.matmul_flops  # potrf+trtri, U's Hessians
+        seconds += rates.gptq_column * (inputs + rank)  # V's columns (every group at once), then U's
         peak += 2 * 4 * inputs**2  # the Hessian and its inverse factor
     return seconds, peak
 

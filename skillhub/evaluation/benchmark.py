@@ -115,7 +115,7 @@ def _relative_error(delta: torch.Tensor, approximation: torch.Tensor, stats: Lay
     residual = (delta - approximation).double()
     if stats is None:
         return float(residual.norm() / delta.double().norm())
-    hessian = stats.hessian
+    hessian = stats.hessian.double()  # accumulated in float32 (calibrate.py)
     if stats.transposed:
         residual, reference = residual.T, delta.double().T
     else:
