@@ -30,7 +30,14 @@ from skillhub.compress.calibrate import (
     layer_order,
     load_for_calibration,
 )
-from skillhub.compress.workers import EncodeJob, EncodeResult, Executor, check_workers, make_executor, run_in_order
+from skillhub.compress.workers import (
+    EncodeJob,
+    EncodeResult,
+    Executor,
+    ProcessExecutor,
+    check_workers,
+    run_in_order,
+)
 from skillhub.pack.card import render_card
 from skillhub.compress.delta import check_compatible, iter_deltas, read_delta
 from skillhub.errors import SkillhubError
@@ -94,6 +101,24 @@ def _tokenizer(checkpoint: Checkpoint):
         return AutoTokenizer.from_pretrained(checkpoint.path)
     except (OSError, ValueError) as exc:
         raise SkillhubError(f"{checkpoint.path} has no usable tokenizer for the calibration text: {exc}") from exc
+
+
+def make_executor(workers: int = 1, *, executor: str = "local", ray_address: str | None = None) -> Executor:
+    """The executor ``create`` was asked for; check everything before any work starts.
+
+    Raises:
+        SkillhubError: A bad worker count, an unknown executor, or a Ray cluster that cannot be reached.
+    """
+    check_workers(workers)
+    if executor == "ray":
+        from skillhub.compress.ray_executor import RayExecutor  # the optional extra: imported when asked for
+
+        return RayExecutor(workers, address=ray_address)
+    if executor != "local":
+        raise SkillhubError(f"unknown executor {executor!r}: use 'local' or 'ray'")
+    if ray_address is not None:
+        raise SkillhubError("--ray-address needs --executor ray")
+    return ProcessExecutor(workers) if workers > 1 else Executor()
 
 
 def _checkpoint(ref: str | os.PathLike[str] | Checkpoint, revision: str | None) -> Checkpoint:

@@ -146,24 +146,6 @@ class ProcessExecutor(Executor):
             os.environ["OMP_WAIT_POLICY"] = self._saved_policy
 
 
-def make_executor(workers: int = 1, *, executor: str = "local", ray_address: str | None = None) -> Executor:
-    """The executor ``create`` was asked for; check everything before any work starts.
-
-    Raises:
-        SkillhubError: A bad worker count, an unknown executor, or a Ray cluster that cannot be reached.
-    """
-    check_workers(workers)
-    if executor == "ray":
-        from skillhub.compress.ray_executor import RayExecutor
-
-        return RayExecutor(workers, address=ray_address)
-    if executor != "local":
-        raise SkillhubError(f"unknown executor {executor!r}: use 'local' or 'ray'")
-    if ray_address is not None:
-        raise SkillhubError("--ray-address needs --executor ray")
-    return ProcessExecutor(workers) if workers > 1 else Executor()
-
-
 def run_in_order(executor: Executor, jobs: Iterator[Callable[[], EncodeJob | None]],
                  on_result: Callable[[EncodeResult], None]) -> None:
     """Build and run ``jobs`` (each a thunk: it reads its delta when called; None skips it) with at
