@@ -24,7 +24,6 @@ from skillhub.compress.recipe import ModulePlan
 from skillhub.io.checkpoint import Checkpoint
 from skillhub.numerics.gptq import gptq_quantize
 from skillhub.numerics.quantize import packed_sizes
-from skillhub.numerics.svd import svd_mixed_bytes
 from skillhub.operators.builtin.rtn import as_matrix
 from skillhub.operators.builtin.svd import resolve_rank_groups
 
@@ -77,16 +76,11 @@ class ModuleEstimate:
 
 
 def _stored_bytes(plan: ModulePlan, shape: tuple[int, ...]) -> tuple[int | None, bool, list[list[int]] | None]:
-    """(bytes, exact?, rank groups) of one part of ``shape`` under ``plan``'s operator."""
-    params, numel = plan.params, math.prod(shape)
-    name = plan.operator.name
-    if name == "raw":
-        return numel * torch.finfo(getattr(torch, params["dtype"])).bits // 8, True, None
-    if name == "rtn":
-        rows, cols = as_matrix(shape) if len(shape) >= 2 else (1, numel)
-        codes, scales, zeros = packed_sizes(rows, cols, params["bits"], params["group_size"])
-        return codes + 2 * scales + zeros, True, None
-    if name == "magnitude-prune":
+    """(bytes, exact?, rank groups) of one part of ``shape`` under ``plan``'s operator: the fields
+    its ``expected_fields`` lays out for the meta it will write, where that meta does not depend
+    on the data."""
+    params, numel, operator = plan.params, math.prod(shape), plan.operator
+    if operator.name == "magnitude-prune":
         kept = max(1, math.ceil(params["keep"] * numel))
         if params["bits"] == 16:
             values = 2 * kept
@@ -94,15 +88,21 @@ def _stored_bytes(plan: ModulePlan, shape: tuple[int, ...]) -> tuple[int | None,
             codes, scales, zeros = packed_sizes(1, kept, params["bits"], params["group_size"])
             values = codes + 2 * scales + zeros
         return values + (numel + 7) // 8, False, None  # at most: the index is never above a bitmask
-    if name in ("svd-mixed", "lowrank") and len(shape) >= 2:
+    groups = None
+    if operator.name in ("raw", "rtn"):
+        meta: dict[str, Any] = {}
+    elif operator.name in ("svd-mixed", "lowrank") and len(shape) >= 2:
         rows, cols = as_matrix(shape)
-        if name == "lowrank":
-            rank = params.get("rank") or max(1, round(params["rank_fraction"] * min(rows, cols)))
-            rank = min(rank, rows, cols)
-            return rank * (rows + cols) * torch.finfo(getattr(torch, params["dtype"])).bits // 8, True, None
-        groups = resolve_rank_groups(params["groups"], min(rows, cols), params["reference_dim"])
-        return svd_mixed_bytes(rows, cols, groups, params["group_size"]), True, [list(g) for g in groups]
-    return None, False, None
+        if operator.name == "lowrank":
+            meta = {"rank": min(params.get("rank") or max(1, round(params["rank_fraction"] * min(rows, cols))),
+                                rows, cols)}
+        else:
+            groups = [list(g) for g in resolve_rank_groups(params["groups"], min(rows, cols), params["reference_dim"])]
+            meta = {"rank": sum(size for size, _ in groups), "groups": groups}
+    else:
+        return None, False, None
+    fields = operator.expected_fields(meta, params, shape, version=operator.version)
+    return sum(math.prod(size) * dtype.itemsize for dtype, size in fields.values()), True, groups
 
 
 def _seconds_and_peak(plan: ModulePlan, shape: tuple[int, ...], groups: list[list[int]] | None,
