@@ -23,7 +23,8 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # (error class, condition on the error or None, the hint to add); first match wins.
 HINTS: list[tuple[type[SkillhubError], Callable[[SkillhubError], bool] | None, str]] = [
     (NotFoundError, lambda e: e.kind == "pack", "`skillhub list` shows the pack ids"),
-    (NotFoundError, lambda e: e.kind == "base model" and e.name is None, "`skillhub add` a pack first"),
+    (NotFoundError, lambda e: e.kind == "base model" and e.name is None,
+     "register one with `skillhub init --base BASE`, or `skillhub add` a pack first"),
     (NotFoundError, lambda e: e.kind == "base model", "`skillhub list` shows each pack's base; pass one with --base"),
     (NotFoundError, lambda e: e.kind == "task" and e.where == "with an eval set",
      "give it one with `skillhub task add TASK --eval FILE`"),

@@ -22,15 +22,27 @@ if TYPE_CHECKING:
     from skillhub.activation import Merge
 
 @main.command()
+@click.option("--base", "base_location", metavar="BASE",
+              help="Register this base model now (local directory or Hub id), so tasks can be added before any pack.")
+@click.option("--revision", help="With a Hub id: branch, tag or commit.")
+@click.option("--name", help="Name of the base (default: derived from its id).")
 @json_option
 @click.pass_context
-def init(ctx: click.Context, as_json: bool) -> None:
-    """Create (or upgrade) the registry and show where it is."""
+def init(ctx: click.Context, base_location: str | None, revision: str | None, name: str | None, as_json: bool) -> None:
+    """Create (or upgrade) the registry and show where it is; with --base, register a base model."""
+    if base_location is None and (revision or name):
+        raise click.UsageError("--revision and --name go with --base")
     registry = registry_of(ctx)
+    registered = registry.register_base(base_location, revision=revision, name=name) if base_location else None
     if wants_json(ctx, as_json):
-        emit_json({"registry": registry.display_url, "store": str(registry.store.root)})
-    else:
-        click.echo(f"Registry ready at {registry.display_url} (packs in {registry.store.root})")
+        emit_json({"registry": registry.display_url, "store": str(registry.store.root),
+                   "base": registered.as_dict() if registered else None})
+        return
+    click.echo(f"Registry ready at {registry.display_url} (packs in {registry.store.root})")
+    if registered is not None:
+        state = "registered" if registered.created else "already registered"
+        click.echo(plain(f"Base {registered.name} {state}: {registered.location} ({registered.architecture}, "
+                         f"{registered.fingerprint[:19]}...)"))
 
 
 @main.command()
@@ -143,15 +155,24 @@ def task_list(ctx: click.Context, base: str | None, as_json: bool) -> None:
               help="JSONL eval set: {prompt, answer} for exact_match, {text} for perplexity.")
 @click.option("--metric", type=click.Choice(["exact_match", "perplexity"]), default="exact_match", show_default=True)
 @base_option()
+@click.option("--base-path", help="Where the base weights are (default: the location recorded).")
+@click.option("--no-eval", is_flag=True, help="Do not score the base model on the task now.")
 @json_option
 @click.pass_context
-def task_add(ctx: click.Context, name: str, eval_file: Path, metric: str, base: str | None, as_json: bool) -> None:
-    """Give task NAME an eval set, scored at every later addition."""
-    result = registry_of(ctx).add_task(name, eval_file, metric=metric, base=base)
+def task_add(ctx: click.Context, name: str, eval_file: Path, metric: str, base: str | None, base_path: str | None,
+             no_eval: bool, as_json: bool) -> None:
+    """Give task NAME an eval set, scored now on the base model and at every later addition."""
+    from skillhub.evaluation.forgetting import declare_task
+
+    result = declare_task(registry_of(ctx), name, eval_file, metric=metric, base=base, base_location=base_path,
+                          evaluate=not no_eval)
     if wants_json(ctx, as_json):
         emit_json(result)
-    else:
-        click.echo(f"Task {name}: eval set {result.eval} ({result.metric}, sha256 {result.sha256[:12]})")
+        return
+    task = result.task
+    click.echo(plain(f"Task {name}: eval set {task.eval} ({task.metric}, sha256 {task.sha256[:12]})"))
+    for record in result.scores:
+        click.echo(f"  base model: {record['metric']} {record['score']:.4f}")
 
 
 @task.command("set")

@@ -37,7 +37,7 @@ from skillhub.evaluation.metrics import DEFINITIONS, continual_metrics
 from skillhub.evaluation.scoring import score
 from skillhub.progress import ProgressCallback, no_progress
 from skillhub.registry.front import Registry
-from skillhub.registry.results import EvalRecord, Scored
+from skillhub.registry.results import DeclaredTask, EvalRecord, Scored
 
 if TYPE_CHECKING:
     from skillhub.pack.format import SkillPack
@@ -89,6 +89,34 @@ def add_and_score(registry: Registry, pack: str | os.PathLike[str] | SkillPack |
         registry.add_task(task, eval_file, metric=metric, base=entry.base)
     scores = evaluate_tasks(registry, base=entry.base, step=entry.event, merge=merge, progress=progress) if evaluate else []
     return Scored(entry=entry, scores=tuple(scores))
+
+
+def declare_task(registry: Registry, name: str, eval_file: str | os.PathLike[str], *, metric: str = "exact_match",
+                 base: str | None = None, base_location: str | None = None, evaluate: bool = True) -> DeclaredTask:
+    """Give task ``name`` an eval set and score the base model on it now.
+
+    Declared before the task's pack (after ``init --base``, ideally before any pack), the task is
+    then scored at every addition, so its column of R is complete, and its base score b_j is on
+    record at this step, before anything was learned (FWT's reference).
+
+    Args:
+        registry: The registry (its base must be registered: ``init --base`` or a first pack).
+        name, eval_file, metric: As :meth:`Registry.add_task`.
+        base: Registered base name (needed when there are several).
+        base_location: Where the base weights are (default: the location recorded).
+        evaluate: Score the base model (False: only record the eval set).
+
+    Returns:
+        The task's eval set and, when evaluated, its ``base`` record filed under the task-add step.
+    """
+    task = registry.add_task(name, eval_file, metric=metric, base=base)
+    if not evaluate:
+        return DeclaredTask(task=task, scores=())
+    model, tokenizer, _ = registry.load_base_model(base=base, location=base_location)
+    examples = load_eval_set(task.eval, metric)
+    record = {"task": name, "policy": "base", "metric": metric, "score": score(model, tokenizer, examples, metric)}
+    registry.record_scores([record], base=base, step=task.event)
+    return DeclaredTask(task=task, scores=(record,))
 
 
 def evaluate_tasks(registry: Registry, *, base: str | None = None, task: str | None = None,
@@ -222,7 +250,9 @@ def accuracy_matrices(registry: Registry, *, base: str | None = None) -> dict[st
 
     result: dict[str, Any] = {"tasks": order, "definitions": DEFINITIONS, "policies": {}}
     learned_at = {task: step for step, task in steps}
-    base_records = [cell(learned_at[task], task, "base") for task in order]
+    # b_j: the base's score at the step task j was learned, else its score when it was declared (step 0).
+    declared = {r.task: r for r in records if r.policy == "base" and r.event == "task-add"}  # the latest eval set
+    base_records = [cell(learned_at[task], task, "base") or declared.get(task) for task in order]
     result["base"] = [r.score if r else None for r in base_records]
     recorded = {r.policy for r in records}
     for policy in (p for p in POLICIES if p in recorded):

@@ -39,7 +39,7 @@ from skillhub.graft.pairs import PAIR_STRATEGIES, paper_pairs, sft_examples, sou
 from skillhub.graft.scorers import Scorer, load_scorer
 from skillhub.graft.training import (DEFAULT_BETA, DPO_LOSSES, TrainingSettings, preference_optimize, require_trl,
                                      supervised_finetune)
-from skillhub.io.checkpoint import Checkpoint, fingerprint
+from skillhub.io.checkpoint import Checkpoint
 from skillhub.io.jsonio import read_json, read_json_lines, write_atomically, write_json_lines
 from skillhub.io.outputs import check_output
 from skillhub.pack.manifest import BaseRef
@@ -86,12 +86,6 @@ class GraftResult:
             "dpo_skipped": self.dpo_skipped, "removed": self.removed,
             "added": self.added.as_dict() if self.added else None,
         }
-
-
-def target_base_ref(target: Checkpoint) -> BaseRef:
-    """The target as the base of the pack a graft makes (one full read, for its fingerprint)."""
-    return BaseRef(id=target.ref.id, revision=target.ref.revision, architecture=target.architecture,
-                   model_type=target.model_type, fingerprint=fingerprint(target), dtype=target.dominant_dtype())
 
 
 def graft(
@@ -173,7 +167,7 @@ def graft(
         load_eval_set(eval_file, "exact_match")
     if add_to is not None:
         add_to.db.require_writable()
-        add_to.check_base(target_base_ref(target_checkpoint), base=base, new_base=new_base)
+        add_to.check_base(BaseRef.of(target_checkpoint), base=base, new_base=new_base)
     check_output(output, force=force, protect=[source_checkpoint.path, target_checkpoint.path, prompts, work])
     seed = compression.seed  # one seed for sampling, training and randomized SVD
     generation, sft, dpo = replace(generation, seed=seed), replace(sft, seed=seed), replace(dpo, seed=seed)

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from skillhub.errors import PackError, SkillhubError
+
+if TYPE_CHECKING:
+    from skillhub.io.checkpoint import Checkpoint
 
 FORMAT_VERSION = 1
 # The files of a pack directory (see skillhub.pack.format). Kept here, away from torch, so that
@@ -62,6 +65,15 @@ class BaseRef:
     fingerprint: str
     dtype: str
     tie_word_embeddings: bool | None = None
+
+    @classmethod
+    def of(cls, checkpoint: Checkpoint) -> BaseRef:
+        """The checkpoint as a base model (one full read of its weights, for the fingerprint)."""
+        from skillhub.io.checkpoint import fingerprint
+
+        return cls(id=checkpoint.ref.id, revision=checkpoint.ref.revision, architecture=checkpoint.architecture,
+                   model_type=checkpoint.model_type, fingerprint=fingerprint(checkpoint),
+                   dtype=checkpoint.dominant_dtype())
 
 
 class Manifest(dict):

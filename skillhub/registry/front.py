@@ -37,6 +37,7 @@ from skillhub.registry.results import (
     Event,
     PackDetails,
     PackEntry,
+    RegisteredBase,
     StoredRouter,
     TaskEval,
     TaskSet,
@@ -147,6 +148,34 @@ class Registry:
         return lineage.add_lineage(self.db, self.store, opened, tasks=list(tasks or [None] * len(opened)),
                                    task_sets_by_sha=task_sets or {}, base=base, new_base=new_base,
                                    base_location=base_location, adopt=adopt)
+
+    def register_base(self, location: str | os.PathLike[str], *, revision: str | None = None,
+                      name: str | None = None) -> RegisteredBase:
+        """Register a base model before any pack, so tasks can be declared (and the base scored on
+        them) before the first addition: the accuracy matrices are then complete from step one.
+
+        Reads every weight once for the fingerprint. Registering the same weights again returns
+        the existing entry (``created`` False).
+
+        Args:
+            location: A local model directory or a Hub id; kept (absolute, for a directory) to load it later.
+            revision: Branch, tag or commit, for a Hub id.
+            name: The base's name (default: derived from its id, as when a pack registers it).
+
+        Raises:
+            CheckpointError: ``location`` is not a usable model.
+            MismatchError: ``name`` is taken by other weights.
+        """
+        from skillhub.io.checkpoint import open_checkpoint
+        from skillhub.pack.manifest import BaseRef
+        from skillhub.pack.names import check_name
+
+        self.db.require_writable()
+        if name is not None:
+            check_name(name, "base")
+        checkpoint = open_checkpoint(location, revision=revision)
+        where = str(Path(location).resolve()) if Path(location).is_dir() else str(location)
+        return lineage.register_base(self.db, BaseRef.of(checkpoint), name=name, location=where)
 
     def check_base(self, recorded: BaseRef, *, base: str | None = None, new_base: bool = False) -> None:
         """Check that a pack made for the base ``recorded`` (its manifest's ``base``) may be added.

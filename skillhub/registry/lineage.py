@@ -20,7 +20,7 @@ from skillhub.errors import MismatchError, RegistryError
 from skillhub.pack.manifest import BaseRef
 from skillhub.pack.names import base_name_from, check_name
 from skillhub.registry.database import Database, find_base, find_pack, log_event, now
-from skillhub.registry.results import AddedPack, Event, PackDetails, PackEntry
+from skillhub.registry.results import AddedPack, Event, PackDetails, PackEntry, RegisteredBase
 from skillhub.registry.store import PackStore
 from skillhub.registry.tables import BaseModelRow, EventRow, PackRow, TaskPackRow
 from skillhub.registry.tasks import ensure_task, replace_task_set, task_sets
@@ -105,6 +105,25 @@ def add_lineage(db: Database, store: PackStore, packs: Sequence[SkillPack], *, t
         _log.info("added pack %s (%s %s) for task %s of base %s", entry.id, entry.name, entry.version, entry.task,
                   entry.base)
     return entries
+
+
+def register_base(db: Database, recorded: BaseRef, *, name: str | None, location: str) -> RegisteredBase:
+    """See :meth:`skillhub.registry.Registry.register_base`."""
+    with db.session(write=True) as session:
+        bases = list(session.scalars(select(BaseModelRow)))
+        same = next((b for b in bases if b.fingerprint == recorded.fingerprint), None)
+        if same is not None:
+            if name is not None and name != same.name:
+                raise RegistryError(f"these weights are already registered as base {same.name}; "
+                                    f"use --base {same.name}")
+            row, created = same, False
+        else:
+            if name is not None and any(b.name == name for b in bases):
+                raise MismatchError(f"a base named {name} is already registered with other weights; "
+                                    "choose another --name")
+            row, created = _new_base(session, recorded, name, location), True
+        return RegisteredBase(name=row.name, location=row.location, fingerprint=row.fingerprint,
+                              revision=row.revision, architecture=row.architecture, created=created)
 
 
 def _new_base(session: Session, recorded: BaseRef, base: str | None, base_location: str | None) -> BaseModelRow:

@@ -106,6 +106,15 @@ class TaskEval(Result):
     eval: str
     sha256: str
     metric: str
+    event: int  # the lineage step of the task-add event: base scores taken now are filed under it
+
+
+@dataclass(frozen=True)
+class DeclaredTask(Result):
+    """A task given its eval set, with the base model's score on it taken then (none if not evaluated)."""
+
+    task: TaskEval
+    scores: tuple[dict[str, Any], ...]
 
 
 @dataclass(frozen=True)
@@ -137,6 +146,16 @@ class BaseEntry(Result):
     name: str
     location: str
     fingerprint: str
+
+
+@dataclass(frozen=True)
+class RegisteredBase(BaseEntry):
+    """A base model registered before any pack (``init --base``); ``created`` is False when
+    these weights were registered already."""
+
+    revision: str | None
+    architecture: str | None
+    created: bool
 
 
 @dataclass(frozen=True)

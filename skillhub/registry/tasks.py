@@ -103,8 +103,9 @@ def add_eval_set(db: Database, name: str, eval_path: str | os.PathLike[str], *, 
         base_row = find_base(session, base)
         row = ensure_task(session, base_row, name)
         row.eval_path, row.eval_sha256, row.metric = str(path), digest, metric
-        log_event(session, base_row, "task-add", task=name, eval=str(path), sha256=digest, metric=metric)
-        return TaskEval(name=name, eval=str(path), sha256=digest, metric=metric)
+        event = log_event(session, base_row, "task-add", task=name, eval=str(path), sha256=digest, metric=metric)
+        session.flush()
+        return TaskEval(name=name, eval=str(path), sha256=digest, metric=metric, event=event.id)
 
 
 def eval_sets(db: Database, *, base: str | None, task: str | None) -> list[EvalSet]:
