@@ -36,7 +36,7 @@ OWNERS = {
     "sqlmodel": ("skillhub.registry",),
     "click": ("skillhub.cli",),
     "rich": ("skillhub.cli",),
-    "peft": ("skillhub.activation",),
+    "peft": ("skillhub.activation", "skillhub.sharing.peft_export"),
     "sklearn": ("skillhub.routing.training",),
     "trl": ("skillhub.graft.training",),
     "ray": ("skillhub.compress.ray_executor",),

@@ -1,4 +1,4 @@
-"""Hub commands: ``push`` and ``pull``."""
+"""Sharing commands: ``push`` and ``pull`` (the Hub), ``export`` (a PEFT LoRA adapter for PEFT and vLLM)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from skillhub.cli.app import main, registry_of
-from skillhub.cli.options import base_option, force_option, json_option
+from skillhub.cli.errors import plain
+from skillhub.cli.options import base_option, base_revision_option, force_option, json_option
 from skillhub.cli.output import emit_json, print_scores, progress_bar, wants_json
 
 @main.command()
@@ -91,3 +92,51 @@ def pull(ctx: click.Context, reference: str, folder: str | None, no_register: bo
                + (f" into {result.output}" if result.output else ""))
     if result.scores:
         print_scores(result.scores)
+
+
+@main.command()
+@click.argument("pack")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Adapter directory to create.")
+@click.option("--format", "export_format", required=True, type=click.Choice(["peft"]),
+              help="peft: a PEFT LoRA adapter (adapter_config.json, adapter_model.safetensors, model card).")
+@click.option("--for", "consumer", type=click.Choice(["vllm"]),
+              help="Keep to what vLLM loads (attention/MLP LoRA, rank <= 512, no modules_to_save); report the rest.")
+@click.option("--max-rank", type=int, help="Largest LoRA rank (default: exact; 512 with --for vllm).")
+@click.option("--embedding-rank", type=int, help="Embedding and head deltas as LoRA of this rank, not modules_to_save.")
+@click.option("--base", "base_location", metavar="BASE",
+              help="The pack's base model (default: the registered base of a pack id).")
+@base_revision_option
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]),
+              help="dtype of the LoRA factors (default: the base model's).")
+@click.option("--no-check", is_flag=True, help="Skip measuring the export's logits against the pack's.")
+@force_option
+@json_option
+@click.pass_context
+def export(ctx: click.Context, pack: str, output: Path, export_format: str, consumer: str | None, max_rank: int | None,
+           embedding_rank: int | None, base_location: str | None, base_revision: str | None, dtype: str | None,
+           no_check: bool, force: bool, as_json: bool) -> None:
+    """Write PACK (a pack directory or a registry pack id) as a PEFT LoRA adapter that PEFT's
+    PeftModel.from_pretrained and vLLM's --lora-modules load."""
+    from skillhub.sharing.peft_export import export_peft
+
+    as_json = wants_json(ctx, as_json)
+    with progress_bar(not as_json) as progress:
+        result = export_peft(pack, output, registry=registry_of(ctx), base=base_location, base_revision=base_revision,
+                             max_rank=max_rank, embedding_rank=embedding_rank, for_vllm=consumer == "vllm",
+                             dtype=dtype, check=not no_check, force=force, progress=progress)
+    if as_json:
+        emit_json(result)
+        return
+    click.echo(plain(f"Wrote {result.path}: LoRA rank {result.rank} on {result.target_modules} modules, "
+                     f"modules_to_save: {', '.join(result.modules_to_save) or 'none'}; {result.adapter_bytes:,} "
+                     f"bytes (pack {result.pack_bytes:,}, dense fp16 delta {result.dense_delta_fp16_bytes:,})"))
+    for module in result.modules:
+        if module.action == "dropped" or module.energy_lost > 0:
+            what = "dropped" if module.action == "dropped" else f"truncated to rank {module.rank}"
+            click.echo(plain(f"  {module.parameter} ({module.role}): {what}, {module.energy_lost:.1%} of its "
+                             f"delta's energy lost" + (f" ({module.note})" if module.note else "")))
+    for warning in result.warnings:
+        click.echo(plain(f"  note: {warning}"))
+    if result.check is not None:
+        click.echo(f"Logits vs the pack ({result.check.tokens} random tokens): max |error| "
+                   f"{result.check.max_abs_error:.3g}, {result.check.relative_error:.3g} of the pack's effect")

@@ -120,3 +120,36 @@ def merge_options(command: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed(options):
         collect = option(collect)
     return collect
+
+
+def peft_source_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--from-peft ADAPTER, --adapter-revision, --ignore-base-name and --compress, collected into one
+    :class:`skillhub.sharing.peft_import.PeftSource` passed as ``from_peft`` (None without --from-peft)."""
+    options = [
+        click.option("--from-peft", "adapter", metavar="ADAPTER",
+                     help="Make the pack from a PEFT LoRA adapter (directory or Hub id), exactly by default."),
+        click.option("--adapter-revision", help="With a Hub id for --from-peft: branch, tag or commit."),
+        click.option("--ignore-base-name", is_flag=True,
+                     help="Accept a base whose name differs from the adapter's base_model_name_or_path."),
+        click.option("--compress", is_flag=True,
+                     help="With --from-peft: compress the adapter's delta with the recipe options instead."),
+    ]
+
+    @functools.wraps(command)
+    def collect(*args: Any, adapter: str | None, adapter_revision: str | None, ignore_base_name: bool,
+                compress: bool, **kwargs: Any) -> Any:
+        from skillhub.sharing.peft_import import PeftSource
+
+        if adapter is None and (adapter_revision or ignore_base_name or compress):
+            raise click.UsageError("--adapter-revision, --ignore-base-name and --compress go with --from-peft")
+        compression = kwargs.get("compression")  # collected by compression_options, applied above this
+        if adapter is not None and not compress and compression is not None and (
+                compression.ratio is not None or compression.calib is not None or compression.recipe != "paper"):
+            raise click.UsageError("--recipe, --ratio and --calib compress an adapter: add --compress "
+                                   "(without it, --from-peft keeps the adapter's factors exactly)")
+        kwargs["from_peft"] = None if adapter is None else PeftSource(adapter, adapter_revision, ignore_base_name, compress)
+        return command(*args, **kwargs)
+
+    for option in reversed(options):
+        collect = option(collect)
+    return collect

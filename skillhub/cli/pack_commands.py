@@ -8,17 +8,19 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from skillhub.cli.app import main
-from skillhub.cli.options import base_revision_option, compression_options, force_option, json_option, merge_options
+from skillhub.cli.options import (base_revision_option, compression_options, force_option, json_option, merge_options,
+                                  peft_source_options)
 from skillhub.cli.output import emit_json, markup_safe, new_table, progress_bar, stdout, wants_json, warn_if_conflicting
 from skillhub.compress.options import CompressionOptions
 
 if TYPE_CHECKING:
     from skillhub.activation import Merge
+    from skillhub.sharing.peft_import import PeftSource
 
 
 @main.command()
 @click.argument("base")
-@click.argument("tuned")
+@click.argument("tuned", required=False)
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Pack directory to create.")
 @click.option("--task", help="Task the pack teaches (default: the pack name).")
 @click.option("--name", help="Pack name (default: the output directory's name).")
@@ -29,26 +31,40 @@ if TYPE_CHECKING:
 @click.option("--tuned-revision", help="Hub revision of TUNED.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (per module: operator, rank groups, bytes, predicted "
                                                "time and memory) from the checkpoints' headers; write nothing.")
+@peft_source_options
 @force_option
 @json_option
 @click.pass_context
-def create(ctx: click.Context, base: str, tuned: str, output: Path, task: str | None, name: str | None,
+def create(ctx: click.Context, base: str, tuned: str | None, output: Path, task: str | None, name: str | None,
            version: str, compression: CompressionOptions, parent: Path | None, base_revision: str | None,
-           tuned_revision: str | None, dry_run: bool, force: bool, as_json: bool) -> None:
-    """Compress TUNED - BASE into a SkillPack directory.
+           tuned_revision: str | None, dry_run: bool, from_peft: PeftSource | None, force: bool, as_json: bool) -> None:
+    """Compress TUNED - BASE into a SkillPack directory (or make one from a PEFT LoRA adapter:
+    BASE --from-peft ADAPTER).
 
     BASE and TUNED are local Hugging Face model directories or Hub ids.
     """
     from skillhub.compress.pipeline import create_pack
 
+    if (tuned is None) == (from_peft is None):
+        raise click.UsageError("give TUNED, or --from-peft ADAPTER instead")
+    if from_peft is not None and (dry_run or parent or tuned_revision):
+        raise click.UsageError("--dry-run, --parent and --tuned-revision do not go with --from-peft")
     as_json = wants_json(ctx, as_json)
     if dry_run:
         _print_plan(base, tuned, compression, base_revision, tuned_revision, as_json)
         return
     with progress_bar(not as_json) as progress:
-        pack = create_pack(base, tuned, output, task=task, name=name, version=version, parent=parent,
-                           base_revision=base_revision, tuned_revision=tuned_revision, force=force,
-                           progress=progress, **compression.as_kwargs())
+        if from_peft is not None:
+            from skillhub.sharing.peft_import import import_peft
+
+            pack = import_peft(from_peft.adapter, base, output, task=task, name=name, version=version,
+                               adapter_revision=from_peft.revision, base_revision=base_revision,
+                               ignore_base_name=from_peft.ignore_base_name, force=force, progress=progress,
+                               compression=compression if from_peft.compress else None)
+        else:
+            pack = create_pack(base, tuned, output, task=task, name=name, version=version, parent=parent,
+                               base_revision=base_revision, tuned_revision=tuned_revision, force=force,
+                               progress=progress, **compression.as_kwargs())
     summary = _pack_summary(pack)
     if as_json:
         emit_json(summary)

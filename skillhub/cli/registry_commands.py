@@ -11,7 +11,7 @@ from skillhub.cli.app import main, registry_of
 from typing import TYPE_CHECKING
 
 from skillhub.cli.options import (base_option, compression_options, force_option, json_option, merge_options,
-                                  merged_policy_option, pack_ids)
+                                  merged_policy_option, pack_ids, peft_source_options)
 from skillhub.cli.errors import plain
 from skillhub.cli.output import (emit_json, format_forgetting, print_scores, print_table, progress_bar, wants_json,
                                  warn_if_conflicting)
@@ -20,6 +20,7 @@ from skillhub.errors import SkillhubError
 
 if TYPE_CHECKING:
     from skillhub.activation import Merge
+    from skillhub.sharing.peft_import import PeftSource
 
 @main.command()
 @click.option("--base", "base_location", metavar="BASE",
@@ -56,20 +57,22 @@ def init(ctx: click.Context, base_location: str | None, revision: str | None, na
 @click.option("--eval", "eval_file", type=click.Path(path_type=Path), help="Eval set of the task (as `task add`).")
 @click.option("--metric", type=click.Choice(["exact_match", "perplexity"]), default="exact_match", show_default=True)
 @click.option("--no-eval", is_flag=True, help="Do not score the registered tasks after adding.")
+@peft_source_options
 @merged_policy_option
 @json_option
 @click.pass_context
 def add(ctx: click.Context, pack: Path | None, from_models: tuple[str, str] | None, task: str, base: str | None,
         new_base: bool, base_location: str | None, compression: CompressionOptions, eval_file: Path | None,
-        metric: str, no_eval: bool, merge: Merge | None, as_json: bool) -> None:
-    """Add PACK (or a pack made --from BASE TUNED) to the registry as task T, then score every task."""
+        metric: str, no_eval: bool, from_peft: PeftSource | None, merge: Merge | None, as_json: bool) -> None:
+    """Add PACK (or a pack made --from BASE TUNED, or --from-peft ADAPTER) to the registry as task T,
+    then score every task."""
     from skillhub.evaluation.forgetting import add_and_score
 
-    if (pack is None) == (from_models is None):
-        raise click.UsageError("give either PACK or --from BASE TUNED")
+    if sum(source is not None for source in (pack, from_models, from_peft)) != 1:
+        raise click.UsageError("give one of PACK, --from BASE TUNED or --from-peft ADAPTER")
     as_json = wants_json(ctx, as_json)
     with progress_bar(not as_json) as progress:
-        added = add_and_score(registry_of(ctx), pack, from_models=from_models, task=task, base=base,
+        added = add_and_score(registry_of(ctx), pack, from_models=from_models, from_peft=from_peft, task=task, base=base,
                               new_base=new_base, base_location=base_location, compression=compression,
                               eval_file=eval_file, metric=metric, evaluate=not no_eval, merge=merge,
                               progress=progress)

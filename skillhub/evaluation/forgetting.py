@@ -41,6 +41,7 @@ from skillhub.registry.results import DeclaredTask, EvalRecord, Scored
 
 if TYPE_CHECKING:
     from skillhub.pack.format import SkillPack
+    from skillhub.sharing.peft_import import PeftSource
 
 _log = logging.getLogger(__name__)
 POLICIES = ("subset", "fused", "routed", *(m for m in MERGE_METHODS if m != "sum"))
@@ -48,7 +49,8 @@ DEFAULT_MERGE = Merge("ties")
 
 
 def add_and_score(registry: Registry, pack: str | os.PathLike[str] | SkillPack | None = None, *,
-                  from_models: tuple[str, str] | None = None, task: str, base: str | None = None,
+                  from_models: tuple[str, str] | None = None, from_peft: PeftSource | None = None, task: str,
+                  base: str | None = None,
                   new_base: bool = False, base_location: str | None = None,
                   compression: CompressionOptions = CompressionOptions(), eval_file: str | os.PathLike[str] | None = None,
                   metric: str = "exact_match", evaluate: bool = True, merge: Merge | None = DEFAULT_MERGE,
@@ -60,6 +62,8 @@ def add_and_score(registry: Registry, pack: str | os.PathLike[str] | SkillPack |
         registry: Where to add it.
         pack: A pack directory or an opened pack (or give ``from_models``).
         from_models: (BASE, TUNED): compress their delta with ``compression`` first.
+        from_peft: A PEFT LoRA adapter for the registered base (or ``base_location``): made into a
+            pack first, exactly, or with ``compression`` if the source says so.
         task: The task the pack teaches.
         base, new_base, base_location: As :meth:`Registry.add` (``base_location`` defaults to
             BASE with ``from_models``).
@@ -71,11 +75,20 @@ def add_and_score(registry: Registry, pack: str | os.PathLike[str] | SkillPack |
     Returns:
         The pack's registry entry and, when evaluated, the scores recorded at its addition.
     """
-    if (pack is None) == (from_models is None):
-        raise SkillhubError("give either a pack or from_models=(BASE, TUNED)")
+    if sum(source is not None for source in (pack, from_models, from_peft)) != 1:
+        raise SkillhubError("give one of a pack, from_models=(BASE, TUNED) or from_peft")
     if eval_file is not None:
         load_eval_set(eval_file, metric)  # a bad eval file stops the add before anything is written
-    if from_models is not None:
+    if from_peft is not None:
+        from skillhub.sharing.peft_import import import_peft
+
+        location = base_location or registry.activation_set(packs=[], base=base)[0].location
+        with tempfile.TemporaryDirectory(prefix="skillhub-add-") as scratch:
+            made = import_peft(from_peft.adapter, location, Path(scratch) / task, task=task,
+                               adapter_revision=from_peft.revision, ignore_base_name=from_peft.ignore_base_name,
+                               compression=compression if from_peft.compress else None, progress=progress)
+            entry = registry.add(made, task=task, base=base, new_base=new_base, base_location=location)
+    elif from_models is not None:
         from skillhub.compress.pipeline import create_pack
 
         with tempfile.TemporaryDirectory(prefix="skillhub-add-") as scratch:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -167,6 +168,38 @@ class Checkpoint:
     def sidecar_files(self) -> list[Path]:
         """Config and tokenizer files present next to the weights."""
         return [self.path / n for n in SIDECAR_FILES if (self.path / n).is_file()]
+
+
+class PatchedCheckpoint(Checkpoint):
+    """A checkpoint seen with deltas added: what its fine-tune would hold, without writing it.
+
+    Patched tensors read as float32 (base + delta), so small deltas survive a bfloat16 base;
+    every other tensor, the config and the files are the base's. Used to compress a delta that
+    exists only as factors (a PEFT adapter) through the same pipeline as a fine-tune.
+    """
+
+    def __init__(self, base: Checkpoint, deltas: Mapping[str, Callable[[], torch.Tensor]], *,
+                 ref: CheckpointRef) -> None:
+        unknown = [name for name in deltas if name not in base]
+        if unknown:
+            raise CheckpointError(f"{base.path} has no tensor {unknown[0]} to patch")
+        self.path, self.config, self.ref = base.path, base.config, ref
+        self._files, self._where = base._files, base._where
+        self._deltas = deltas
+
+    def dtype(self, name: str) -> torch.dtype:
+        return torch.float32 if name in self._deltas else super().dtype(name)
+
+    def read(self, name: str) -> torch.Tensor:
+        tensor = super().read(name)
+        if name not in self._deltas:
+            return tensor
+        return tensor.to(torch.float32).add_(self._deltas[name]().reshape(tensor.shape))
+
+    def read_rows(self, name: str, rows: list[int]) -> torch.Tensor:
+        if name not in self._deltas:
+            return super().read_rows(name, rows)
+        return self.read(name)[rows]
 
 
 class Fingerprint:

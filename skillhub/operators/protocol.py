@@ -107,6 +107,12 @@ class Operator(Protocol):
     # shape, computed without touching the tensors. It raises ValueError when the meta does not
     # fit (a missing key, a rank larger than the matrix, bits out of range...). Without it, a pack
     # is still decoded once and checked when it is added to a registry.
+    #
+    #   def factors(self, tensors, meta, params, shape, *, version) -> tuple[torch.Tensor, torch.Tensor]
+    #
+    # For a low-rank operator: float32 factors B (m x r) and A (r x n) whose product is exactly the
+    # delta decode returns, as an (m, n) matrix (the first dimension by the rest flattened). PEFT
+    # export uses them instead of factorizing the dense delta; operators without it export densely.
 
 FieldLayout = dict[str, tuple[torch.dtype, tuple[int, ...]]]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -196,6 +197,30 @@ class SkillPack:
         entry = self.modules[module]
         return decoder_for(entry.operator, entry.operator_version, provenance=self.manifest.provenance(entry.operator),
                            where=f"pack {self.name!r} module {module}")
+
+    def factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Float32 factors (B, A) whose product is the module's delta as a matrix (its first
+        dimension by the rest), from a low-rank operator; None when the operator has none (its
+        delta is not stored low-rank) or the module is split into parts.
+
+        Raises:
+            PackError: The factors do not fit the module's shape or are not finite.
+        """
+        entry, where = self.modules[module], f"pack {self.name!r} module {module}"
+        operator = self._decoder(module)
+        if entry.split is not None or not hasattr(operator, "factors") or len(entry.shape) < 2:
+            return None
+        try:
+            b, a = operator.factors(self.fields(module), entry.meta, self._params(module, operator), entry.shape,
+                                    version=entry.operator_version)
+        except (ValueError, KeyError, IndexError, TypeError, RuntimeError) as exc:
+            raise PackError(f"{where} has no usable factors: {exc}"[:300]) from exc
+        rows, cols = entry.shape[0], math.prod(entry.shape[1:])
+        if b.dim() != 2 or a.dim() != 2 or b.shape[0] != rows or a.shape[1] != cols or b.shape[1] != a.shape[0]:
+            raise PackError(f"{where}: factors {list(b.shape)} x {list(a.shape)} do not make a {rows} x {cols} delta")
+        if not bool(torch.isfinite(b.sum() + a.sum())):
+            raise PackError(f"{where} has NaN or Inf factors: the pack is damaged; refusing to use it")
+        return b, a
 
     def decode(self, module: str) -> torch.Tensor:
         """The float32 delta of one module, decoded by the operator that encoded it.

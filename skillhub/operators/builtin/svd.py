@@ -43,6 +43,12 @@ def _factor_tensors(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, dtype: s
 
 def _factor_fields(meta: Mapping[str, Any], params: Mapping[str, Any], shape: tuple[int, ...]) -> FieldLayout:
     m, n = _matrix_shape(shape)
+    if meta.get("transposed", False) not in (True, False):
+        raise ValueError("meta 'transposed' must be true or false")
+    if meta.get("transposed"):
+        m, n = n, m
+    if not isinstance(meta.get("scaling", 1.0), (int, float)) or isinstance(meta.get("scaling"), bool):
+        raise ValueError("meta 'scaling' must be a number")
     rank = meta_int(meta, "rank", 1, min(m, n))
     dtype = dtype_from_name(params["dtype"])
     return {"A": (dtype, (rank, n)), "B": (dtype, (m, rank))}
@@ -63,7 +69,18 @@ class _FactorOperator:
 
     def decode(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], params: Mapping[str, Any],
                shape: tuple[int, ...], *, version: str) -> torch.Tensor:
-        return (tensors["B"].to(torch.float32) @ tensors["A"].to(torch.float32)).reshape(shape)
+        b, a = self.factors(tensors, meta, params, shape, version=version)
+        return (b @ a).reshape(shape)
+
+    def factors(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], params: Mapping[str, Any],
+                shape: tuple[int, ...], *, version: str) -> tuple[torch.Tensor, torch.Tensor]:
+        b, a = tensors["B"].to(torch.float32), tensors["A"].to(torch.float32)
+        scaling = meta.get("scaling", 1.0)
+        if scaling != 1.0:
+            b = b * scaling
+        # A PEFT adapter's factors kept as they are: fan_in_fan_out layers and embeddings hold the
+        # transpose of the (first dimension, rest) delta.
+        return (a.T, b.T) if meta.get("transposed") else (b, a)
 
 
 class SVDOperator(_FactorOperator):
@@ -99,10 +116,14 @@ class SVDOperator(_FactorOperator):
 
 
 class LowRankOperator(_FactorOperator):
-    """Best rank-r approximation stored as float factors (what LoRA extraction produces)."""
+    """Best rank-r approximation stored as float factors (what LoRA extraction produces).
+
+    Since 1.1 the meta may also carry ``scaling`` (the delta is B @ A * scaling) and
+    ``transposed`` (it is (B @ A)^T): a PEFT LoRA adapter imported with ``--from-peft`` keeps its
+    factors bit for bit that way. Data of 1.0 has neither (scaling 1, not transposed)."""
 
     name = "lowrank"
-    version = "1.0"
+    version = "1.1"
     params_schema: dict[str, Any] = {
         "type": "object",
         "additionalProperties": False,
@@ -271,6 +292,22 @@ class SVDMixedOperator:
 
     def decode(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], params: Mapping[str, Any],
                shape: tuple[int, ...], *, version: str) -> torch.Tensor:
+        left, right = self._stored_factors(tensors, meta, params, shape)
+        out = left @ right
+        if meta.get("transposed"):
+            out = out.T
+        return out.reshape(shape)
+
+    def factors(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], params: Mapping[str, Any],
+                shape: tuple[int, ...], *, version: str) -> tuple[torch.Tensor, torch.Tensor]:
+        left, right = self._stored_factors(tensors, meta, params, shape)
+        if meta.get("transposed"):  # stored for the (out, in) map: the delta is its transpose
+            return right.T, left.T
+        return left, right
+
+    def _stored_factors(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], params: Mapping[str, Any],
+                        shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """U Sigma and V^T of every rank group, dequantized and concatenated."""
         m, n = as_matrix(shape)
         if meta.get("transposed"):
             m, n = n, m
@@ -293,7 +330,4 @@ class SVDMixedOperator:
             left.append(u_t.T * s[start:start + size])
             right.append(vh)
             start += size
-        out = torch.cat(left, dim=1) @ torch.cat(right)
-        if meta.get("transposed"):
-            out = out.T
-        return out.reshape(shape)
+        return torch.cat(left, dim=1), torch.cat(right)
