@@ -41,6 +41,7 @@ OWNERS = {
     "trl": ("skillhub.graft.training",),
     "ray": ("skillhub.compress.ray_executor",),
     "datasets": ("skillhub.graft.training",),
+    "lm_eval": ("skillhub.evaluation.harness",),
 }
 
 

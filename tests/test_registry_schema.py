@@ -69,7 +69,7 @@ def _normalise(schema: dict) -> dict:
 
 def test_fresh_migrated_database_equals_the_sqlmodel_classes(registry_factory) -> None:
     registry = registry_factory()
-    assert applied_migrations(registry.engine) == migration_names() == ["m0001_initial", "m0002_evaluation", "m0003_routing"]
+    assert applied_migrations(registry.engine) == migration_names() == ["m0001_initial", "m0002_evaluation", "m0003_routing", "m0004_lm_eval"]
     migrated = _normalise(_schema_of_database(registry.engine))
     declared = _normalise(_schema_of_classes())
     assert migrated == declared
@@ -91,7 +91,7 @@ def test_stored_first_version_registry_upgrades_with_its_rows(tmp_path: Path) ->
     with registry.engine.connect() as connection:
         columns = {c["name"] for c in sa.inspect(connection).get_columns("tasks")}
         tables = set(sa.inspect(connection).get_table_names())
-    assert {"eval_path", "eval_sha256", "metric"} <= columns
+    assert {"eval_path", "eval_sha256", "metric", "lm_eval"} <= columns
     assert {"routers", "routing_sets"} <= tables
     assert Registry(directory).list_packs() == registry.list_packs()  # opening again applies nothing twice
 
@@ -104,6 +104,6 @@ def test_migrations_are_never_applied_twice(tmp_path: Path) -> None:
     assert sorted(rows) == migration_names()
 
 
-@pytest.mark.parametrize("name", ["m0001_initial", "m0002_evaluation", "m0003_routing"])
+@pytest.mark.parametrize("name", ["m0001_initial", "m0002_evaluation", "m0003_routing", "m0004_lm_eval"])
 def test_migrations_ship_in_the_package(name: str) -> None:
     assert name in migration_names()

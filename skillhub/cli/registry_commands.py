@@ -154,26 +154,44 @@ def task_list(ctx: click.Context, base: str | None, as_json: bool) -> None:
 
 @task.command("add")
 @click.argument("name")
-@click.option("--eval", "eval_file", required=True, type=click.Path(path_type=Path),
+@click.option("--eval", "eval_file", type=click.Path(path_type=Path),
               help="JSONL eval set: {prompt, answer} for exact_match, {text} for perplexity.")
-@click.option("--metric", type=click.Choice(["exact_match", "perplexity"]), default="exact_match", show_default=True)
+@click.option("--lm-eval", "lm_eval_task", metavar="TASK",
+              help="Or: an lm-evaluation-harness task (or group), scored on the model in process.")
+@click.option("--lm-eval-include", type=click.Path(path_type=Path), metavar="DIR",
+              help="With --lm-eval: a folder of your own lm-eval task YAML files.")
+@click.option("--limit", type=int, help="With --lm-eval: score at most this many examples per task.")
+@click.option("--metric", help="exact_match (default) or perplexity for --eval; an lm-eval metric for --lm-eval "
+                               "(default: the task's first).")
 @base_option()
 @click.option("--base-path", help="Where the base weights are (default: the location recorded).")
 @click.option("--no-eval", is_flag=True, help="Do not score the base model on the task now.")
 @json_option
 @click.pass_context
-def task_add(ctx: click.Context, name: str, eval_file: Path, metric: str, base: str | None, base_path: str | None,
-             no_eval: bool, as_json: bool) -> None:
-    """Give task NAME an eval set, scored now on the base model and at every later addition."""
+def task_add(ctx: click.Context, name: str, eval_file: Path | None, lm_eval_task: str | None,
+             lm_eval_include: Path | None, limit: int | None, metric: str | None, base: str | None,
+             base_path: str | None, no_eval: bool, as_json: bool) -> None:
+    """Give task NAME an eval set (a file, or an lm-eval task), scored now on the base model and at
+    every later addition."""
     from skillhub.evaluation.forgetting import declare_task
+    from skillhub.evaluation.harness import HarnessTask
 
-    result = declare_task(registry_of(ctx), name, eval_file, metric=metric, base=base, base_location=base_path,
-                          evaluate=not no_eval)
+    if (eval_file is None) == (lm_eval_task is None):
+        raise click.UsageError("give --eval FILE or --lm-eval TASK")
+    if lm_eval_task is None and (lm_eval_include or limit):
+        raise click.UsageError("--lm-eval-include and --limit go with --lm-eval")
+    if eval_file is not None and metric not in (None, "exact_match", "perplexity"):
+        raise click.UsageError(f"--metric for an eval file is exact_match or perplexity, not {metric!r}")
+    harness = None if lm_eval_task is None else HarnessTask(
+        lm_eval_task, include=str(lm_eval_include) if lm_eval_include else None, limit=limit, metric=metric)
+    result = declare_task(registry_of(ctx), name, eval_file, metric=None if harness else metric, lm_eval=harness,
+                          base=base, base_location=base_path, evaluate=not no_eval)
     if wants_json(ctx, as_json):
         emit_json(result)
         return
     task = result.task
-    click.echo(plain(f"Task {name}: eval set {task.eval} ({task.metric}, sha256 {task.sha256[:12]})"))
+    digest = f", sha256 {task.sha256[:12]}" if task.sha256 else ""
+    click.echo(plain(f"Task {name}: eval set {task.eval} ({task.metric}{digest})"))
     for record in result.scores:
         click.echo(f"  base model: {record['metric']} {record['score']:.4f}")
 

@@ -16,13 +16,17 @@ at that lineage step:
 
 The accuracy matrix R[k][j] of a policy holds task j's score at the step where the k-th task
 got its pack; tasks are ordered by when they got their first pack. Perplexity tasks enter the
-metrics as -perplexity, so that higher is better everywhere (and are not routed).
+metrics as -perplexity, so that higher is better everywhere (and are not routed). Tasks scored by
+lm-evaluation-harness (:mod:`skillhub.evaluation.harness`) record ``lm-eval/<metric>``; its
+perplexities enter negated too, and they are not routed either.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+from collections.abc import Callable
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,11 +37,13 @@ from skillhub.activation import MERGE_METHODS, Merge, Patcher
 from skillhub.compress.options import CompressionOptions
 from skillhub.errors import RegistryError, SkillhubError
 from skillhub.evaluation.datasets import load_eval_set
+from skillhub.evaluation.harness import LOWER_IS_BETTER as LM_EVAL_LOWER_IS_BETTER
+from skillhub.evaluation.harness import HarnessTask, score_task
 from skillhub.evaluation.metrics import DEFINITIONS, continual_metrics
 from skillhub.evaluation.scoring import score
 from skillhub.progress import ProgressCallback, no_progress
 from skillhub.registry.front import Registry
-from skillhub.registry.results import DeclaredTask, EvalRecord, Scored
+from skillhub.registry.results import DeclaredTask, EvalRecord, EvalSet, Scored
 
 if TYPE_CHECKING:
     from skillhub.pack.format import SkillPack
@@ -45,6 +51,7 @@ if TYPE_CHECKING:
 
 _log = logging.getLogger(__name__)
 POLICIES = ("subset", "fused", "routed", *(m for m in MERGE_METHODS if m != "sum"))
+LOWER_IS_BETTER = {"perplexity", *LM_EVAL_LOWER_IS_BETTER}  # metrics that enter R negated
 DEFAULT_MERGE = Merge("ties")
 
 
@@ -104,8 +111,9 @@ def add_and_score(registry: Registry, pack: str | os.PathLike[str] | SkillPack |
     return Scored(entry=entry, scores=tuple(scores))
 
 
-def declare_task(registry: Registry, name: str, eval_file: str | os.PathLike[str], *, metric: str = "exact_match",
-                 base: str | None = None, base_location: str | None = None, evaluate: bool = True) -> DeclaredTask:
+def declare_task(registry: Registry, name: str, eval_file: str | os.PathLike[str] | None = None, *,
+                 metric: str | None = None, lm_eval: HarnessTask | None = None, base: str | None = None,
+                 base_location: str | None = None, evaluate: bool = True) -> DeclaredTask:
     """Give task ``name`` an eval set and score the base model on it now.
 
     Declared before the task's pack (after ``init --base``, ideally before any pack), the task is
@@ -114,7 +122,7 @@ def declare_task(registry: Registry, name: str, eval_file: str | os.PathLike[str
 
     Args:
         registry: The registry (its base must be registered: ``init --base`` or a first pack).
-        name, eval_file, metric: As :meth:`Registry.add_task`.
+        name, eval_file, metric, lm_eval: As :meth:`Registry.add_task`.
         base: Registered base name (needed when there are several).
         base_location: Where the base weights are (default: the location recorded).
         evaluate: Score the base model (False: only record the eval set).
@@ -122,14 +130,22 @@ def declare_task(registry: Registry, name: str, eval_file: str | os.PathLike[str
     Returns:
         The task's eval set and, when evaluated, its ``base`` record filed under the task-add step.
     """
-    task = registry.add_task(name, eval_file, metric=metric, base=base)
+    task = registry.add_task(name, eval_file, metric=metric, lm_eval=lm_eval, base=base)
     if not evaluate:
         return DeclaredTask(task=task, scores=())
     model, tokenizer, _ = registry.load_base_model(base=base, location=base_location)
-    examples = load_eval_set(task.eval, metric)
-    record = {"task": name, "policy": "base", "metric": metric, "score": score(model, tokenizer, examples, metric)}
+    scorer = scorer_of(registry.eval_sets(base=base, task=name)[0])
+    record = {"task": name, "policy": "base", "metric": task.metric, "score": scorer(model, tokenizer)}
     registry.record_scores([record], base=base, step=task.event)
     return DeclaredTask(task=task, scores=(record,))
+
+
+def scorer_of(eval_set: EvalSet) -> Callable[[Any, Any], float]:
+    """(model, tokenizer) -> the task's score: its eval file under its metric, or its lm-eval task."""
+    if eval_set.lm_eval is not None:
+        return functools.partial(score_task, task=HarnessTask.from_json(eval_set.lm_eval))
+    examples = load_eval_set(eval_set.path, eval_set.metric)
+    return lambda model, tokenizer: score(model, tokenizer, examples, eval_set.metric)
 
 
 def evaluate_tasks(registry: Registry, *, base: str | None = None, task: str | None = None,
@@ -152,8 +168,10 @@ def evaluate_tasks(registry: Registry, *, base: str | None = None, task: str | N
     sets = registry.eval_sets(base=base, task=task)
     if not sets:
         return []
-    examples = {s.name: load_eval_set(s.path, s.metric) for s in sets}
+    scorers = {s.name: scorer_of(s) for s in sets}
     metrics = {s.name: s.metric for s in sets}
+    # The router is scored on exact-match example files (lm-eval tasks record lm-eval/<metric>).
+    examples = {s.name: load_eval_set(s.path, s.metric) for s in sets if s.metric == "exact_match"}
     active = [p.id for p in registry.list_packs(base=base)]
     tasks = {t.name: list(t.packs) for t in registry.tasks(base=base)}
     model, tokenizer, _ = registry.load_base_model(base=base, location=base_location)  # checked once; patching skips it
@@ -168,7 +186,7 @@ def evaluate_tasks(registry: Registry, *, base: str | None = None, task: str | N
         with registry.activated(model, packs=chosen, base=base, verify=False, merge=merge):
             for name in names:
                 records.append({"task": name, "policy": policy, "metric": metrics[name],
-                                "score": score(model, tokenizer, examples[name], metrics[name])})
+                                "score": scorers[name](model, tokenizer)})
                 done += 1
                 progress("evaluate", done, total)
 
@@ -216,7 +234,7 @@ def _routed_scores(registry: Registry, model, tokenizer, router, examples: dict[
 
     own_files = {s.name for s in registry.routing_examples(base=base)}
     chosen_examples = [RoutingExample(e["prompt"], e["answer"], name, heldout=True)
-                       for name, records in examples.items() if metrics[name] == "exact_match"
+                       for name, records in examples.items()
                        for e in records if unseen_by_router(name, e["prompt"], own_files)]
     if not chosen_examples:
         return []
@@ -236,7 +254,7 @@ def _routed_scores(registry: Registry, model, tokenizer, router, examples: dict[
 
 
 def _higher_is_better(record: EvalRecord) -> float:
-    return record.score if record.metric == "exact_match" else -record.score
+    return -record.score if record.metric in LOWER_IS_BETTER else record.score
 
 
 def accuracy_matrices(registry: Registry, *, base: str | None = None) -> dict[str, Any]:

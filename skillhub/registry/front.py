@@ -48,6 +48,7 @@ if TYPE_CHECKING:  # torch and the pack machinery load only for commands that to
     import torch
 
     from skillhub.activation import Merge
+    from skillhub.evaluation.harness import HarnessTask
     from skillhub.pack.manifest import BaseRef
 
     from skillhub.pack.format import SkillPack
@@ -217,14 +218,17 @@ class Registry:
         """Make S_t exactly ``pack_ids`` (an empty list: the base model alone)."""
         return task_store.set_task(self.db, task, pack_ids, base=base)
 
-    def add_task(self, name: str, eval_path: str | os.PathLike[str], *, metric: str = "exact_match",
-                 base: str | None = None) -> TaskEval:
-        """Give task ``name`` an eval set (its sha256 is kept, so a changed file is noticed).
+    def add_task(self, name: str, eval_path: str | os.PathLike[str] | None = None, *, metric: str | None = None,
+                 lm_eval: HarnessTask | None = None, base: str | None = None) -> TaskEval:
+        """Give task ``name`` an eval set: a file (its sha256 is kept, so a changed file is noticed;
+        ``metric`` exact_match, the default, or perplexity), or an lm-evaluation-harness task
+        (``lm_eval``; its metric defaults to the task's first, and its include folder is hashed).
 
         Raises:
-            SkillhubError: The eval file is unusable for ``metric`` (nothing is recorded then).
+            SkillhubError: The eval file is unusable for ``metric``, or lm-eval has no such task or
+                metric (nothing is recorded then).
         """
-        return task_store.add_eval_set(self.db, name, eval_path, metric=metric, base=base)
+        return task_store.add_eval_set(self.db, name, eval_path, metric=metric, lm_eval=lm_eval, base=base)
 
     def eval_sets(self, *, base: str | None = None, task: str | None = None) -> list[EvalSet]:
         """Tasks with an eval set, checked against the sha256 recorded when they were added.

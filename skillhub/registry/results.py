@@ -104,9 +104,10 @@ class TaskEval(Result):
 
     name: str
     eval: str
-    sha256: str
+    sha256: str | None  # of the eval file, or of the lm-eval include folder (None: lm-eval's own task)
     metric: str
     event: int  # the lineage step of the task-add event: base scores taken now are filed under it
+    lm_eval: dict[str, Any] | None = None  # task, include, limit, metric of an lm-eval task
 
 
 @dataclass(frozen=True)
@@ -122,8 +123,9 @@ class EvalSet(Result):
     """An eval set checked against its recorded sha256, ready to score."""
 
     name: str
-    path: Path
+    path: Path | None  # None for an lm-eval task
     metric: str
+    lm_eval: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,7 @@ class TaskRow(SQLModel, table=True):
     eval_path: str | None = Field(default=None, sa_column=Column(Text))
     eval_sha256: str | None = Field(default=None, sa_column=Column(String(64)))
     metric: str | None = Field(default=None, sa_column=Column(String(32)))
+    lm_eval: str | None = Field(default=None, sa_column=Column(Text))  # JSON of an lm-eval task (then no eval_path)
 
 
 class TaskPackRow(SQLModel, table=True):

@@ -6,11 +6,13 @@ explicit list. An eval set is a file whose sha256 is kept, so a changed file is 
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlmodel import Session
 
 from skillhub.errors import NotFoundError, RegistryError
@@ -18,6 +20,9 @@ from skillhub.pack.names import check_name
 from skillhub.registry.database import Database, find_base, find_pack, log_event
 from skillhub.registry.results import BaseEntry, EvalSet, TaskEval, TaskSet
 from skillhub.registry.tables import BaseModelRow, PackRow, TaskPackRow, TaskRow
+
+if TYPE_CHECKING:
+    from skillhub.evaluation.harness import HarnessTask
 
 
 def ensure_task(session: Session, base: BaseModelRow, name: str) -> TaskRow:
@@ -90,43 +95,61 @@ def activation_rows(db: Database, *, task: str | None, packs: Sequence[str] | No
         return BaseEntry(base_row.name, base_row.location, base_row.fingerprint), [r.sha256 for r in rows]
 
 
-def add_eval_set(db: Database, name: str, eval_path: str | os.PathLike[str], *, metric: str,
-                 base: str | None) -> TaskEval:
+def add_eval_set(db: Database, name: str, eval_path: str | os.PathLike[str] | None, *, metric: str | None,
+                 lm_eval: HarnessTask | None, base: str | None) -> TaskEval:
     """See :meth:`skillhub.registry.Registry.add_task`."""
     from skillhub.evaluation.datasets import load_eval_set
+    from skillhub.evaluation.harness import include_digest, resolve
     from skillhub.pack.format import sha256_file
 
-    path = Path(eval_path).resolve()
-    load_eval_set(path, metric)  # refuse a bad file before touching the database
-    digest = sha256_file(path)
+    if (eval_path is None) == (lm_eval is None):
+        raise RegistryError("give a task either an eval file or an lm-eval task")
+    if lm_eval is not None:  # refuse an unknown task or metric before touching the database
+        lm_eval = resolve(lm_eval.task, include=lm_eval.include, limit=lm_eval.limit, metric=metric or lm_eval.metric)
+        where, digest, metric, spec = None, include_digest(lm_eval.include), lm_eval.recorded_metric, lm_eval.as_json()
+    else:
+        path = Path(eval_path).resolve()
+        metric = metric or "exact_match"
+        load_eval_set(path, metric)  # refuse a bad file before touching the database
+        where, digest, spec = str(path), sha256_file(path), None
     with db.session(write=True) as session:
         base_row = find_base(session, base)
         row = ensure_task(session, base_row, name)
-        row.eval_path, row.eval_sha256, row.metric = str(path), digest, metric
-        event = log_event(session, base_row, "task-add", task=name, eval=str(path), sha256=digest, metric=metric)
+        row.eval_path, row.eval_sha256, row.metric = where, digest, metric
+        row.lm_eval = json.dumps(spec) if spec else None
+        event = log_event(session, base_row, "task-add", task=name, eval=where, sha256=digest, metric=metric,
+                          **({"lm_eval": spec} if spec else {}))
         session.flush()
-        return TaskEval(name=name, eval=str(path), sha256=digest, metric=metric, event=event.id)
+        return TaskEval(name=name, eval=where or f"lm-eval {lm_eval.task}", sha256=digest, metric=metric,
+                        event=event.id, lm_eval=spec)
 
 
 def eval_sets(db: Database, *, base: str | None, task: str | None) -> list[EvalSet]:
     """See :meth:`skillhub.registry.Registry.eval_sets`."""
+    from skillhub.evaluation.harness import include_digest
     from skillhub.pack.format import sha256_file
 
     with db.session() as session:
         base_row = find_base(session, base)
-        rows = list(session.scalars(select(TaskRow).where(TaskRow.base_id == base_row.id,
-                                                          TaskRow.eval_path.is_not(None)).order_by(TaskRow.id)))
+        rows = list(session.scalars(select(TaskRow).where(
+            TaskRow.base_id == base_row.id, or_(TaskRow.eval_path.is_not(None), TaskRow.lm_eval.is_not(None))
+        ).order_by(TaskRow.id)))
     if task is not None:
         rows = [r for r in rows if r.name == task]
         if not rows:
             raise NotFoundError("task", task, where="with an eval set")
     sets = []
     for row in rows:
-        path = Path(row.eval_path)
-        if not path.is_file() or sha256_file(path) != row.eval_sha256:
-            raise RegistryError(
-                f"the eval file of task {row.name} ({path}) changed or vanished since it was added; "
-                f"register it again with `skillhub task add {row.name} --eval FILE`"
-            )
-        sets.append(EvalSet(name=row.name, path=path, metric=row.metric))
+        spec = json.loads(row.lm_eval) if row.lm_eval else None
+        path = Path(row.eval_path) if row.eval_path else None
+        if spec is not None:
+            changed = include_digest(spec["include"]) != row.eval_sha256 if spec["include"] else False
+            what = f"the lm-eval task folder of task {row.name} ({spec['include']})"
+        else:
+            changed = not path.is_file() or sha256_file(path) != row.eval_sha256
+            what = f"the eval file of task {row.name} ({path})"
+        if changed:
+            raise RegistryError(f"{what} changed or vanished since it was added; register it again with "
+                                f"`skillhub task add {row.name} ...`")
+        sets.append(EvalSet(name=row.name, path=path, metric=row.metric, lm_eval=spec))
     return sets

@@ -71,7 +71,7 @@ def routing_examples(registry: Registry, classes: Sequence[RouteClass], *,
     examples = []
     sources: dict[str, list[dict[str, str]]] = {}
     for eval_set in registry.eval_sets(base=base):
-        if eval_set.name not in given:
+        if eval_set.name not in given and eval_set.lm_eval is None:  # lm-eval's data is not ours to route on
             records = load_eval_set(eval_set.path, eval_set.metric)
             sources[eval_set.name] = [r if "prompt" in r else {"prompt": r["text"]} for r in records]
     for name, path in given.items():
