@@ -101,6 +101,8 @@ def conformance_checks(
         Check("byte-accounting", lambda: _check_byte_accounting(operator, cases, shapes, seed)),
         Check("expected-fields", lambda: _check_expected_fields(operator, cases, shapes, seed)),
     ]
+    if hasattr(operator, "factors"):
+        checks.append(Check("factors", lambda: _check_factors(operator, cases, shapes, seed)))
     return checks
 
 
@@ -217,6 +219,24 @@ def _check_expected_fields(operator: Operator, cases: list[dict[str, Any]], shap
             except ValueError:
                 continue
             raise AssertionError(f"{where}: expected_fields accepted the impossible meta {meta}")
+
+
+def _check_factors(operator: Operator, cases: list[dict[str, Any]], shapes: Sequence[tuple[int, ...]],
+                   seed: int) -> None:
+    """``factors`` (optional) gives B (m x r) and A (r x n) whose product is what decode returns."""
+    for given, shape in _grid(cases, shapes):
+        if len(shape) < 2:
+            continue
+        params = resolve_params(operator, given, where="conformance")
+        encoded = operator.encode(sample_delta(shape, seed=seed), copy.deepcopy(params), _context(seed))
+        where = f"params {given}, shape {shape}"
+        b, a = operator.factors(encoded.tensors, encoded.meta, params, tuple(shape), version=operator.version)
+        rows, cols = shape[0], math.prod(shape[1:])
+        assert b.shape[0] == rows and a.shape[1] == cols and b.shape[1] == a.shape[0], (
+            f"{where}: factors {list(b.shape)} x {list(a.shape)} do not make a {rows} x {cols} matrix")
+        decoded = operator.decode(encoded.tensors, encoded.meta, params, tuple(shape), version=operator.version)
+        error = relative_error(decoded.reshape(rows, cols), b.float() @ a.float())
+        assert error <= 1e-5, f"{where}: B @ A differs from decode by {error:.2e} (relative)"
 
 
 def _check_encoded(encoded: Any, where: str) -> None:

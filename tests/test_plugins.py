@@ -396,8 +396,17 @@ class _LaxMeta(_Base):
         return Encoded(tensors={"values": delta.to(torch.float16)}, meta={"count": delta.numel()})
 
 
+class _WrongFactors(_Base):
+    """Claims low-rank factors that are not its delta (PEFT export would write them)."""
+
+    def factors(self, tensors, meta, params, shape, *, version):
+        rows = shape[0]
+        return torch.ones(rows, 1), torch.ones(1, tensors["values"].numel() // rows)
+
+
 @pytest.mark.parametrize("operator,check,message", [
     (_GlobalRandom(), "determinism", "differs between two encodes"),
+    (_WrongFactors(), "factors", "B @ A differs from decode"),
     (_InPlace(), "round-trip", "encode modified its input delta"),
     (_WrongDtype(), "round-trip", "not torch.float32"),
     (_WrongShape(), "round-trip", "returned shape"),
