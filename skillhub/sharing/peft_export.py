@@ -108,30 +108,34 @@ def _owner(parameter: str) -> tuple[str, str]:
     return module, leaf
 
 
-def _lowrank(factors: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The exact SVD (U, S, Vh) of B @ A from the thin QRs of B and A^T and the SVD of the r x r core."""
-    b, a = (f.to(torch.float64) for f in factors)
+def _balanced(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same product with each rank-one term's scale split evenly between its two factors
+    (sqrt(Sigma) on each side for SVD factors), so neither overflows a half-precision dtype."""
+    scale = (a.norm(dim=1) / b.norm(dim=0)).sqrt()
+    kept = torch.isfinite(scale) & (scale > 0)  # a term with a zero factor adds nothing
+    return b[:, kept] * scale[kept], a[kept] / scale[kept, None]
+
+
+def _truncated(b: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The best rank-``rank`` approximation of B @ A and the share of its squared norm left out: the
+    exact SVD of B @ A from the thin QRs of B and A^T (float32) and the SVD of the r x r core (float64)."""
     q_b, r_b = torch.linalg.qr(b)
     q_a, r_a = torch.linalg.qr(a.T)
-    u, s, vh = torch.linalg.svd(r_b @ r_a.T)
-    return q_b @ u, s, vh @ q_a.T
-
-
-def _split_sigma(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    root = s[:rank].sqrt()
-    return u[:, :rank] * root, root[:, None] * vh[:rank]
+    u, s, vh = torch.linalg.svd(r_b.double() @ r_a.T.double())
+    total = float((s ** 2).sum())
+    lost = float((s[rank:] ** 2).sum()) / total if total else 0.0
+    root = s[:rank].sqrt().float()
+    return (q_b @ u[:, :rank].float()) * root, root[:, None] * (vh[:rank].float() @ q_a.T), lost
 
 
 def _factorize(pack: SkillPack, parameter: str, cap: int | None) -> tuple[torch.Tensor, torch.Tensor, float, str]:
     """LoRA factors (B, A) of a module's delta as a matrix, at most ``cap`` wide, and the energy lost."""
     stored = pack.factors(parameter)
     if stored is not None:
-        u, s, vh = _lowrank(stored)
-        kept = int((s > s[0] * torch.finfo(torch.float32).eps * max(u.shape[0], vh.shape[1])).sum()) if s.numel() else 0
-        rank = max(1, min(kept, cap or kept))
-        total = float((s ** 2).sum())
-        lost = float((s[rank:] ** 2).sum()) / total if total else 0.0
-        return (*_split_sigma(u, s, vh, rank), lost, "")
+        b, a = stored
+        if cap is None or cap >= b.shape[1]:
+            return (*_balanced(b, a), 0.0, "")
+        return (*_truncated(b, a, cap), "")
     entry = pack.modules[parameter]
     delta = pack.decode(parameter).reshape(entry.shape[0], -1)
     rows, cols = delta.shape
@@ -144,7 +148,8 @@ def _factorize(pack: SkillPack, parameter: str, cap: int | None) -> tuple[torch.
     u, s, vh = truncated_svd(delta, cap)
     total = float(delta.double().pow(2).sum())
     lost = max(0.0, 1.0 - float(s.double().pow(2).sum()) / total) if total else 0.0
-    return (*_split_sigma(u, s, vh, cap), lost, f"stored densely by {entry.operator}: truncated SVD")
+    root = s.sqrt()
+    return u * root, root[:, None] * vh, lost, f"stored densely by {entry.operator}: truncated SVD"
 
 
 def _plan(pack: SkillPack, *, max_rank: int | None, embedding_rank: int | None, for_vllm: bool,
