@@ -6,8 +6,8 @@ embedding and head):
 
 - export: ``export --format peft`` (exact, with modules_to_save) timed against its floor, decoding
   every module of the pack; adapter bytes against the pack's and the dense fp16 delta's; the
-  logit error of the exact export and of vLLM-capped exports (rank 512, 64, 16: attention and MLP
-  only), with the share of delta energy the caps drop;
+  logit error of the exact export (factors in the base's dtype, and in float32) and of vLLM-capped
+  exports (rank 512, 64, 16: attention and MLP only), with the share of delta energy the caps drop;
 - import: ``create --from-peft`` of a rank-16 adapter on every linear layer, exactly and compressed
   (paper recipe), timed against what a user does without skillhub to get the same weights:
   PEFT's ``PeftModel.from_pretrained`` + ``merge_and_unload``.
@@ -123,9 +123,11 @@ def _measure(label: str, base: Path, tuned: Path, work: Path, rounds: int) -> di
 
     export_seconds, floor_seconds = _median_pair(rounds, export_exact, decode_all)
     exact = export_peft(pack, work / f"{label}-exact", base=base, force=True)
+    exact32 = export_peft(pack, work / f"{label}-exact32", base=base, dtype="float32", force=True)
     row = {"model": label, "pack_bytes": pack.manifest.stored_bytes, "dense_fp16_bytes": dense,
            "export_seconds": export_seconds, "decode_floor_seconds": floor_seconds,
-           "export_vs_floor": export_seconds / floor_seconds, "exact": _summary(exact), "vllm": []}
+           "export_vs_floor": export_seconds / floor_seconds, "exact": _summary(exact),
+           "exact_float32": _summary(exact32), "vllm": []}
     for cap in (512, 64, 16):
         capped = export_peft(pack, work / f"{label}-vllm-{cap}", base=base, for_vllm=True, max_rank=cap, force=True)
         row["vllm"].append({"max_rank": cap, **_summary(capped)})
@@ -170,14 +172,14 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(rows, indent=2))
-    print("\n| model | pack | dense fp16 | exact adapter | export / decode floor | exact logit error | "
+    print("\n| model | pack | dense fp16 | exact adapter | export / decode floor | exact logit error (float32 factors) | "
           "vLLM 512 / 64 / 16: relative logit error | import (lossless) / PEFT merge |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         vllm = " / ".join(f"{v['logit_relative_error']:.3g}" for v in row["vllm"])
         print(f"| {row['model']} | {row['pack_bytes']:,} | {row['dense_fp16_bytes']:,} | "
               f"{row['exact']['adapter_bytes']:,} | {row['export_vs_floor']:.2f}x ({row['export_seconds']:.2f} s) | "
-              f"{row['exact']['logit_relative_error']:.2g} | {vllm} | "
+              f"{row['exact']['logit_relative_error']:.2g} ({row['exact_float32']['logit_relative_error']:.2g}) | {vllm} | "
               f"{row['import']['lossless_vs_peft_merge']:.2f}x ({row['import']['lossless_seconds']:.2f} s) |")
 
 

@@ -256,3 +256,21 @@ def test_a_tied_head_follows_the_exported_embedding(tmp_path: Path) -> None:
     for options in ({}, {"embedding_rank": 64}):  # modules_to_save, and a full-rank embedding LoRA
         result = export_peft(pack, tmp_path / "adapter", base=tmp_path / "base", force=True, **options)
         assert result.check.relative_error < 1e-4, options
+
+
+def test_a_densely_stored_matrix_is_exported_exactly_and_said_to_be_larger(finetuned: FineTune, tmp_path: Path) -> None:
+    """rtn stores attention and MLP deltas densely: the exact LoRA has rank min(m, n), more bytes
+    than the dense delta, and the export says so; --max-rank truncates it by SVD instead."""
+    from skillhub import create_pack
+    from skillhub.sharing.peft_export import export_peft
+
+    recipe = {"name": "dense", "rules": [
+        {"match": {"role": ["attention", "mlp"]}, "operator": "rtn", "params": {"bits": 8, "group_size": 64}},
+        {"match": {"pattern": "."}, "operator": "raw"}]}
+    pack = create_pack(finetuned.base, finetuned.tuned, tmp_path / "pack", recipe=recipe)
+    exact = export_peft(pack, tmp_path / "exact", base=finetuned.base)
+    assert exact.check.relative_error < 1e-4
+    assert any("larger than the dense delta" in w for w in exact.warnings)
+    assert all(m.rank == min(pack.modules[m.parameter].shape) for m in exact.modules if m.action == "lora")
+    capped = export_peft(pack, tmp_path / "capped", base=finetuned.base, max_rank=16)
+    assert not capped.warnings and all(0 < m.energy_lost < 1 for m in capped.modules if m.action == "lora")

@@ -140,8 +140,7 @@ def _factorize(pack: SkillPack, parameter: str, cap: int | None) -> tuple[torch.
     delta = pack.decode(parameter).reshape(entry.shape[0], -1)
     rows, cols = delta.shape
     if cap is None or cap >= min(rows, cols):  # exact: the delta itself on one side, the identity on the other
-        note = (f"stored densely by {entry.operator}: exported at full rank {min(rows, cols)}, "
-                f"larger than the dense delta (rank above {rows * cols / (rows + cols):.0f})")
+        note = f"stored densely by {entry.operator}: exported at full rank"
         if cols <= rows:
             return delta, torch.eye(cols), 0.0, note
         return torch.eye(rows), delta, 0.0, note
@@ -168,10 +167,12 @@ def _plan(pack: SkillPack, *, max_rank: int | None, embedding_rank: int | None, 
             cap = embedding_rank if entry.role in ("embedding", "head") else max_rank
             b, a, lost, note = _factorize(pack, name, cap)
             plan.lora[module] = (b, a, embedding)
-            action_note = note or ("truncated" if lost > 0 else "")
-            plan.report.append(ExportedModule(name, entry.role, "lora", b.shape[1], lost, action_note))
-            if "larger than the dense delta" in note:
+            rows, rank, cols = b.shape[0], b.shape[1], a.shape[1]
+            if rank * (rows + cols) > rows * cols:
+                note = (f"{note}; " if note else "") + (f"rank {rank} is above {rows * cols / (rows + cols):.0f} "
+                                                         "= m*n/(m+n): this LoRA is larger than the dense delta")
                 plan.warnings.append(f"{name}: {note}")
+            plan.report.append(ExportedModule(name, entry.role, "lora", rank, lost, note or ("truncated" if lost else "")))
         elif for_vllm:
             reason = ("vLLM loads LoRA on attention and MLP matrices only" if leaf == "weight"
                       else "vLLM loads no LoRA bias or modules_to_save")
