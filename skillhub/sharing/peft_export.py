@@ -94,12 +94,12 @@ class PeftExport(Result):
 
 @dataclass
 class _Plan:
-    """The adapter being assembled: LoRA factors per module, full tensors of modules to save."""
+    """Where each parameter goes, decided from the manifest alone (nothing decoded yet)."""
 
-    lora: dict[str, tuple[torch.Tensor, torch.Tensor, bool]] = field(default_factory=dict)  # B, A, embedding
-    biases: dict[str, torch.Tensor] = field(default_factory=dict)
+    lora: dict[str, tuple[str, int | None, bool]] = field(default_factory=dict)  # module: parameter, cap, embedding
+    biases: dict[str, str] = field(default_factory=dict)  # module: its bias parameter (lora_B.bias)
     saved_modules: set[str] = field(default_factory=set)
-    report: list[ExportedModule] = field(default_factory=list)
+    report: dict[str, ExportedModule] = field(default_factory=dict)  # by parameter
     warnings: list[str] = field(default_factory=list)
 
 
@@ -151,52 +151,41 @@ def _factorize(pack: SkillPack, parameter: str, cap: int | None) -> tuple[torch.
     return u * root, root[:, None] * vh, lost, f"stored densely by {entry.operator}: truncated SVD"
 
 
-def _plan(pack: SkillPack, *, max_rank: int | None, embedding_rank: int | None, for_vllm: bool,
-          progress: ProgressCallback) -> _Plan:
+def _plan(pack: SkillPack, *, max_rank: int | None, embedding_rank: int | None, for_vllm: bool) -> _Plan:
     plan = _Plan()
     modules = pack.modules
-    weight_targets = {
-        _owner(name)[0] for name, entry in modules.items()
-        if _owner(name)[1] == "weight" and len(entry.shape) == 2 and entry.split is None
-        and (entry.role in LORA_ROLES or (entry.role in ("embedding", "head") and embedding_rank and not for_vllm))
-    }
-    for done, (name, entry) in enumerate(sorted(modules.items()), 1):
+    for name, entry in sorted(modules.items()):
         module, leaf = _owner(name)
-        if module in weight_targets and leaf == "weight":
-            embedding = entry.role == "embedding"
+        lora_role = entry.role in LORA_ROLES or (entry.role in ("embedding", "head") and embedding_rank and not for_vllm)
+        if leaf == "weight" and len(entry.shape) == 2 and entry.split is None and lora_role:
             cap = embedding_rank if entry.role in ("embedding", "head") else max_rank
-            b, a, lost, note = _factorize(pack, name, cap)
-            plan.lora[module] = (b, a, embedding)
-            rows, rank, cols = b.shape[0], b.shape[1], a.shape[1]
-            if rank * (rows + cols) > rows * cols:
-                note = (f"{note}; " if note else "") + (f"rank {rank} is above {rows * cols / (rows + cols):.0f} "
-                                                         "= m*n/(m+n): this LoRA is larger than the dense delta")
-                plan.warnings.append(f"{name}: {note}")
-            plan.report.append(ExportedModule(name, entry.role, "lora", rank, lost, note or ("truncated" if lost else "")))
-        elif for_vllm:
+            plan.lora[module] = (name, cap, entry.role == "embedding")
+    for name, entry in sorted(modules.items()):
+        module, leaf = _owner(name)
+        if module in plan.lora and leaf == "weight":
+            continue  # reported when it is factorized
+        if for_vllm:
             reason = ("vLLM loads LoRA on attention and MLP matrices only" if leaf == "weight"
                       else "vLLM loads no LoRA bias or modules_to_save")
-            plan.report.append(ExportedModule(name, entry.role, "dropped", None, 1.0, reason))
-        elif leaf == "bias" and module in weight_targets:
-            plan.biases[module] = pack.decode(name)
-            plan.report.append(ExportedModule(name, entry.role, "lora-bias", None, 0.0))
+            plan.report[name] = ExportedModule(name, entry.role, "dropped", None, 1.0, reason)
+        elif leaf == "bias" and module in plan.lora and not plan.lora[module][2]:
+            plan.biases[module] = name
+            plan.report[name] = ExportedModule(name, entry.role, "lora-bias", None, 0.0)
         else:
             plan.saved_modules.add(module)
-            plan.report.append(ExportedModule(name, entry.role, "modules_to_save", None, 0.0, "full weights: base + delta"))
-        progress("export", done, len(modules))
-    if plan.biases and any(embedding for _, _, embedding in plan.lora.values()):
-        raise SkillhubError("PEFT has no LoRA bias for embeddings: export the bias deltas without --embedding-rank")
+            plan.report[name] = ExportedModule(name, entry.role, "modules_to_save", None, 0.0,
+                                               "full weights: base + delta")
     clash = plan.saved_modules & set(plan.lora)
     if clash:
-        raise SkillhubError(f"module {sorted(clash)[0]} would be both a LoRA target and in modules_to_save; "
-                            "export it with --for vllm (drops it) or without --embedding-rank")
+        raise SkillhubError(f"module {sorted(clash)[0]} would be both a LoRA target and in modules_to_save "
+                            "(PEFT has no LoRA bias for an embedding): export it without --embedding-rank")
     return plan
 
 
 def _check_base(pack: SkillPack, base: Checkpoint) -> None:
     """The base checkpoint is the one the pack was made for (shapes first, then every byte)."""
     for name, entry in pack.modules.items():
-        if name not in base.names() or tuple(base.shape(name)) != entry.shape:
+        if name not in base or tuple(base.shape(name)) != entry.shape:
             raise MismatchError(f"{base.ref.id} is not the base of pack {pack.name!r}: {name} is missing or "
                                 "of another shape; pass the pack's base with --base")
     if fingerprint(base) != pack.base_fingerprint:
@@ -205,41 +194,54 @@ def _check_base(pack: SkillPack, base: Checkpoint) -> None:
 
 
 def _write_adapter(plan: _Plan, pack: SkillPack, base: Checkpoint | None, directory: Path, dtype: torch.dtype,
-                   base_id: str) -> int:
-    """adapter_model.safetensors and adapter_config.json (through PEFT's own LoraConfig)."""
+                   base_id: str, progress: ProgressCallback) -> int:
+    """adapter_model.safetensors, one module at a time (factorized, written, dropped), then
+    adapter_config.json through PEFT's own LoraConfig."""
     from peft import LoraConfig
 
     writer = TensorFileWriter(directory / WEIGHTS_FILE)
     tied = bool(pack.manifest.base.tie_word_embeddings)
     ranks = {}
-    lora_bias = bool(plan.biases)
-    for module, (b, a, embedding) in sorted(plan.lora.items()):
-        ranks[module] = b.shape[1]
+    total, done = len(plan.lora) + len(plan.saved_modules), 0
+    for module, (name, cap, embedding) in sorted(plan.lora.items()):
+        b, a, lost, note = _factorize(pack, name, cap)
+        rows, rank, cols = b.shape[0], b.shape[1], a.shape[1]
+        if rank * (rows + cols) > rows * cols:
+            note = (f"{note}; " if note else "") + (f"rank {rank} is above {rows * cols / (rows + cols):.0f} "
+                                                     "= m*n/(m+n): this LoRA is larger than the dense delta")
+            plan.warnings.append(f"{name}: {note}")
+        plan.report[name] = ExportedModule(name, pack.modules[name].role, "lora", rank, lost,
+                                           note or ("truncated" if lost else ""))
+        ranks[module] = rank
         if embedding:  # PEFT's embedding LoRA: delta^T = lora_embedding_B @ lora_embedding_A
             writer.add(f"{PREFIX}{module}.lora_embedding_A", b.T.to(dtype))
             writer.add(f"{PREFIX}{module}.lora_embedding_B", a.T.to(dtype))
-            continue
-        writer.add(f"{PREFIX}{module}.lora_A.weight", a.to(dtype))
-        writer.add(f"{PREFIX}{module}.lora_B.weight", b.to(dtype))
-        if lora_bias:
-            bias = plan.biases.get(module, torch.zeros(b.shape[0]))
-            writer.add(f"{PREFIX}{module}.lora_B.bias", bias.to(dtype))
+        else:
+            writer.add(f"{PREFIX}{module}.lora_A.weight", a.to(dtype))
+            writer.add(f"{PREFIX}{module}.lora_B.weight", b.to(dtype))
+            if plan.biases:  # lora_bias is one setting: every target has a bias, zero where unchanged
+                bias = pack.decode(plan.biases[module]) if module in plan.biases else torch.zeros(rows)
+                writer.add(f"{PREFIX}{module}.lora_B.bias", bias.to(dtype))
+        done += 1
+        progress("export", done, total)
     for module in sorted(plan.saved_modules):
         for name in (n for n in base.names() if _owner(n)[0] == module):
             weight = base.read(name)
             if name in pack.modules:
                 weight = (weight.to(torch.float32) + pack.decode(name)).to(weight.dtype)
             writer.add(f"{PREFIX}{name}", weight)
-            if tied and pack.modules.get(name) is not None and pack.modules[name].role == "embedding":
+            if tied and name in pack.modules and pack.modules[name].role == "embedding":
                 # PEFT ties the head's copy to it (ensure_weight_tying) and loads it from its own key.
                 writer.add(f"{PREFIX}{TIED_HEAD}.weight", weight)
+        done += 1
+        progress("export", done, total)
     writer.finish({"format": "pt"})
     rank = max(ranks.values(), default=1)
     different = {module: r for module, r in ranks.items() if r != rank}
     LoraConfig(
         r=rank, lora_alpha=rank, rank_pattern=different, alpha_pattern=dict(different),
         target_modules=sorted(plan.lora) or None, modules_to_save=sorted(plan.saved_modules) or None,
-        lora_bias=lora_bias, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+        lora_bias=bool(plan.biases), lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
         base_model_name_or_path=base_id, revision=pack.manifest.base.revision, inference_mode=True,
         # A tied head must follow the exported embedding, as it follows the pack's embedding delta.
         ensure_weight_tying=tied,
@@ -248,7 +250,9 @@ def _write_adapter(plan: _Plan, pack: SkillPack, base: Checkpoint | None, direct
 
 
 def _measure(pack: SkillPack, base: Checkpoint, adapter: Path) -> LogitCheck:
-    """Logits of the base with the pack patched in, and with the adapter loaded by PEFT."""
+    """Logits of the base with the pack patched in, and with the adapter loaded by PEFT, both in
+    float32: in the base's bfloat16 the patched reference itself rounds W + delta (about 2% of a
+    small delta), which would hide the export's own error."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -256,7 +260,7 @@ def _measure(pack: SkillPack, base: Checkpoint, adapter: Path) -> LogitCheck:
     from skillhub.progress import quiet_transformers
 
     with quiet_transformers():
-        model = AutoModelForCausalLM.from_pretrained(base.path, dtype="auto")
+        model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32)
     model.eval()
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (CHECK_SEQUENCES, CHECK_TOKENS), generator=generator)
@@ -354,7 +358,7 @@ def export_peft(pack: str | os.PathLike[str] | SkillPack, output: str | os.PathL
     torch_dtype = dtype_from_name(dtype or opened.manifest.base.dtype)
     if not torch_dtype.is_floating_point:
         raise SkillhubError(f"--dtype must be a float dtype, got {dtype}")
-    plan = _plan(opened, max_rank=max_rank, embedding_rank=embedding_rank, for_vllm=for_vllm, progress=progress)
+    plan = _plan(opened, max_rank=max_rank, embedding_rank=embedding_rank, for_vllm=for_vllm)
     if (plan.saved_modules or check) and base is None:
         need = "modules_to_save (full weights)" if plan.saved_modules else "the logit check"
         raise SkillhubError(f"the export needs the pack's base model for {need}: pass --base BASE"
@@ -366,14 +370,15 @@ def export_peft(pack: str | os.PathLike[str] | SkillPack, output: str | os.PathL
     base_id = checkpoint.ref.id if checkpoint is not None and checkpoint.ref.source == "hub" else opened.manifest.base.id
     with staged_directory(output, force=force, protect=[opened.path, checkpoint.path if checkpoint else None],
                           kind="peft-adapter") as staging:
-        adapter_bytes = _write_adapter(plan, opened, checkpoint, staging, torch_dtype, base_id)
+        adapter_bytes = _write_adapter(plan, opened, checkpoint, staging, torch_dtype, base_id, progress)
         measured = _measure(opened, checkpoint, staging) if check else None
         result = {
-            "path": Path(output), "rank": max((b.shape[1] for b, _, _ in plan.lora.values()), default=0),
+            "path": Path(output), "rank": max((m.rank for m in plan.report.values() if m.rank), default=0),
             "target_modules": len(plan.lora), "modules_to_save": tuple(sorted(plan.saved_modules)),
             "adapter_bytes": adapter_bytes, "pack_bytes": opened.manifest.stored_bytes,
             "dense_delta_fp16_bytes": opened.manifest["totals"]["delta_fp16_bytes"], "for_vllm": for_vllm,
-            "modules": tuple(plan.report), "check": measured, "warnings": tuple(plan.warnings),
+            "modules": tuple(plan.report[name] for name in sorted(plan.report)), "check": measured,
+            "warnings": tuple(plan.warnings),
         }
         write_atomically(staging / "README.md", _card(opened, result, base_id))
     for warning in plan.warnings:

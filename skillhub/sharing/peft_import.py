@@ -20,6 +20,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -124,33 +125,39 @@ def _modules(tensors: TensorFile) -> tuple[dict[str, dict[str, str]], list[str]]
 
 
 def _lora_module(module: str, keys: dict[str, str], tensors: TensorFile, config: dict[str, Any],
-                 base: Checkpoint) -> tuple[str, dict[str, torch.Tensor], dict[str, Any], tuple[int, ...], torch.Tensor | None]:
-    """(parameter, stored tensors, meta, shape, scaled bias or None) of one LoRA module."""
+                 base: Checkpoint) -> list[tuple[str, _Stored]]:
+    """The pack modules of one LoRA module (its weight, and its bias with lora_bias), checked
+    against the base from the adapter's header; the tensors are read when written."""
     embedding = "embedding_A" in keys
     a_key, b_key = (keys.get("embedding_A"), keys.get("embedding_B")) if embedding else (keys.get("A"), keys.get("B"))
     if a_key is None or b_key is None:
         raise SkillhubError(f"adapter module {module} lacks its A or B factor")
-    a, b = tensors.read(a_key), tensors.read(b_key)
     parameter = f"{module}.weight"
-    if parameter not in base.names():
+    if parameter not in base:
         raise MismatchError(f"the adapter changes {module}, which base {base.ref.id} does not have: "
                             "it was made for another model")
     shape = tuple(base.shape(parameter))
-    rank = a.shape[0]
+    a_shape, b_shape = tensors.shape(a_key), tensors.shape(b_key)
     transposed = embedding or bool(config.get("fan_in_fan_out"))
-    product = (b.shape[0], a.shape[1])
     expected = (shape[1], shape[0]) if transposed and len(shape) == 2 else (shape[0], math.prod(shape[1:]))
-    if a.dim() != 2 or b.dim() != 2 or b.shape[1] != rank or product != expected:
-        raise MismatchError(f"adapter module {module} makes a {list(product)} delta; base {base.ref.id} holds "
-                            f"{parameter} as {list(shape)}: the adapter was made for another model")
-    if a.dtype != b.dtype or not a.dtype.is_floating_point:
-        raise SkillhubError(f"adapter module {module} has factors of dtypes {a.dtype} and {b.dtype}")
+    if len(a_shape) != 2 or len(b_shape) != 2 or b_shape[1] != a_shape[0] or (b_shape[0], a_shape[1]) != expected:
+        raise MismatchError(f"adapter module {module} makes a {[b_shape[0], a_shape[-1]]} delta; base {base.ref.id} "
+                            f"holds {parameter} as {list(shape)}: the adapter was made for another model")
+    dtype = tensors.dtype(a_key)
+    if tensors.dtype(b_key) != dtype or not dtype.is_floating_point:
+        raise SkillhubError(f"adapter module {module} has factors of dtypes {dtype} and {tensors.dtype(b_key)}")
+    rank = a_shape[0]
     scaling = module_scaling(config, module, rank)
     meta = {"rank": rank, "scaling": scaling, **({"transposed": True} if transposed else {})}
-    bias = None
+    found = [(parameter, _Stored("lowrank", lambda: {"A": tensors.read(a_key), "B": tensors.read(b_key)},
+                                 {"rank": rank, "dtype": dtype_name(dtype)}, meta, shape))]
     if "bias" in keys:
-        bias = tensors.read(keys["bias"]).to(torch.float32) * scaling
-    return parameter, {"A": a, "B": b}, meta, shape, bias
+        bias = f"{module}.bias"
+        if bias not in base:
+            raise MismatchError(f"the adapter has a LoRA bias for {module}, which has no bias in the base")
+        found.append((bias, _Stored("raw", lambda: {"values": tensors.read(keys["bias"]).to(torch.float32) * scaling},
+                                    {"dtype": "float32"}, {}, tuple(base.shape(bias)))))
+    return found
 
 
 def import_peft(adapter: str | os.PathLike[str], base: str | os.PathLike[str] | Checkpoint,
@@ -187,7 +194,7 @@ def import_peft(adapter: str | os.PathLike[str], base: str | os.PathLike[str] | 
         check_base_name(config, checkpoint)
     modules = _stored_modules(TensorFile(weights), config, checkpoint)
     if not modules:
-        raise SkillhubError(f"adapter {adapter} changes nothing: it has no LoRA factors and no changed modules")
+        raise SkillhubError(f"adapter {adapter} changes nothing: it has no LoRA factors and no saved modules")
     protect = [Path(adapter) if Path(adapter).exists() else None]
     if compression is not None:
         from skillhub.compress.pipeline import create_pack
@@ -201,8 +208,12 @@ def import_peft(adapter: str | os.PathLike[str], base: str | os.PathLike[str] | 
         writer = PackWriter(staging)
         entries = {}
         for done, parameter in enumerate(sorted(modules), 1):
-            entries[parameter] = _entry(writer, parameter, modules[parameter], checkpoint)
+            entry = _entry(writer, parameter, modules[parameter], checkpoint)
+            if entry is not None:
+                entries[parameter] = entry
             progress("import", done, len(modules))
+        if not entries:
+            raise SkillhubError(f"adapter {adapter} changes nothing: its factors and saved modules leave the base as it is")
         manifest = _manifest(name, task, version, base_ref, checkpoint, source, config, entries)
         writer.finish(manifest, render_card(manifest))
     return load_pack(output, verify=False)
@@ -210,10 +221,11 @@ def import_peft(adapter: str | os.PathLike[str], base: str | os.PathLike[str] | 
 
 @dataclass(frozen=True)
 class _Stored:
-    """One parameter's delta as the pack will store it: an operator's fields, params and meta."""
+    """One parameter's delta as the pack will store it: an operator's fields (read when called),
+    params and meta."""
 
     operator: str
-    tensors: dict[str, torch.Tensor]
+    load: Callable[[], dict[str, torch.Tensor]]
     params: dict[str, Any]
     meta: dict[str, Any]
     shape: tuple[int, ...]
@@ -221,41 +233,42 @@ class _Stored:
 
 def _decode(stored: _Stored) -> torch.Tensor:
     operator = get_operator(stored.operator)
-    return operator.decode(stored.tensors, stored.meta, stored.params, stored.shape, version=operator.version)
+    return operator.decode(stored.load(), stored.meta, stored.params, stored.shape, version=operator.version)
 
 
 def _stored_modules(tensors: TensorFile, config: dict[str, Any], base: Checkpoint) -> dict[str, _Stored]:
-    """Every parameter the adapter changes, checked against the base."""
+    """Every parameter the adapter may change, checked against the base from the headers."""
     lora, full = _modules(tensors)
     modules: dict[str, _Stored] = {}
     for module, keys in lora.items():
-        parameter, factors, meta, shape, bias = _lora_module(module, keys, tensors, config, base)
-        params = {"rank": meta["rank"], "dtype": dtype_name(factors["A"].dtype)}
-        modules[parameter] = _Stored("lowrank", factors, params, meta, shape)
-        if bias is not None:
-            bias_name = f"{module}.bias"
-            if bias_name not in base.names():
-                raise MismatchError(f"the adapter has a LoRA bias for {module}, which has no bias in the base")
-            modules[bias_name] = _Stored("raw", {"values": bias}, {"dtype": "float32"}, {}, tuple(base.shape(bias_name)))
+        modules.update(_lora_module(module, keys, tensors, config, base))
     for key in full:
         # PEFT also saves a targeted embedding's own weight, as <module>.base_layer.weight.
         parameter = key[len(PREFIX):].replace(".base_layer.", ".")
-        if parameter not in base.names() or tuple(base.shape(parameter)) != tuple(tensors.shape(key)):
+        if parameter not in base or tuple(base.shape(parameter)) != tuple(tensors.shape(key)):
             raise MismatchError(f"the adapter saves {parameter} (modules_to_save), which base {base.ref.id} "
                                 "does not hold in that shape: it was made for another model")
-        delta = tensors.read(key).to(torch.float32) - base.read(parameter).to(torch.float32)
-        if torch.any(delta):
-            modules[parameter] = _Stored("raw", {"values": delta}, {"dtype": "float32"}, {}, tuple(base.shape(parameter)))
+        difference = functools.partial(_saved_difference, tensors, key, base, parameter)
+        modules[parameter] = _Stored("raw", difference, {"dtype": "float32"}, {}, tuple(base.shape(parameter)))
     return modules
 
 
-def _entry(writer: PackWriter, parameter: str, stored: _Stored, base: Checkpoint) -> dict[str, Any]:
+def _saved_difference(tensors: TensorFile, key: str, base: Checkpoint, parameter: str) -> dict[str, torch.Tensor]:
+    """A saved module's parameter minus the base's, in float32 (exact for the stored dtypes)."""
+    return {"values": tensors.read(key).to(torch.float32) - base.read(parameter).to(torch.float32)}
+
+
+def _entry(writer: PackWriter, parameter: str, stored: _Stored, base: Checkpoint) -> dict[str, Any] | None:
+    """Write one module and make its manifest entry (None: the adapter leaves it unchanged)."""
+    tensors = stored.load()
+    if stored.operator == "raw" and not torch.any(tensors["values"]):
+        return None  # a saved module (or the base layer PEFT saves beside an embedding LoRA) equal to the base
     operator = get_operator(stored.operator)
     return {
         "role": role_of(parameter, model_type=base.model_type, ndim=len(stored.shape)), "operator": operator.name,
         "operator_version": operator.version, "params": stored.params, "meta": stored.meta,
-        "shape": list(stored.shape), "dtype": dtype_name(base.dtype(parameter)), "fields": list(stored.tensors),
-        "stored_bytes": writer.add_module(parameter, stored.tensors), "delta_fp16_bytes": 2 * math.prod(stored.shape),
+        "shape": list(stored.shape), "dtype": dtype_name(base.dtype(parameter)), "fields": list(tensors),
+        "stored_bytes": writer.add_module(parameter, tensors), "delta_fp16_bytes": 2 * math.prod(stored.shape),
         "error": 0.0,
     }
 
