@@ -26,8 +26,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Callable
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
