@@ -274,3 +274,29 @@ def test_a_densely_stored_matrix_is_exported_exactly_and_said_to_be_larger(finet
     assert all(m.rank == min(pack.modules[m.parameter].shape) for m in exact.modules if m.action == "lora")
     capped = export_peft(pack, tmp_path / "capped", base=finetuned.base, max_rank=16)
     assert not capped.warnings and all(0 < m.energy_lost < 1 for m in capped.modules if m.action == "lora")
+
+
+def test_an_adapter_is_imported_from_the_hub_by_id(hub, finetuned: FineTune, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--from-peft OWNER/NAME` downloads only the adapter's config and safetensors (the real
+    huggingface_hub client against the suite's Hub server) and records the commit it read."""
+    from huggingface_hub import HfApi, constants
+
+    from conftest import HUB_TOKENS
+
+    token = next(t for t, user in HUB_TOKENS.items() if user == "alice")
+    monkeypatch.setenv("HF_TOKEN", token)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    adapter = make_adapter(finetuned.base, tmp_path / "adapter")
+    (adapter / "adapter_model.bin").write_bytes(b"not to be downloaded")
+    api = HfApi(token=token)
+    api.create_repo("alice/shift-lora", exist_ok=True)
+    commit = api.upload_folder(repo_id="alice/shift-lora", folder_path=str(adapter)).oid
+    result = cli("create", str(finetuned.base), "--from-peft", "alice/shift-lora", "-o", str(tmp_path / "pack"),
+                 "--ignore-base-name", "--json")
+    assert result.exit_code == 0, result.output
+    pack = load_pack(tmp_path / "pack")
+    assert pack.manifest["tuned"]["id"] == f"alice/shift-lora@{commit}"
+    downloaded = {p.name for p in (tmp_path / "hf-cache").rglob("*") if p.is_file() and "snapshots" in p.parts}
+    assert downloaded == {"adapter_config.json", "adapter_model.safetensors"}
+    assert hub.errors == []

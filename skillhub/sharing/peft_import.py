@@ -248,6 +248,11 @@ def _stored_modules(tensors: TensorFile, config: dict[str, Any], base: Checkpoin
         if parameter not in base or tuple(base.shape(parameter)) != tuple(tensors.shape(key)):
             raise MismatchError(f"the adapter saves {parameter} (modules_to_save), which base {base.ref.id} "
                                 "does not hold in that shape: it was made for another model")
+        if ".base_layer." in key:  # the weights the LoRA was trained on: they must be the base's
+            if not torch.equal(tensors.read(key).to(base.dtype(parameter)), base.read(parameter)):
+                raise MismatchError(f"the adapter's saved base layer of {parameter} differs from base {base.ref.id}: "
+                                    "it was trained on other weights")
+            continue
         difference = functools.partial(_saved_difference, tensors, key, base, parameter)
         modules[parameter] = _Stored("raw", difference, {"dtype": "float32"}, {}, tuple(base.shape(parameter)))
     return modules
@@ -262,7 +267,7 @@ def _entry(writer: PackWriter, parameter: str, stored: _Stored, base: Checkpoint
     """Write one module and make its manifest entry (None: the adapter leaves it unchanged)."""
     tensors = stored.load()
     if stored.operator == "raw" and not torch.any(tensors["values"]):
-        return None  # a saved module (or the base layer PEFT saves beside an embedding LoRA) equal to the base
+        return None  # a saved module equal to the base's
     operator = get_operator(stored.operator)
     return {
         "role": role_of(parameter, model_type=base.model_type, ndim=len(stored.shape)), "operator": operator.name,
