@@ -17,7 +17,6 @@ from skillhub.activation import apply_packs
 from skillhub.cli import main
 from skillhub.demo.synthetic import build_tiny_model
 from skillhub.pack.format import load_pack
-from skillhub.registry.front import Registry
 
 from conftest import FineTune
 
@@ -177,7 +176,8 @@ def test_from_peft_compressed_uses_the_recipe(finetuned: FineTune, tmp_path: Pat
     assert float((ours - merged).norm()) < 0.5 * float((merged - plain).norm())  # compressed, still the adapter
 
 
-@pytest.mark.parametrize("case", ["other-base-shapes", "other-base-name", "dora", "loha", "pickle-only",
+@pytest.mark.parametrize("case", ["other-base-shapes", "other-base-name", "other-base-weights", "dora", "loha",
+                                  "pickle-only",
                                   "max-rank-0", "embedding-rank-0", "not-an-adapter"])
 def test_bad_input_is_one_line_exit_1_nothing_written(case: str, finetuned: FineTune, paper_pack,
                                                       tmp_path: Path) -> None:
@@ -191,6 +191,9 @@ def test_bad_input_is_one_line_exit_1_nothing_written(case: str, finetuned: Fine
         other = build_tiny_model(tmp_path / "other-model", seed=1)
         args, message = ["create", base, "--from-peft", str(make_adapter(other, tmp_path / "a")), "-o", str(out)], \
             "the adapter was trained on"
+    elif case == "other-base-weights":  # same shapes, name waved through: PEFT's saved embedding tells
+        args, message = ["create", base, "--from-peft", str(make_adapter(finetuned.tuned, tmp_path / "a")), "-o",
+                         str(out), "--ignore-base-name"], "trained on other weights"
     elif case == "dora":
         args, message = ["create", base, "--from-peft", str(make_adapter(finetuned.base, tmp_path / "a", use_dora=True,
                                                                           target_modules=["q_proj"],
