@@ -303,3 +303,18 @@ def test_an_adapter_is_imported_from_the_hub_by_id(hub, finetuned: FineTune, tmp
     downloaded = {p.name for p in (tmp_path / "hf-cache").rglob("*") if p.is_file() and "snapshots" in p.parts}
     assert downloaded == {"adapter_config.json", "adapter_model.safetensors"}
     assert hub.errors == []
+
+
+def test_existing_outputs_are_refused_before_any_work(paper_pack, finetuned: FineTune, tmp_path: Path) -> None:
+    """A user's directory at -o is never touched, and is named before the base is read in full."""
+    taken = tmp_path / "mine"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    adapter = make_adapter(finetuned.base, tmp_path / "adapter")
+    for args in (["export", str(paper_pack.path), "--format", "peft", "--base", str(finetuned.base)],
+                 ["create", str(finetuned.base), "--from-peft", str(adapter)]):
+        result = cli(*args, "-o", str(taken))
+        assert result.exit_code == 1 and "already exists" in result.output, result.output
+        forced = cli(*args, "-o", str(taken), "--force")
+        assert forced.exit_code == 1 and "was not written by skillhub" in forced.output, forced.output
+        assert [p.name for p in taken.iterdir()] == ["notes.txt"]

@@ -34,7 +34,7 @@ import torch
 from skillhub.errors import MismatchError, SkillhubError
 from skillhub.io.checkpoint import Checkpoint, fingerprint, open_checkpoint
 from skillhub.io.jsonio import write_atomically
-from skillhub.io.outputs import staged_directory
+from skillhub.io.outputs import check_output, staged_directory
 from skillhub.io.tensorfile import TensorFileWriter, dtype_from_name
 from skillhub.numerics.svd import truncated_svd
 from skillhub.pack.format import SkillPack, load_pack
@@ -366,10 +366,12 @@ def export_peft(pack: str | os.PathLike[str] | SkillPack, output: str | os.PathL
     checkpoint = None
     if base is not None:
         checkpoint = base if isinstance(base, Checkpoint) else open_checkpoint(base, revision=base_revision)
+    protect = [opened.path, checkpoint.path if checkpoint else None]
+    check_output(output, force=force, protect=protect)  # before the base is read in full
+    if checkpoint is not None:
         _check_base(opened, checkpoint)
     base_id = checkpoint.ref.id if checkpoint is not None and checkpoint.ref.source == "hub" else opened.manifest.base.id
-    with staged_directory(output, force=force, protect=[opened.path, checkpoint.path if checkpoint else None],
-                          kind="peft-adapter") as staging:
+    with staged_directory(output, force=force, protect=protect, kind="peft-adapter") as staging:
         adapter_bytes = _write_adapter(plan, opened, checkpoint, staging, torch_dtype, base_id, progress)
         measured = _measure(opened, checkpoint, staging) if check else None
         result = {

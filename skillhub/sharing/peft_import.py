@@ -33,7 +33,7 @@ from skillhub.errors import MismatchError, SkillhubError
 from skillhub.compress.options import CompressionOptions
 from skillhub.io.checkpoint import Checkpoint, CheckpointRef, PatchedCheckpoint, open_checkpoint
 from skillhub.io.jsonio import read_json
-from skillhub.io.outputs import staged_directory
+from skillhub.io.outputs import check_output, staged_directory
 from skillhub.io.tensorfile import TensorFile, dtype_name
 from skillhub.operators.discovery import get_operator, provenance
 from skillhub.pack.card import render_card
@@ -192,10 +192,11 @@ def import_peft(adapter: str | os.PathLike[str], base: str | os.PathLike[str] | 
     checkpoint = base if isinstance(base, Checkpoint) else open_checkpoint(base, revision=base_revision)
     if not ignore_base_name:
         check_base_name(config, checkpoint)
+    protect = [checkpoint.path, Path(adapter) if Path(adapter).exists() else None]
+    check_output(output, force=force, protect=protect)  # before the base is read in full
     modules = _stored_modules(TensorFile(weights), config, checkpoint)
     if not modules:
         raise SkillhubError(f"adapter {adapter} changes nothing: it has no LoRA factors and no saved modules")
-    protect = [Path(adapter) if Path(adapter).exists() else None]
     if compression is not None:
         from skillhub.compress.pipeline import create_pack
 
@@ -204,7 +205,7 @@ def import_peft(adapter: str | os.PathLike[str], base: str | os.PathLike[str] | 
         return create_pack(checkpoint, patched, output, task=task, name=name, version=version, force=force,
                            progress=progress, **compression.as_kwargs())
     base_ref = BaseRef.of(checkpoint)
-    with staged_directory(output, force=force, protect=[checkpoint.path, *protect], kind="pack") as staging:
+    with staged_directory(output, force=force, protect=protect, kind="pack") as staging:
         writer = PackWriter(staging)
         entries = {}
         for done, parameter in enumerate(sorted(modules), 1):
