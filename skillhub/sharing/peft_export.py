@@ -210,8 +210,7 @@ def _write_adapter(plan: _Plan, pack: SkillPack, base: Checkpoint | None, direct
             note = (f"{note}; " if note else "") + (f"rank {rank} is above {rows * cols / (rows + cols):.0f} "
                                                      "= m*n/(m+n): this LoRA is larger than the dense delta")
             plan.warnings.append(f"{name}: {note}")
-        plan.report[name] = ExportedModule(name, pack.modules[name].role, "lora", rank, lost,
-                                           note or ("truncated" if lost else ""))
+        plan.report[name] = ExportedModule(name, pack.modules[name].role, "lora", rank, lost, note)
         ranks[module] = rank
         if embedding:  # PEFT's embedding LoRA: delta^T = lora_embedding_B @ lora_embedding_A
             writer.add(f"{PREFIX}{module}.lora_embedding_A", b.T.to(dtype))
