@@ -112,7 +112,7 @@ def resolve(task: str, *, include: str | None = None, limit: int | None = None,
                             + "; `lm-eval ls tasks` lists them, --lm-eval-include DIR adds your own YAML")
     with _quiet():
         directions = _directions(task, manager)
-    names = sorted(directions)
+    names = list(directions)  # in the task's metric_list order: its first is the default
     chosen = metric or (names[0] if names else None)
     if chosen is None:
         raise SkillhubError(f"lm-eval task {task!r} reports no metric skillhub can record")
