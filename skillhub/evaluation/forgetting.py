@@ -140,11 +140,13 @@ def declare_task(registry: Registry, name: str, eval_file: str | os.PathLike[str
     return DeclaredTask(task=task, scores=(record,))
 
 
-def scorer_of(eval_set: EvalSet) -> Callable[[Any, Any], float]:
-    """(model, tokenizer) -> the task's score: its eval file under its metric, or its lm-eval task."""
+def scorer_of(eval_set: EvalSet, examples: list[dict[str, str]] | None = None) -> Callable[[Any, Any], float]:
+    """(model, tokenizer) -> the task's score: its eval file (``examples`` if already read) under
+    its metric, or its lm-eval task."""
     if eval_set.lm_eval is not None:
         return functools.partial(score_task, task=HarnessTask.from_json(eval_set.lm_eval))
-    examples = load_eval_set(eval_set.path, eval_set.metric)
+    if examples is None:
+        examples = load_eval_set(eval_set.path, eval_set.metric)
     return lambda model, tokenizer: score(model, tokenizer, examples, eval_set.metric)
 
 
@@ -168,10 +170,9 @@ def evaluate_tasks(registry: Registry, *, base: str | None = None, task: str | N
     sets = registry.eval_sets(base=base, task=task)
     if not sets:
         return []
-    scorers = {s.name: scorer_of(s) for s in sets}
+    examples = {s.name: load_eval_set(s.path, s.metric) for s in sets if s.lm_eval is None}  # read once
+    scorers = {s.name: scorer_of(s, examples.get(s.name)) for s in sets}
     metrics = {s.name: s.metric for s in sets}
-    # The router is scored on exact-match example files (lm-eval tasks record lm-eval/<metric>).
-    examples = {s.name: load_eval_set(s.path, s.metric) for s in sets if s.metric == "exact_match"}
     active = [p.id for p in registry.list_packs(base=base)]
     tasks = {t.name: list(t.packs) for t in registry.tasks(base=base)}
     model, tokenizer, _ = registry.load_base_model(base=base, location=base_location)  # checked once; patching skips it
@@ -234,7 +235,7 @@ def _routed_scores(registry: Registry, model, tokenizer, router, examples: dict[
 
     own_files = {s.name for s in registry.routing_examples(base=base)}
     chosen_examples = [RoutingExample(e["prompt"], e["answer"], name, heldout=True)
-                       for name, records in examples.items()
+                       for name, records in examples.items() if metrics[name] == "exact_match"
                        for e in records if unseen_by_router(name, e["prompt"], own_files)]
     if not chosen_examples:
         return []

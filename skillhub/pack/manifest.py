@@ -73,7 +73,7 @@ class BaseRef:
 
         return cls(id=checkpoint.ref.id, revision=checkpoint.ref.revision, architecture=checkpoint.architecture,
                    model_type=checkpoint.model_type, fingerprint=fingerprint(checkpoint),
-                   dtype=checkpoint.dominant_dtype())
+                   dtype=checkpoint.dominant_dtype(), tie_word_embeddings=checkpoint.tie_word_embeddings)
 
 
 class Manifest(dict):

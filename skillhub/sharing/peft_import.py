@@ -19,7 +19,7 @@ import functools
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -296,9 +296,7 @@ def _manifest(name: str, task: str, version: str, base_ref: BaseRef, base: Check
         "format": "skillpack", "format_version": FORMAT_VERSION, "name": name, "task": task, "version": version,
         "created_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "skillhub_version": __version__,
         "parent": None,
-        "base": {"id": base_ref.id, "revision": base_ref.revision, "architecture": base_ref.architecture,
-                 "model_type": base_ref.model_type, "fingerprint": base_ref.fingerprint, "dtype": base_ref.dtype,
-                 "tie_word_embeddings": base.tie_word_embeddings},
+        "base": asdict(base_ref),
         "tuned": {"id": source, "revision": None},
         "recipe": recipe,
         "operators": {op: provenance(get_operator(op)) for op in used},
