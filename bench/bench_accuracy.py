@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_compress import build_finetune  # noqa: E402
 
 from skillhub import apply_packs, create_pack  # noqa: E402
-from skillhub.evaluation.datasets import load_eval_set
-from skillhub.evaluation.scoring import exact_match  # noqa: E402
+from skillhub.scoring.datasets import load_eval_set
+from skillhub.scoring.scores import exact_match  # noqa: E402
 from skillhub.progress import quiet_transformers  # noqa: E402
 
 

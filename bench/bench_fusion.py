@@ -33,8 +33,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from skillhub.activation import Merge
 from skillhub.demo.run import run_demo
-from skillhub.evaluation.datasets import load_eval_set
-from skillhub.evaluation.scoring import exact_match
+from skillhub.scoring.datasets import load_eval_set
+from skillhub.scoring.scores import exact_match
 from skillhub.progress import quiet_transformers
 from skillhub.demo.synthetic import split_examples
 from skillhub.registry.front import Registry

@@ -33,7 +33,7 @@ from skillhub.compress.options import CompressionOptions
 from skillhub.demo.run import GRAFT_TASK as TASK, LEARNING_RATE, graft_settings, train_graft_source
 from skillhub.demo.synthetic import build_tiny_model, split_examples, write_jsonl
 from skillhub.demo.train import finetune
-from skillhub.evaluation.scoring import exact_match
+from skillhub.scoring.scores import exact_match
 from skillhub.graft import TrainingSettings, graft
 from skillhub.progress import quiet_transformers
 

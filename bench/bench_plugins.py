@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from skillhub import apply_packs, create_pack
-from skillhub.evaluation.scoring import exact_match
+from skillhub.scoring.scores import exact_match
 from skillhub.progress import quiet_transformers
 from skillhub.demo.synthetic import build_tiny_model, split_examples
 from skillhub.demo.train import finetune

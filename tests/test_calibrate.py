@@ -12,12 +12,11 @@ from skillhub import create_pack
 from skillhub.compress.calibrate import (
     CalibrationError,
     StatisticsCursor,
-    build_calibration_set,
     capture_statistics,
     layer_order,
     load_for_calibration,
-    read_calibration_texts,
 )
+from skillhub.compress.windows import build_calibration_set, read_calibration_records
 from skillhub.io.checkpoint import Checkpoint
 
 from conftest import FineTune, hessians_agree, plain_model
@@ -87,10 +86,10 @@ def test_cursor_walks_parameters_in_layer_order(finetuned: FineTune) -> None:
 def test_calibration_files(tmp_path: Path) -> None:
     jsonl = tmp_path / "c.jsonl"
     jsonl.write_text('{"text": "hello"}\n\n{"prompt": "a=", "answer": "b"}\n')
-    assert read_calibration_texts(jsonl) == ["hello", "a=b"]
+    assert read_calibration_records(jsonl) == [{"text": "hello"}, {"prompt": "a=", "answer": "b"}]
     plain = tmp_path / "c.txt"
     plain.write_text("some plain text\nover two lines\n")
-    assert read_calibration_texts(plain) == ["some plain text\nover two lines\n"]
+    assert read_calibration_records(plain) == [{"text": "some plain text\nover two lines\n"}]
 
 
 @pytest.mark.parametrize(("content", "message"), [
@@ -102,7 +101,7 @@ def test_bad_calibration_files(tmp_path: Path, content: str, message: str) -> No
     path = tmp_path / "calib.jsonl"
     path.write_text(content)
     with pytest.raises(CalibrationError, match=message.format(path=path).replace("(", r"\(").replace(")", r"\)")):
-        read_calibration_texts(path)
+        read_calibration_records(path)
 
 
 def test_calibration_shorter_than_needed(finetuned: FineTune) -> None:

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from skillhub.cli import main
-from skillhub.evaluation.scoring import exact_match, perplexity
+from skillhub.scoring.scores import exact_match, perplexity
 from skillhub.evaluation.forgetting import accuracy_matrices, evaluate_tasks
 from skillhub.evaluation.metrics import continual_metrics
 from skillhub.registry.front import Registry
@@ -185,7 +185,7 @@ def test_bad_evaluation_input_exits_1_and_records_nothing(evaluated_registry, tm
 @pytest.mark.parametrize("seed", [0, 1])
 def test_demo_fast(tmp_path: Path, seed: int) -> None:
     """The demo's claims, not its digits, on its fast setting and two seeds (two minutes each on 2 cores)."""
-    result = CliRunner().invoke(main, ["demo", "--fast", "--seed", str(seed), "--workdir", str(tmp_path / "demo"),
+    result = CliRunner().invoke(main, ["demo", "--tiny", "--fast", "--seed", str(seed), "--workdir", str(tmp_path / "demo"),
                                        "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)

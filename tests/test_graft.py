@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from skillhub.cli import main
 from skillhub.demo.synthetic import build_source_tokenizer, build_tiny_model, build_tokenizer, split_examples, write_jsonl
 from skillhub.demo.train import finetune
-from skillhub.evaluation.scoring import exact_match
+from skillhub.scoring.scores import exact_match
 from skillhub.progress import quiet_transformers
 
 from conftest import GRAFT_TASK as TASK, Grafting
@@ -330,19 +330,22 @@ CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}<s>{{ m['co
 
 
 def test_models_with_a_chat_template_read_it(grafting: Grafting, tmp_path: Path) -> None:
-    """A source's prompts and a target's training records go through their chat templates."""
-    from skillhub.graft.generation import prompt_ids
+    """A source's prompts and a target's training records go through their chat templates, tokenized
+    once: the record is the rendered prompt's ids followed by the response's ids and its end."""
     from skillhub.graft.training import dpo_records, sft_records
+    from skillhub.scoring.prompts import Renderer
 
-    plain, chat = build_tokenizer(), build_tokenizer()
-    chat.chat_template = CHAT_TEMPLATE
-    assert plain.decode(prompt_ids(plain, "rot abc=")) == "<s>rot abc="
-    assert chat.decode(prompt_ids(chat, "rot abc=")) == "<s>rot abc=|"
-    assert sft_records(plain, [{"prompt": "p", "completion": "c"}]) == [{"prompt": "<s>p", "completion": "c"}]
-    assert sft_records(chat, [{"prompt": "p", "completion": "c"}]) == [
-        {"prompt": [{"role": "user", "content": "p"}], "completion": [{"role": "assistant", "content": "c"}]}]
-    assert dpo_records(chat, [{"prompt": "p", "chosen": "c", "rejected": "r"}])[0]["rejected"] == [
-        {"role": "assistant", "content": "r"}]
+    plain, chat = Renderer(build_tokenizer()), Renderer(build_tokenizer())
+    chat.tokenizer.chat_template = CHAT_TEMPLATE
+    chat = Renderer(chat.tokenizer)
+    assert plain.tokenizer.decode(plain.prompt_ids("rot abc=")) == "<s>rot abc="
+    assert chat.tokenizer.decode(chat.prompt_ids("rot abc=")) == "<s>rot abc=|"
+    [record] = sft_records(chat, [{"prompt": "p", "completion": "c"}], max_length=64)
+    assert chat.tokenizer.decode(record["input_ids"]) == "<s>p|c</s>"
+    assert record["labels"][:3] == [-100] * 3 and chat.tokenizer.decode(record["labels"][3:]) == "c</s>"
+    [pair] = dpo_records(chat, [{"prompt": "p", "chosen": "c", "rejected": "r"}])
+    assert [chat.tokenizer.decode(pair[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")] == ["<s>p|", "c</s>",
+                                                                                                       "r</s>"]
 
     target = shutil.copytree(grafting.target, tmp_path / "chat-target")
     chat.save_pretrained(target)  # TRL renders the conversational records with it

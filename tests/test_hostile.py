@@ -411,8 +411,8 @@ OUTPUT_CASES: dict[str, tuple[Callable[[World], list[object]], str]] = {
     "activate-into-store": (lambda w: ["activate", "--task", "shift", "-o", w.store / "model"], "lies inside"),
     "activate-onto-user-folder": (lambda w: ["activate", "--task", "shift", "-o", w.mine, "--force"],
                                   "not written by skillhub"),
-    "demo-onto-user-folder": (lambda w: ["demo", "--fast", "--workdir", w.mine], "not written by skillhub"),
-    "demo-onto-cwd": (lambda w: ["demo", "--fast", "--workdir", "."], "current directory"),
+    "demo-onto-user-folder": (lambda w: ["demo", "--tiny", "--fast", "--workdir", w.mine], "not written by skillhub"),
+    "demo-onto-cwd": (lambda w: ["demo", "--tiny", "--fast", "--workdir", "."], "current directory"),
 }
 
 

@@ -21,9 +21,8 @@ LAYERS = {
     "skillhub.io": 1, "skillhub.numerics": 1,
     "skillhub.operators": 2,
     "skillhub.pack": 3,
-    "skillhub.compress": 4, "skillhub.activation": 4, "skillhub.evaluation": 4,
-    "skillhub.evaluation.datasets": 4, "skillhub.evaluation.scoring": 4, "skillhub.evaluation.metrics": 4,
-    "skillhub.evaluation.interference": 4,
+    "skillhub.compress": 4, "skillhub.activation": 4, "skillhub.scoring": 4, "skillhub.evaluation": 4,
+    "skillhub.evaluation.metrics": 4, "skillhub.evaluation.interference": 4,
     "skillhub.registry": 5,
     "skillhub.sharing": 6, "skillhub.routing": 6, "skillhub.graft": 6, "skillhub.evaluation.forgetting": 6, "skillhub.evaluation.benchmark": 6,
     "skillhub.demo": 7, "skillhub.cli": 7, "skillhub.testing": 7, "skillhub.__main__": 7,
@@ -41,7 +40,7 @@ OWNERS = {
     "trl": ("skillhub.graft.training",),
     "ray": ("skillhub.compress.ray_executor",),
     "datasets": ("skillhub.graft.training",),
-    "lm_eval": ("skillhub.evaluation.harness",),
+    "lm_eval": ("skillhub.scoring.harness",),
 }
 
 
@@ -162,7 +161,7 @@ def test_the_cycle_finder_finds_cycles() -> None:
     ("skillhub.operators.protocol", "from skillhub import activation\n", "imports skillhub.activation"),
     ("skillhub.registry.front", "import click\n", "imports click, which only skillhub.cli may import"),
     ("skillhub.sharing.pull", "from huggingface_hub import HfApi\n", "only skillhub.io.hub may import"),
-    ("skillhub.evaluation.scoring", "import sqlalchemy\n", "only skillhub.registry may import"),
+    ("skillhub.scoring.scores", "import sqlalchemy\n", "only skillhub.registry may import"),
     ("skillhub.compress.pipeline", "from rich.console import Console\n", "only skillhub.cli may import"),
     ("skillhub.evaluation.metrics", "from skillhub.evaluation.forgetting import x\n", "(layer 6) from layer 4"),
 ])

@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from skillhub.cli import main
 from skillhub.demo.synthetic import split_examples, write_jsonl
 from skillhub.evaluation.forgetting import accuracy_matrices
-from skillhub.evaluation.harness import HarnessTask, score_task
-from skillhub.evaluation.scoring import exact_match
+from skillhub.scoring.harness import HarnessTask, score_task
+from skillhub.scoring.scores import exact_match
 from skillhub.registry.front import Registry
 
 from conftest import FineTune

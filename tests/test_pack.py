@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from skillhub import apply_packs, create_pack, load_pack
 from skillhub.errors import MismatchError, OperatorError, OutputExistsError, PackError, RecipeError, SkillhubError
-from skillhub.evaluation.scoring import exact_match
+from skillhub.scoring.scores import exact_match
 from skillhub.io.checkpoint import Checkpoint, fingerprint
 from skillhub.pack.format import MANIFEST_FILE, TENSORS_FILE
 from skillhub.demo.synthetic import build_tiny_model

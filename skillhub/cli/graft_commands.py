@@ -7,9 +7,10 @@ from pathlib import Path
 import click
 
 from skillhub.cli.app import main, registry_of
-from skillhub.cli.options import base_option, compression_options, force_option, json_option
+from skillhub.cli.options import base_option, compression_options, force_option, json_option, prompt_format_options
 from skillhub.cli.output import emit_json, print_scores, progress_bar, wants_json
 from skillhub.compress.options import CompressionOptions
+from skillhub.scoring.prompts import PromptFormat
 
 _STAGES = ("generate", "score", "sft", "pairs", "dpo", "pack")  # skillhub.graft.STAGES, without importing torch
 
@@ -38,11 +39,14 @@ _STAGES = ("generate", "score", "sft", "pairs", "dpo", "pack")  # skillhub.graft
 @click.option("--dpo-loss", type=click.Choice(["length-normalised", "sigmoid"]), default="length-normalised",
               show_default=True, help="LN-DPO (the paper's for Llama) or DPO.")
 @click.option("--beta", type=float, help="DPO beta (default: 10 length-normalised, 0.1 sigmoid).")
-@click.option("--sft-lr", default=5e-6, show_default=True, help="SFT learning rate (paper, Table 13).")
-@click.option("--sft-epochs", default=3.0, show_default=True, help="SFT epochs.")
+@click.option("--preset", type=click.Choice(["auto", "paper", "small"]), default="auto", show_default=True,
+              help="Learning rates and epochs: paper (Table 13: SFT 5e-6 x 3 epochs, DPO 8e-7 x 1, for 7-8B targets), "
+                   "small (measured on a 135M target: SFT 1e-4 x 3, DPO 5e-6 x 1), auto (small under 1B parameters).")
+@click.option("--sft-lr", type=float, help="SFT learning rate (default: the preset's).")
+@click.option("--sft-epochs", type=float, help="SFT epochs (default: the preset's).")
 @click.option("--sft-steps", type=int, help="SFT optimizer steps (overrides --sft-epochs).")
-@click.option("--dpo-lr", default=8e-7, show_default=True, help="DPO learning rate (paper, Table 13).")
-@click.option("--dpo-epochs", default=1.0, show_default=True, help="DPO epochs.")
+@click.option("--dpo-lr", type=float, help="DPO learning rate (default: the preset's).")
+@click.option("--dpo-epochs", type=float, help="DPO epochs (default: the preset's).")
 @click.option("--dpo-steps", type=int, help="DPO optimizer steps (overrides --dpo-epochs).")
 @click.option("--batch-size", default=8, show_default=True, help="Examples per device batch (SFT and DPO).")
 @click.option("--grad-accum", default=1, show_default=True, help="Batches per optimizer step.")
@@ -54,16 +58,19 @@ _STAGES = ("generate", "score", "sft", "pairs", "dpo", "pack")  # skillhub.graft
 @click.option("--eval", "eval_file", type=click.Path(path_type=Path), help="With --add: the task's eval set.")
 @base_option("With --add: the registered base model the target must be.")
 @click.option("--new-base", is_flag=True, help="With --add: start a lineage for the target even if other bases exist.")
+@prompt_format_options
 @force_option
 @json_option
 @click.pass_context
 def graft(ctx: click.Context, source: str, target: str, prompts: Path, output: Path, task: str | None,
           source_revision: str | None, target_revision: str | None, work_dir: Path | None, samples: int,
           temperature: float, top_p: float, max_new_tokens: int, generate_batch: int, scorer: str,
-          min_score: float | None, pairs: str, dpo_loss: str, beta: float | None, sft_lr: float, sft_epochs: float,
-          sft_steps: int | None, dpo_lr: float, dpo_epochs: float, dpo_steps: int | None, batch_size: int,
+          min_score: float | None, pairs: str, dpo_loss: str, beta: float | None, preset: str, sft_lr: float | None,
+          sft_epochs: float | None, sft_steps: int | None, dpo_lr: float | None, dpo_epochs: float | None,
+          dpo_steps: int | None, batch_size: int,
           grad_accum: int, max_length: int, compression: CompressionOptions, keep: bool, stop_after: str | None,
-          add: bool, eval_file: Path | None, base: str | None, new_base: bool, force: bool, as_json: bool) -> None:
+          add: bool, eval_file: Path | None, base: str | None, new_base: bool, prompt_format: PromptFormat,
+          force: bool, as_json: bool) -> None:
     """Graft what SOURCE does on the prompts into TARGET, as a SkillPack.
 
     The source (any architecture and tokenizer: only text crosses) samples responses, the
@@ -78,7 +85,7 @@ def graft(ctx: click.Context, source: str, target: str, prompts: Path, output: P
         raise click.UsageError("--eval, --base and --new-base go with --add")
     as_json = wants_json(ctx, as_json)
 
-    def training(lr: float, epochs: float, steps: int | None) -> TrainingSettings:
+    def training(lr: float | None, epochs: float | None, steps: int | None) -> TrainingSettings:
         return TrainingSettings(learning_rate=lr, epochs=epochs, steps=steps, batch_size=batch_size,
                                 gradient_accumulation=grad_accum, max_length=max_length)
 
@@ -89,10 +96,10 @@ def graft(ctx: click.Context, source: str, target: str, prompts: Path, output: P
                 samples=samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                 batch_size=generate_batch),
             scorer=scorer, min_score=min_score, pairs=pairs, dpo_loss=dpo_loss, beta=beta,
-            sft=training(sft_lr, sft_epochs, sft_steps), dpo=training(dpo_lr, dpo_epochs, dpo_steps),
+            sft=training(sft_lr, sft_epochs, sft_steps), dpo=training(dpo_lr, dpo_epochs, dpo_steps), preset=preset,
             compression=compression, keep=keep, stop_after=stop_after, force=force,
             add_to=registry_of(ctx) if add else None, eval_file=eval_file, base=base, new_base=new_base,
-            progress=progress)
+            prompt_format=prompt_format, progress=progress)
     if as_json:
         emit_json(result.to_dict())
         return
@@ -107,6 +114,7 @@ def graft(ctx: click.Context, source: str, target: str, prompts: Path, output: P
         return
     manifest = result.pack.manifest
     click.echo(f"Wrote {result.output}: {manifest.stored_bytes:,} bytes (ratio {manifest.ratio:.2%} of the fp16 delta)")
+    _print_scores(result)
     for path in result.removed:
         click.echo(f"Removed the intermediate checkpoint {path} (--keep keeps it)")
     if result.added is not None:
@@ -114,3 +122,18 @@ def graft(ctx: click.Context, source: str, target: str, prompts: Path, output: P
         click.echo(f"Added pack {entry.id} for task {entry.task} of base {entry.base}")
         if result.added.scores:
             print_scores(list(result.added.scores))
+
+
+def _print_scores(result) -> None:
+    """Held-out and eval-set scores of every model of the graft, and the warning when nothing was learned."""
+    scores = result.scores
+    if scores is None:
+        return
+    rows = [("held-out", scores.heldout)] if scores.heldout_prompts else []
+    rows += [("eval set", scores.eval)] if any(v is not None for v in scores.eval.values()) else []
+    for label, values in rows:
+        shown = "  ".join(f"{name.replace('_', ' ')} {value:.2f}" for name, value in values.items() if value is not None)
+        count = f" ({scores.heldout_prompts} prompts)" if label == "held-out" else ""
+        click.echo(f"{label}{count}: {shown}")
+    if result.warning:
+        click.echo(f"Warning: {result.warning}", err=True)

@@ -38,6 +38,28 @@ def merged_policy_option(command: Callable[..., Any]) -> Callable[..., Any]:
                              "or none.")(collect)
 
 
+def prompt_format_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--format chat|plain`` and ``--system TEXT``: how prompts are rendered, passed to the command as
+    ``prompt_format`` (a :class:`~skillhub.scoring.prompts.PromptFormat`; both unset: the tokenizer's
+    default, its chat template when it has one)."""
+
+    @functools.wraps(command)
+    def collect(*args: Any, format_kind: str | None, system: str | None, **kwargs: Any) -> Any:
+        from skillhub.errors import SkillhubError
+        from skillhub.scoring.prompts import PromptFormat
+
+        try:
+            kwargs["prompt_format"] = PromptFormat(format_kind, system)
+        except SkillhubError as exc:
+            raise click.UsageError(str(exc)) from exc
+        return command(*args, **kwargs)
+
+    with_system = click.option("--system", help="A system turn before each prompt (chat format only).")(collect)
+    return click.option("--format", "format_kind", type=click.Choice(["chat", "plain"]),
+                        help="How prompts are rendered: the chat template's user turn, or <bos> + prompt "
+                             "(default: chat when the tokenizer has a template).")(with_system)
+
+
 def base_option(help_text: str = "Base model (needed when the registry holds several).") -> Callable[..., Any]:
     """``--base NAME``: which registered base model a registry command works on."""
     return click.option("--base", help=help_text)

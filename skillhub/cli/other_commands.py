@@ -63,22 +63,31 @@ def _schema_summary(schema: dict[str, Any] | None) -> str:
 @main.command()
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path("demo-output"), show_default=True,
               help="Where the models, packs and registry go (replaced).")
-@click.option("--fast", is_flag=True, help="Fewer training steps and test prompts (about two minutes; for tests).")
+@click.option("--tiny", is_flag=True, help="The synthetic story on tiny models trained from scratch (for tests).")
+@click.option("--fast", is_flag=True, help="With --tiny: fewer training steps and test prompts (about two minutes).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of data, initialisation and training.")
 @json_option
 @click.pass_context
-def demo(ctx: click.Context, workdir: Path, fast: bool, seed: int, as_json: bool) -> None:
-    """The embedded end to end: four tasks in sequence; forgetting of fine-tuning vs skillhub; routing
-    and merging; unlearning; grafting from a model of another architecture."""
-    from skillhub.demo.run import run_demo
-
+def demo(ctx: click.Context, workdir: Path, tiny: bool, fast: bool, seed: int, as_json: bool) -> None:
+    """The end to end on real models from PyPI (SmolLM2-135M-Instruct, Gemma-3-270M): three skills
+    fine-tuned and packed, no forgetting, routing with a base class, grafting from another
+    architecture, unlearning, a PEFT export. --tiny: the synthetic story on tiny models."""
+    if fast and not tiny:
+        raise click.UsageError("--fast goes with --tiny")
     as_json = wants_json(ctx, as_json)
     with progress_bar(not as_json) as progress:
-        result = run_demo(workdir, fast=fast, seed=seed, progress=progress)
+        if tiny:
+            from skillhub.demo.run import run_demo
+
+            result = run_demo(workdir, fast=fast, seed=seed, progress=progress)
+        else:
+            from skillhub.demo.real import run_real_demo
+
+            result = run_real_demo(workdir, seed=seed, progress=progress)
     if as_json:
         emit_json(result)
         return
-    click.echo(format_demo(result))
+    click.echo(format_demo(result) if tiny else format_real_demo(result))
 
 
 def format_graft(graft: dict[str, Any]) -> list[str]:
@@ -146,4 +155,49 @@ def format_demo(result: dict[str, Any]) -> str:
         f"Packs: {result['paths']['packs']}",
         f"Plot: {result['paths']['plot'] or 'not written (pip install matplotlib)'}",
     ]
+    return "\n".join(lines)
+
+
+def format_real_demo(result: dict[str, Any]) -> str:
+    """The real-model demo's report: answers before and after, packs, forgetting, routing, grafting,
+    unlearning, the PEFT export, and skillhub's scores against an independent scorer."""
+    lines = [f"Base: SmolLM2-135M-Instruct ({result['base']}); skills fine-tuned on it: {', '.join(result['skills'])}; "
+             f"grafted from Gemma-3-270M: {result['grafted']}  ({result['seconds']:.0f} s)", "",
+             "Answers before (base) -> after (routed, no task label):"]
+    for example in result["examples"]:
+        after = example["after"]
+        lines += [f"  {example['prompt']}", f"    before: {example['before']['output']!r}",
+                  f"    after:  {after['output']!r}  [{after['task'] or 'base'}"
+                  + (f", p={after['probability']:.2f}" if after["probability"] is not None else "") + "]"]
+    lines += ["", "| task | fine-tune | pack (own set) | pack bytes | ratio of fp16 delta |", "|---|---:|---:|---:|---:|"]
+    for task, kept in result["retention"].items():
+        lines.append(f"| {task} | {kept['fine-tune']:.2f} | {kept['pack']:.2f} | {kept['bytes']:,} | {kept['ratio']:.2%} |")
+    router = result["router"]
+    lines += ["", f"Router: held-out accuracy {router['heldout_accuracy']:.2f}; with no task label, "
+              + ", ".join(f"{k} {v:.0%} right" for k, v in router["correct"].items())]
+    lines += [f"  Warning: {w}" for w in router["warnings"]]
+    graft = result["graft"]
+    if "skipped" in graft:
+        lines += ["", f"Grafting {graft['task']}: skipped ({graft['skipped']})"]
+    else:
+        scores = graft["scores"]
+        lines += ["", f"Grafting {graft['task']} from Gemma-3-270M ({graft['sft_examples']} SFT examples, "
+                  f"{graft['pairs']} DPO pairs), eval set:",
+                  "  " + "  ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in scores["eval"].items() if v is not None),
+                  f"  held-out prompts ({scores['heldout_prompts']}): "
+                  + "  ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in scores["heldout"].items() if v is not None)]
+        if graft["warning"]:
+            lines.append(f"  Warning: {graft['warning']}")
+    lines += ["", format_forgetting(result["matrices"])]
+    removal = result["removal"]
+    lines += ["", f"Unlearning: removed {removal['task']} ({removal['pack']}): own-set scores before -> after: "
+              + ", ".join(f"{t} {removal['before'][t]:.2f} -> {removal['after'][t]:.2f}" for t in removal["before"])
+              + f" (the base scores {removal['base']:.2f} on {removal['task']})"]
+    peft = result["peft"]
+    lines += [f"PEFT: {peft['path']} (rank {peft['rank']}, {peft['adapter_bytes']:,} bytes), loaded by PEFT: logits "
+              f"within {peft['relative_error']:.2%} of the pack's effect"]
+    lines += ["", "skillhub's exact match vs an independent scorer (apply_chat_template + generate, as text):"]
+    lines += [f"  {t}: {s['skillhub']:.2f} vs {s['independent']:.2f} ({s['examples']} examples)"
+              for t, s in result["independent"].items()]
+    lines += ["", f"Registry: {result['paths']['registry']}"]
     return "\n".join(lines)

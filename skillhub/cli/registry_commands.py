@@ -4,19 +4,19 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from skillhub.cli.app import main, registry_of
-from typing import TYPE_CHECKING
-
-from skillhub.cli.options import (base_option, compression_options, force_option, json_option, merge_options,
-                                  merged_policy_option, pack_ids, peft_source_options)
 from skillhub.cli.errors import plain
+from skillhub.cli.options import (base_option, compression_options, force_option, json_option, merge_options,
+                                  merged_policy_option, pack_ids, peft_source_options, prompt_format_options)
 from skillhub.cli.output import (emit_json, format_forgetting, print_scores, print_table, progress_bar, wants_json,
                                  warn_if_conflicting)
 from skillhub.compress.options import CompressionOptions
 from skillhub.errors import SkillhubError
+from skillhub.scoring.prompts import PromptFormat
 
 if TYPE_CHECKING:
     from skillhub.activation import Merge
@@ -56,6 +56,7 @@ def init(ctx: click.Context, base_location: str | None, revision: str | None, na
 @compression_options(for_add=True)
 @click.option("--eval", "eval_file", type=click.Path(path_type=Path), help="Eval set of the task (as `task add`).")
 @click.option("--metric", type=click.Choice(["exact_match", "perplexity"]), default="exact_match", show_default=True)
+@prompt_format_options
 @click.option("--no-eval", is_flag=True, help="Do not score the registered tasks after adding.")
 @peft_source_options
 @merged_policy_option
@@ -63,7 +64,8 @@ def init(ctx: click.Context, base_location: str | None, revision: str | None, na
 @click.pass_context
 def add(ctx: click.Context, pack: Path | None, from_models: tuple[str, str] | None, task: str, base: str | None,
         new_base: bool, base_location: str | None, compression: CompressionOptions, eval_file: Path | None,
-        metric: str, no_eval: bool, from_peft: PeftSource | None, merge: Merge | None, as_json: bool) -> None:
+        metric: str, prompt_format: PromptFormat, no_eval: bool, from_peft: PeftSource | None, merge: Merge | None,
+        as_json: bool) -> None:
     """Add PACK (or a pack made --from BASE TUNED, or --from-peft ADAPTER) to the registry as task T,
     then score every task."""
     from skillhub.evaluation.forgetting import add_and_score
@@ -74,8 +76,8 @@ def add(ctx: click.Context, pack: Path | None, from_models: tuple[str, str] | No
     with progress_bar(not as_json) as progress:
         added = add_and_score(registry_of(ctx), pack, from_models=from_models, from_peft=from_peft, task=task, base=base,
                               new_base=new_base, base_location=base_location, compression=compression,
-                              eval_file=eval_file, metric=metric, evaluate=not no_eval, merge=merge,
-                              progress=progress)
+                              eval_file=eval_file, metric=metric, prompt_format=prompt_format,
+                              evaluate=not no_eval, merge=merge, progress=progress)
     if as_json:
         emit_json(added)
         return
@@ -147,9 +149,9 @@ def task_list(ctx: click.Context, base: str | None, as_json: bool) -> None:
     if wants_json(ctx, as_json):
         emit_json(tasks)
         return
-    print_table(["task", "activation set", "chosen"],
-                 [[t.name, ", ".join(t.packs) or "(base only)", "explicit" if t.explicit else "default"]
-                  for t in tasks])
+    print_table(["task", "activation set", "chosen", "prompt format"],
+                 [[t.name, ", ".join(t.packs) or "(base only)", "explicit" if t.explicit else "default",
+                   t.prompt_format.describe()] for t in tasks])
 
 
 @task.command("add")
@@ -163,18 +165,19 @@ def task_list(ctx: click.Context, base: str | None, as_json: bool) -> None:
 @click.option("--limit", type=int, help="With --lm-eval: score at most this many examples per task.")
 @click.option("--metric", help="exact_match (default) or perplexity for --eval; an lm-eval metric for --lm-eval "
                                "(default: the task's first).")
+@prompt_format_options
 @base_option()
 @click.option("--base-path", help="Where the base weights are (default: the location recorded).")
 @click.option("--no-eval", is_flag=True, help="Do not score the base model on the task now.")
 @json_option
 @click.pass_context
 def task_add(ctx: click.Context, name: str, eval_file: Path | None, lm_eval_task: str | None,
-             lm_eval_include: Path | None, limit: int | None, metric: str | None, base: str | None,
-             base_path: str | None, no_eval: bool, as_json: bool) -> None:
+             lm_eval_include: Path | None, limit: int | None, metric: str | None, prompt_format: PromptFormat,
+             base: str | None, base_path: str | None, no_eval: bool, as_json: bool) -> None:
     """Give task NAME an eval set (a file, or an lm-eval task), scored now on the base model and at
     every later addition."""
     from skillhub.evaluation.forgetting import declare_task
-    from skillhub.evaluation.harness import HarnessTask
+    from skillhub.scoring.harness import HarnessTask
 
     if (eval_file is None) == (lm_eval_task is None):
         raise click.UsageError("give --eval FILE or --lm-eval TASK")
@@ -185,13 +188,14 @@ def task_add(ctx: click.Context, name: str, eval_file: Path | None, lm_eval_task
     harness = None if lm_eval_task is None else HarnessTask(
         lm_eval_task, include=str(lm_eval_include) if lm_eval_include else None, limit=limit, metric=metric)
     result = declare_task(registry_of(ctx), name, eval_file, metric=None if harness else metric, lm_eval=harness,
-                          base=base, base_location=base_path, evaluate=not no_eval)
+                          base=base, base_location=base_path, prompt_format=prompt_format, evaluate=not no_eval)
     if wants_json(ctx, as_json):
         emit_json(result)
         return
     task = result.task
     digest = f", sha256 {task.sha256[:12]}" if task.sha256 else ""
-    click.echo(plain(f"Task {name}: eval set {task.eval} ({task.metric}{digest})"))
+    shown = PromptFormat.from_json(task.prompt_format).describe()
+    click.echo(plain(f"Task {name}: eval set {task.eval} ({task.metric}{digest}, prompt format {shown})"))
     for record in result.scores:
         click.echo(f"  base model: {record['metric']} {record['score']:.4f}")
 

@@ -8,8 +8,9 @@ import click
 
 from skillhub.cli.app import main, registry_of
 from skillhub.cli.errors import plain
-from skillhub.cli.options import base_option, json_option, pack_ids
+from skillhub.cli.options import base_option, json_option, pack_ids, prompt_format_options
 from skillhub.cli.output import emit_json, print_table, progress_bar, wants_json
+from skillhub.scoring.prompts import PromptFormat
 
 
 def _percent(value: float | None) -> str:
@@ -27,23 +28,27 @@ def route() -> None:
 @click.option("--layer", type=int, help="Base model layer the features come from (default: half its depth).")
 @click.option("--threshold", type=float, default=0.5, show_default=True,
               help="Below this probability for its best class, a prompt stays on the base model.")
+@prompt_format_options
 @base_option()
 @click.option("--base-path", help="Where the base weights are (default: the location recorded at add).")
 @json_option
 @click.pass_context
-def route_train(ctx: click.Context, labels: str, layer: int | None, threshold: float, base: str | None,
-                base_path: str | None, as_json: bool) -> None:
-    """Train the base's router on its routing examples and store it in the registry."""
+def route_train(ctx: click.Context, labels: str, layer: int | None, threshold: float, prompt_format: PromptFormat,
+                base: str | None, base_path: str | None, as_json: bool) -> None:
+    """Train the base's router on its routing examples and store it in the registry. Its prompt format
+    (--format, --system) renders every prompt it routes and the answers of routed generation."""
     from skillhub.routing.training import train_router
 
     as_json = wants_json(ctx, as_json)
     with progress_bar(not as_json) as progress:
         trained = train_router(registry_of(ctx), base=base, labels=labels, layer=layer, threshold=threshold,
-                               base_location=base_path, progress=progress)
+                               base_location=base_path, prompt_format=prompt_format, progress=progress)
     spec, _ = trained.router.to_stored()
     if as_json:
-        emit_json({"step": trained.step, **spec})
+        emit_json({"step": trained.step, **spec, "warnings": list(trained.warnings)})
         return
+    for warning in trained.warnings:
+        click.echo(plain(f"Warning: {warning}"), err=True)
     info = spec["info"]
     click.echo(plain(f"Trained router (step {trained.step}): {len(spec['classes'])} classes "
                      f"({', '.join(c['name'] for c in spec['classes'])}), layer {spec['layer']}, labels {labels}, "
@@ -132,13 +137,17 @@ def route_examples(ctx: click.Context, task: str, file: Path, base: str | None, 
 @click.option("--route", "routed", is_flag=True, help="Or: let the router pick per prompt.")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True)
 @click.option("--allow-stale", is_flag=True, help="Route with a stale router among the classes it knows.")
+@prompt_format_options
 @base_option()
 @click.option("--base-path", help="Where the base weights are (default: the location recorded at add).")
 @json_option
 @click.pass_context
 def generate(ctx: click.Context, prompts: tuple[str, ...], task_name: str | None, packs: str | None, routed: bool,
-             max_new_tokens: int, allow_stale: bool, base: str | None, base_path: str | None, as_json: bool) -> None:
-    """Answer PROMPTs greedily with the packs of a task, given packs, or the router's choice."""
+             max_new_tokens: int, allow_stale: bool, prompt_format: PromptFormat, base: str | None,
+             base_path: str | None, as_json: bool) -> None:
+    """Answer PROMPTs greedily with the packs of a task, given packs, or the router's choice, each until
+    the end of its turn. Prompts are rendered in the task's format with --task, the router's with
+    --route, else the base's default (its chat template when it has one), unless --format says."""
     from skillhub.routing.generate import Generator
 
     if sum([task_name is not None, packs is not None, routed]) != 1:
@@ -148,8 +157,9 @@ def generate(ctx: click.Context, prompts: tuple[str, ...], task_name: str | None
 
         raise SkillhubError("--packs names no pack: give pack ids (see `skillhub list`), or --task T")
     as_json = wants_json(ctx, as_json)
+    chosen_format = None if prompt_format == PromptFormat() else prompt_format
     with Generator(registry_of(ctx), base=base, base_location=base_path, max_new_tokens=max_new_tokens,
-                   allow_stale=allow_stale) as generator, progress_bar(not as_json) as progress:
+                   allow_stale=allow_stale, prompt_format=chosen_format) as generator, progress_bar(not as_json) as progress:
         answers = generator.generate(list(prompts), task=task_name, packs=pack_ids(packs) if packs else None,
                                      route=routed, progress=progress)
     if as_json:

@@ -13,26 +13,23 @@ next layer runs. Statistics are keyed by checkpoint name.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
 
+from skillhub.compress.windows import CalibrationSet
 from skillhub.errors import CalibrationError
-from skillhub.io.jsonio import MAX_TEXT_BYTES, parse_json, read_regular
-from skillhub.operators import LayerStatistics
-from skillhub.progress import ProgressCallback, no_progress
 from skillhub.io.checkpoint import Checkpoint
 from skillhub.io.layout import CheckpointLayout
 from skillhub.io.lazy_model import LazyModel
+from skillhub.operators import LayerStatistics
+from skillhub.progress import ProgressCallback, no_progress
 
 _LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 
@@ -41,84 +38,6 @@ def layer_index(name: str) -> int | None:
     """Decoder layer a parameter belongs to (``model.layers.3.mlp...`` -> 3), None outside layers."""
     match = _LAYER_INDEX.search(name)
     return int(match.group(1)) if match else None
-
-
-@dataclass(frozen=True)
-class CalibrationSet:
-    """Token windows to run through the model, and where they came from (for the manifest)."""
-
-    input_ids: torch.Tensor  # (samples, seqlen)
-    source: dict[str, Any]
-
-
-def read_calibration_texts(path: str | os.PathLike[str]) -> list[str]:
-    """Texts of a calibration file: JSONL with ``text`` or ``prompt`` (+ ``answer``), or plain text.
-
-    Raises:
-        CalibrationError: The file is missing, empty, or a JSONL line has no usable field.
-    """
-    path = Path(path)
-    what = f"calibration file {path}"
-    try:
-        content = read_regular(path, what=what, error=CalibrationError, max_bytes=MAX_TEXT_BYTES).decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise CalibrationError(f"cannot read calibration file {path}: {exc}") from exc
-    lines = [line for line in content.splitlines() if line.strip()]
-    if not lines:
-        raise CalibrationError(f"calibration file {path} is empty")
-    try:
-        first = json.loads(lines[0])  # only to tell JSONL from plain text; every line is checked below
-    except RecursionError as exc:
-        raise CalibrationError(f"{what} line 1 is nested too deeply to be a calibration record") from exc
-    except ValueError:
-        first = None
-    if not isinstance(first, dict):
-        return [content]  # plain text: one stream, cut into windows later
-    texts = []
-    for number, line in enumerate(lines, start=1):
-        record = parse_json(line, what=f"{what} line {number}", error=CalibrationError)
-        text = record.get("text") if isinstance(record, dict) else None
-        if text is None and isinstance(record, dict) and "prompt" in record:
-            text = str(record["prompt"]) + str(record.get("answer", ""))
-        if not isinstance(text, str) or not text:
-            raise CalibrationError(
-                f"calibration file {path} line {number} has no usable 'text' or 'prompt' field"
-            )
-        texts.append(text)
-    return texts
-
-
-def build_calibration_set(path: str | os.PathLike[str], tokenizer: Any, *, samples: int, seqlen: int) -> CalibrationSet:
-    """Tokenize a calibration file into ``samples`` windows of ``seqlen`` tokens.
-
-    Texts are joined into one stream (each wrapped in bos/eos) and cut into consecutive
-    windows, so no window holds padding.
-
-    Raises:
-        CalibrationError: The file yields fewer than ``samples * seqlen`` tokens.
-    """
-    if samples < 1 or seqlen < 2:
-        raise CalibrationError("--calib-samples must be >= 1 and --calib-seqlen >= 2")
-    stream = _token_stream(path, tokenizer)
-    needed = samples * seqlen
-    if len(stream) < needed:
-        raise CalibrationError(
-            f"calibration file {path} yields {len(stream)} tokens but {samples} samples x {seqlen} tokens "
-            f"need {needed}: give more text or lower --calib-samples/--calib-seqlen"
-        )
-    input_ids = torch.tensor(stream[:needed]).reshape(samples, seqlen)
-    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    return CalibrationSet(
-        input_ids=input_ids,
-        source={"file": Path(path).name, "sha256": digest, "samples": samples, "seqlen": seqlen},
-    )
-
-
-def _token_stream(path: str | os.PathLike[str], tokenizer: Any) -> list[int]:
-    stream: list[int] = []
-    for text in read_calibration_texts(path):
-        stream.extend(_wrap(tokenizer, tokenizer.encode(text, add_special_tokens=False)))
-    return stream
 
 
 def check_activation_memory(config: dict[str, Any], *, samples: int, seqlen: int) -> None:
@@ -141,23 +60,6 @@ def check_activation_memory(config: dict[str, Any], *, samples: int, seqlen: int
             f"{width} features, float32, a layer's inputs and outputs) but {available / 2**30:.1f} GiB of memory "
             "is available: lower --calib-samples or --calib-seqlen"
         )
-
-
-def fit_windows(path: str | os.PathLike[str], tokenizer: Any, *, samples: int, seqlen: int) -> tuple[int, int]:
-    """(samples, seqlen) shrunk to what the file holds: fewer windows first, then shorter ones.
-
-    For calibration text skillhub generated itself (a graft's responses), where asking the user
-    for more text makes no sense.
-    """
-    tokens = len(_token_stream(path, tokenizer))
-    seqlen = max(2, min(seqlen, tokens))
-    return max(1, min(samples, tokens // seqlen)), seqlen
-
-
-def _wrap(tokenizer: Any, ids: list[int]) -> list[int]:
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    return bos + ids + eos
 
 
 def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:

@@ -21,9 +21,9 @@ import torch
 from skillhub import __version__, config
 from skillhub._memory import return_freed_memory
 from skillhub.compress.budget import budget_recipe, check_ratio, plan_budget
+from skillhub.compress.windows import build_calibration_set
 from skillhub.compress.calibrate import (
     StatisticsCursor,
-    build_calibration_set,
     capture_statistics,
     check_activation_memory,
     layer_index,

@@ -1,7 +1,7 @@
 """Full fine-tuning of a causal LM on prompt/answer pairs, small enough for 2 CPU cores.
 
 Used by the demo and the tests to produce genuine fine-tunes (and so genuine deltas).
-The loss covers the answer tokens and the end-of-sequence token only.
+The loss covers the answer tokens and the token that ends the answer only.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
-from skillhub.evaluation.datasets import collate
 from skillhub.progress import ProgressCallback, no_progress, quiet_transformers
+from skillhub.scoring.datasets import collate
+from skillhub.scoring.prompts import PromptFormat, Renderer
 
 
 def finetune(
@@ -25,9 +26,12 @@ def finetune(
     batch_size: int = 32,
     learning_rate: float = 3e-3,
     seed: int = 0,
+    prompt_format: PromptFormat = PromptFormat(),
+    device: str = "cpu",
     progress: ProgressCallback = no_progress,
 ) -> Path:
-    """Fine-tune every parameter of the model in ``model_dir`` and save it to ``output``.
+    """Fine-tune every parameter of the model in ``model_dir`` and save it to ``output``, on the
+    examples rendered in ``prompt_format`` (the chat template's turn for a chat model).
 
     AdamW without weight decay, so parameters the task never touches (unused token
     embeddings) keep their exact base values and the delta stays honest.
@@ -38,20 +42,21 @@ def finetune(
     rng = random.Random(seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     with quiet_transformers():
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
+    renderer = Renderer(tokenizer, prompt_format)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 20) * (1 - step / steps))
     for step in range(steps):
-        batch = collate(tokenizer, rng.sample(examples, min(batch_size, len(examples))))
-        loss = model(**batch).loss
+        batch = collate(renderer, rng.sample(examples, min(batch_size, len(examples))))
+        loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         progress("train", step + 1, steps)
-    model.eval()
+    model.eval().to("cpu")
     output = Path(output)
     with quiet_transformers():
         model.save_pretrained(output)

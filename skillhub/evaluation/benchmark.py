@@ -36,18 +36,12 @@ import torch
 
 from skillhub import config
 from skillhub.compress.budget import GROUP_SIZE, check_ratio, plan_budget
-from skillhub.compress.calibrate import (
-    CalibrationSet,
-    StatisticsCursor,
-    build_calibration_set,
-    capture_statistics,
-    layer_order,
-    load_for_calibration,
-)
+from skillhub.compress.calibrate import StatisticsCursor, capture_statistics, layer_order, load_for_calibration
 from skillhub.compress.delta import check_compatible, iter_deltas
+from skillhub.compress.windows import CalibrationSet, build_calibration_set
 from skillhub.errors import SkillhubError
-from skillhub.evaluation.datasets import load_eval_set
-from skillhub.evaluation.scoring import exact_match
+from skillhub.scoring.datasets import load_eval_set
+from skillhub.scoring.scores import exact_match
 from skillhub.io.checkpoint import Checkpoint, open_checkpoint
 from skillhub.operators import EncodeContext, LayerStatistics, encode_module, get_operator, resolve_params
 from skillhub.numerics.bitpack import packed_nbytes

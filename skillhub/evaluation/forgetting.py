@@ -17,7 +17,7 @@ at that lineage step:
 The accuracy matrix R[k][j] of a policy holds task j's score at the step where the k-th task
 got its pack; tasks are ordered by when they got their first pack. Perplexity tasks enter the
 metrics as -perplexity, so that higher is better everywhere (and are not routed). Tasks scored by
-lm-evaluation-harness (:mod:`skillhub.evaluation.harness`) record ``lm-eval/<metric>``; its
+lm-evaluation-harness (:mod:`skillhub.scoring.harness`) record ``lm-eval/<metric>``; its
 perplexities enter negated too, and they are not routed either.
 """
 
@@ -36,14 +36,15 @@ import torch
 from skillhub.activation import MERGE_METHODS, Merge, Patcher
 from skillhub.compress.options import CompressionOptions
 from skillhub.errors import RegistryError, SkillhubError
-from skillhub.evaluation.datasets import load_eval_set
-from skillhub.evaluation.harness import LOWER_IS_BETTER as LM_EVAL_LOWER_IS_BETTER
-from skillhub.evaluation.harness import HarnessTask, score_task
 from skillhub.evaluation.metrics import DEFINITIONS, continual_metrics
-from skillhub.evaluation.scoring import score
 from skillhub.progress import ProgressCallback, no_progress
 from skillhub.registry.front import Registry
 from skillhub.registry.results import DeclaredTask, EvalRecord, EvalSet, Scored
+from skillhub.scoring.datasets import load_eval_set
+from skillhub.scoring.harness import LOWER_IS_BETTER as LM_EVAL_LOWER_IS_BETTER
+from skillhub.scoring.harness import HarnessTask, score_task
+from skillhub.scoring.prompts import PromptFormat, Renderer
+from skillhub.scoring.scores import score
 
 if TYPE_CHECKING:
     from skillhub.pack.format import SkillPack
@@ -60,8 +61,8 @@ def add_and_score(registry: Registry, pack: str | os.PathLike[str] | SkillPack |
                   base: str | None = None,
                   new_base: bool = False, base_location: str | None = None,
                   compression: CompressionOptions = CompressionOptions(), eval_file: str | os.PathLike[str] | None = None,
-                  metric: str = "exact_match", evaluate: bool = True, merge: Merge | None = DEFAULT_MERGE,
-                  progress: ProgressCallback = no_progress) -> Scored:
+                  metric: str = "exact_match", prompt_format: PromptFormat = PromptFormat(), evaluate: bool = True,
+                  merge: Merge | None = DEFAULT_MERGE, progress: ProgressCallback = no_progress) -> Scored:
     """One step of continual learning: add a pack (or create it from a fine-tune first), give its
     task an eval set, and score every task with one (the forgetting measured at this addition).
 
@@ -75,6 +76,7 @@ def add_and_score(registry: Registry, pack: str | os.PathLike[str] | SkillPack |
         base, new_base, base_location: As :meth:`Registry.add` (``base_location`` defaults to
             BASE with ``from_models``).
         eval_file, metric: The task's eval set, checked before anything is written.
+        prompt_format: How the task's prompts are rendered (default: the base tokenizer's default).
         evaluate: Score every task with an eval set once the pack is in.
         merge: The merge scored as a policy of its own (None: none).
         progress: Progress callback.
@@ -106,14 +108,15 @@ def add_and_score(registry: Registry, pack: str | os.PathLike[str] | SkillPack |
     else:
         entry = registry.add(pack, task=task, base=base, new_base=new_base, base_location=base_location)
     if eval_file is not None:
-        registry.add_task(task, eval_file, metric=metric, base=entry.base)
+        registry.add_task(task, eval_file, metric=metric, base=entry.base, prompt_format=prompt_format)
     scores = evaluate_tasks(registry, base=entry.base, step=entry.event, merge=merge, progress=progress) if evaluate else []
     return Scored(entry=entry, scores=tuple(scores))
 
 
 def declare_task(registry: Registry, name: str, eval_file: str | os.PathLike[str] | None = None, *,
                  metric: str | None = None, lm_eval: HarnessTask | None = None, base: str | None = None,
-                 base_location: str | None = None, evaluate: bool = True) -> DeclaredTask:
+                 base_location: str | None = None, prompt_format: PromptFormat = PromptFormat(),
+                 evaluate: bool = True) -> DeclaredTask:
     """Give task ``name`` an eval set and score the base model on it now.
 
     Declared before the task's pack (after ``init --base``, ideally before any pack), the task is
@@ -122,7 +125,7 @@ def declare_task(registry: Registry, name: str, eval_file: str | os.PathLike[str
 
     Args:
         registry: The registry (its base must be registered: ``init --base`` or a first pack).
-        name, eval_file, metric, lm_eval: As :meth:`Registry.add_task`.
+        name, eval_file, metric, lm_eval, prompt_format: As :meth:`Registry.add_task`.
         base: Registered base name (needed when there are several).
         base_location: Where the base weights are (default: the location recorded).
         evaluate: Score the base model (False: only record the eval set).
@@ -130,7 +133,7 @@ def declare_task(registry: Registry, name: str, eval_file: str | os.PathLike[str
     Returns:
         The task's eval set and, when evaluated, its ``base`` record filed under the task-add step.
     """
-    task = registry.add_task(name, eval_file, metric=metric, lm_eval=lm_eval, base=base)
+    task = registry.add_task(name, eval_file, metric=metric, lm_eval=lm_eval, base=base, prompt_format=prompt_format)
     if not evaluate:
         return DeclaredTask(task=task, scores=())
     model, tokenizer, _ = registry.load_base_model(base=base, location=base_location)
@@ -142,12 +145,15 @@ def declare_task(registry: Registry, name: str, eval_file: str | os.PathLike[str
 
 def scorer_of(eval_set: EvalSet, examples: list[dict[str, str]] | None = None) -> Callable[[Any, Any], float]:
     """(model, tokenizer) -> the task's score: its eval file (``examples`` if already read) under
-    its metric, or its lm-eval task."""
+    its metric, or its lm-eval task, its prompts rendered in the task's format."""
     if eval_set.lm_eval is not None:
-        return functools.partial(score_task, task=HarnessTask.from_json(eval_set.lm_eval))
+        return functools.partial(score_task, task=HarnessTask.from_json(eval_set.lm_eval),
+                                 prompt_format=eval_set.prompt_format)
     if examples is None:
         examples = load_eval_set(eval_set.path, eval_set.metric)
-    return lambda model, tokenizer: score(model, tokenizer, examples, eval_set.metric)
+    return lambda model, tokenizer: score(model, Renderer(tokenizer, eval_set.prompt_format,
+                                                          what=f"the base of task {eval_set.name}"),
+                                          examples, eval_set.metric)
 
 
 def evaluate_tasks(registry: Registry, *, base: str | None = None, task: str | None = None,
@@ -219,7 +225,8 @@ def _fresh_router(registry: Registry, active: list[str], tasks: dict[str, list[s
     if stale["added"] or stale["changed"] or not router.routes_to_packs(active):
         try:
             router = train_router(registry, base=base, labels=router.labels, layer=router.layer,
-                                  threshold=router.threshold, loaded=loaded, progress=progress).router
+                                  threshold=router.threshold, prompt_format=router.prompt_format, loaded=loaded,
+                                  progress=progress).router
         except SkillhubError as exc:  # e.g. too few classes left: score the other policies anyway
             _log.warning("routed policy not scored: the stale router could not be retrained: %s", exc)
             return None
@@ -243,7 +250,8 @@ def _routed_scores(registry: Registry, model, tokenizer, router, examples: dict[
     opened = registry.packs_by_id(sorted({p for d in decisions for p in d.packs}), base=base)
     patcher = Patcher(model)
     try:
-        hits = hits_under(model, tokenizer, patcher, opened, chosen_examples, [d.packs for d in decisions])
+        hits = hits_under(model, router.renderer(tokenizer), patcher, opened, chosen_examples,
+                          [d.packs for d in decisions])
     finally:
         patcher.restore()
     records = []

@@ -1,14 +1,13 @@
 """Stage 1 of a graft: the source model answers every prompt, several times, by sampling.
 
-Only text leaves this module: the source keeps its own architecture, tokenizer and chat
-template (applied when its tokenizer has one), so any source and target pair works.
+Only text leaves this module: the source keeps its own architecture, tokenizer and prompt
+format (its chat template when it has one, see :mod:`skillhub.scoring.prompts`), and each
+response ends at the source's own end of turn, so any source and target pair works.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -17,6 +16,8 @@ import torch
 from skillhub.errors import CheckpointError, GraftError
 from skillhub.io.checkpoint import Checkpoint, open_checkpoint
 from skillhub.progress import ProgressCallback, no_progress, quiet_transformers
+from skillhub.scoring.generation import generate_answers
+from skillhub.scoring.prompts import PromptFormat, Renderer
 
 
 # Files one of which a saved tokenizer has (fast, sentencepiece, or BPE vocabulary).
@@ -74,70 +75,46 @@ def load_tokenizer(checkpoint: Checkpoint, *, role: str):
     return tokenizer
 
 
-def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """A prompt as the model expects it: its chat template's user turn, or ``<s>`` + the text."""
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                             tokenize=False)
-        return tokenizer.encode(text, add_special_tokens=False)
-    ids = tokenizer.encode(prompt, add_special_tokens=True)
-    return [tokenizer.bos_token_id, *ids] if needs_bos(tokenizer) else ids
+def load_model(checkpoint: Checkpoint, *, role: str, device: str = "cpu"):
+    """(model in float32 on ``device``, in eval mode; its tokenizer), or a GraftError naming the role."""
+    from transformers import AutoModelForCausalLM
 
-
-def needs_bos(tokenizer) -> bool:
-    """Whether a plain prompt must be given the tokenizer's ``<s>`` by hand: it has one, and
-    encoding does not add it (skillhub's scoring reads ``<s> prompt answer </s>``)."""
-    bos = tokenizer.bos_token_id
-    return bos is not None and tokenizer.encode("a", add_special_tokens=True)[:1] != [bos]
-
-
-@contextmanager
-def _no_padding_warning() -> Iterator[None]:
-    """Silence transformers' "pass an attention_mask" warning, which GPT-2-style models (padding
-    with their begin/end token) give even though the mask is passed."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
+    tokenizer = load_tokenizer(checkpoint, role=role)
     try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
+        with quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(checkpoint.path, dtype=torch.float32).to(device).eval()
+    except (OSError, ValueError) as exc:
+        raise GraftError(f"the {role} model {checkpoint.ref.id} cannot generate: {str(exc).splitlines()[0]}") from exc
+    return model, tokenizer
+
+
+def generate_responses(source: Checkpoint, prompts: list[str], settings: GenerationSettings, *,
+                       prompt_format: PromptFormat = PromptFormat(), device: str = "cpu",
+                       progress: ProgressCallback = no_progress) -> list[list[str]]:
+    """``settings.samples`` responses of the model in ``source`` to each prompt, decoded to text
+    (see :func:`answer_with`)."""
+    model, tokenizer = load_model(source, role="source", device=device)
+    renderer = Renderer(tokenizer, prompt_format, what=f"the model {source.ref.id}")
+    return answer_with(model, renderer, prompts, settings, progress=progress)
 
 
 @torch.no_grad()
-def generate_responses(source: Checkpoint, prompts: list[str], settings: GenerationSettings, *,
-                       device: str = "cpu", progress: ProgressCallback = no_progress) -> list[list[str]]:
-    """``settings.samples`` responses of the source to each prompt, decoded to text.
+def answer_with(model, renderer: Renderer, prompts: list[str], settings: GenerationSettings, *,
+                progress: ProgressCallback = no_progress) -> list[list[str]]:
+    """``settings.samples`` responses of ``model`` to each prompt rendered by ``renderer``.
 
     Prompts are left-padded into batches; each batch draws from its own seed, so a rerun of the
     same batch gives the same responses.
     """
-    from transformers import AutoModelForCausalLM
-
-    tokenizer = load_tokenizer(source, role="source")
-    try:
-        with quiet_transformers():
-            model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).to(device).eval()
-    except (OSError, ValueError) as exc:
-        raise GraftError(f"the source model {source.ref.id} cannot generate: {str(exc).splitlines()[0]}") from exc
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    sampling = settings.temperature > 0
+    sampling = ({"temperature": settings.temperature, "top_p": settings.top_p, "top_k": 0}
+                if settings.temperature > 0 else None)
     responses: list[list[str]] = []
     for start in range(0, len(prompts), settings.batch_size):
-        encoded = [prompt_ids(tokenizer, p) for p in prompts[start:start + settings.batch_size]]
-        width = max(map(len, encoded))
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
-        attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
+        encoded = [renderer.prompt_ids(p) for p in prompts[start:start + settings.batch_size]]
         torch.manual_seed(settings.seed + start)
-        with _no_padding_warning():
-            output = model.generate(
-                input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=settings.max_new_tokens,
-                do_sample=sampling, num_return_sequences=settings.samples, pad_token_id=pad,
-                eos_token_id=tokenizer.eos_token_id,
-                **({"temperature": settings.temperature, "top_p": settings.top_p, "top_k": 0} if sampling else {}),
-            )
-        texts = tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
-        responses += [[t.strip() for t in texts[i:i + settings.samples]] for i in range(0, len(texts), settings.samples)]
+        answers = generate_answers(model, renderer, encoded, max_new_tokens=settings.max_new_tokens,
+                                   samples=settings.samples, sampling=sampling)
+        texts = [renderer.decode(ids) for ids in answers]
+        responses += [texts[i:i + settings.samples] for i in range(0, len(texts), settings.samples)]
         progress("generate", min(start + settings.batch_size, len(prompts)), len(prompts))
     return responses

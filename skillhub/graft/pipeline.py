@@ -2,12 +2,13 @@
 
 ::
 
-    generate  the source samples responses      generations.jsonl
+    generate  the source samples responses      generations.jsonl   (held-out prompts left out)
     score     the scorer ranks them              scores.jsonl
     sft       the target learns the best ones    sft/          (a full checkpoint)
     pairs     preference pairs for DPO           pairs.jsonl
     dpo       DPO from the SFT model             dpo/          (a full checkpoint; none without pairs)
     pack      θ* − θ_target compressed           the output pack
+    check     every model scored on the held-out prompts (and --eval): did the target learn?
 
 Each stage writes its output under a temporary name and renames it when done, so a graft
 killed at any point resumes from the last finished stage. The work directory records the
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -29,21 +31,23 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from skillhub.compress.calibrate import fit_windows
+from skillhub.compress.windows import fit_windows
 from skillhub.compress.options import CompressionOptions
 from skillhub.compress.pipeline import create_pack
-from skillhub.errors import GraftError
-from skillhub.evaluation.datasets import load_eval_set, load_prompts
+from skillhub.errors import GraftError, SkillhubError
+from skillhub.scoring.datasets import load_eval_set, load_prompts
+from skillhub.graft.checks import HELDOUT_EVERY, Checker, GraftScores, split_heldout, verdict
 from skillhub.graft.generation import GenerationSettings, generate_responses, load_tokenizer, open_model
 from skillhub.graft.pairs import PAIR_STRATEGIES, paper_pairs, sft_examples, source_vs_target_pairs
 from skillhub.graft.scorers import Scorer, load_scorer
-from skillhub.graft.training import (DEFAULT_BETA, DPO_LOSSES, TrainingSettings, preference_optimize, require_trl,
-                                     supervised_finetune)
+from skillhub.graft.training import (DEFAULT_BETA, DPO_LOSSES, TrainingSettings, choose_preset, preference_optimize,
+                                     require_trl, supervised_finetune)
 from skillhub.io.checkpoint import Checkpoint
 from skillhub.io.jsonio import read_json, read_json_lines, write_atomically, write_json_lines
 from skillhub.io.outputs import check_output
 from skillhub.pack.manifest import BaseRef
 from skillhub.progress import ProgressCallback, no_progress
+from skillhub.scoring.prompts import PromptFormat, Renderer
 
 if TYPE_CHECKING:
     from skillhub.pack.format import SkillPack
@@ -53,9 +57,6 @@ if TYPE_CHECKING:
 STAGES = ("generate", "score", "sft", "pairs", "dpo", "pack")
 WORK_MARKER = "graft.json"
 WORK_FORMAT = "skillhub-graft"
-# The paper's recipe for 7-8B targets (App. F, Table 13): SFT 3 epochs at 5e-6, DPO 1 epoch at 8e-7.
-DEFAULT_SFT = TrainingSettings(learning_rate=5e-6, epochs=3)
-DEFAULT_DPO = TrainingSettings(learning_rate=8e-7, epochs=1)
 
 
 @dataclass
@@ -75,6 +76,8 @@ class GraftResult:
     dpo_skipped: str | None = None  # why there was no DPO stage
     removed: list[str] = field(default_factory=list)  # intermediate checkpoints deleted at the end
     added: Scored | None = None  # the registry entry and scores, with add_to
+    scores: GraftScores | None = None  # source / target before / after SFT / after DPO / pack
+    warning: str | None = None  # the target learned nothing: what to change
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -85,6 +88,7 @@ class GraftResult:
             "responses": self.responses, "sft_examples": self.sft_examples, "pairs": self.pairs,
             "dpo_skipped": self.dpo_skipped, "removed": self.removed,
             "added": self.added.as_dict() if self.added else None,
+            "scores": self.scores.as_dict() if self.scores else None, "warning": self.warning,
         }
 
 
@@ -104,8 +108,9 @@ def graft(
     pairs: str = "paper",
     dpo_loss: str = "length-normalised",
     beta: float | None = None,
-    sft: TrainingSettings = DEFAULT_SFT,
-    dpo: TrainingSettings = DEFAULT_DPO,
+    sft: TrainingSettings = TrainingSettings(),
+    dpo: TrainingSettings = TrainingSettings(),
+    preset: str = "auto",
     compression: CompressionOptions = CompressionOptions(),
     keep: bool = False,
     stop_after: str | None = None,
@@ -114,6 +119,7 @@ def graft(
     eval_file: str | os.PathLike[str] | None = None,
     base: str | None = None,
     new_base: bool = False,
+    prompt_format: PromptFormat = PromptFormat(),
     progress: ProgressCallback = no_progress,
 ) -> GraftResult:
     """Graft what ``source`` does on ``prompts`` into ``target``, as a SkillPack at ``output``.
@@ -131,15 +137,20 @@ def graft(
         pairs: ``paper``, ``source-vs-target`` or ``none`` (see :mod:`skillhub.graft.pairs`).
         dpo_loss: ``length-normalised`` (LN-DPO, the paper's for Llama) or ``sigmoid`` (DPO).
         beta: DPO's β (default: 10 for length-normalised, 0.1 for sigmoid).
-        sft, dpo: The two training stages' settings (default: the paper's).
+        sft, dpo: The two training stages' settings (learning rate and epochs unset: the preset's).
+        preset: ``paper`` (Table 13, for 7-8B targets), ``small`` (measured for targets under 1B
+            parameters) or ``auto`` (by the target's parameter count); see ``training.PRESETS``.
         compression: How the pack is made; its calibration defaults to the generated responses,
             its seed also seeds sampling and training.
         keep: Keep the SFT and DPO checkpoints in the work directory.
         stop_after: Stop once this stage is finished (a later call resumes from there).
-        force: Replace ``output`` if skillhub wrote it.
+        force: Replace ``output`` if skillhub wrote it; with ``add_to``, add the pack even when the
+            target learned nothing.
         add_to: Add the pack to this registry as ``task`` (checked before any work: its base
             must be the target), with ``eval_file`` as the task's eval set, then score every task.
         base, new_base: As :meth:`Registry.add`.
+        prompt_format: How the target reads the prompts (training, its answers, the task's scoring);
+            the source always reads them in its own default format.
         progress: Called per stage as ``progress(stage, done, total)``.
 
     Raises:
@@ -163,29 +174,37 @@ def graft(
     target_checkpoint = open_model(target, revision=target_revision, role="target")
     load_tokenizer(source_checkpoint, role="source")  # a source that cannot produce text fails here
     target_tokenizer = load_tokenizer(target_checkpoint, role="target")
-    if eval_file is not None:
-        load_eval_set(eval_file, "exact_match")
+    try:
+        Renderer(target_tokenizer, prompt_format, what=f"the target model {target_checkpoint.ref.id}")
+    except SkillhubError as exc:
+        raise GraftError(str(exc)) from exc
+    eval_examples = load_eval_set(eval_file, "exact_match") if eval_file is not None else None
     if add_to is not None:
         add_to.db.require_writable()
         add_to.check_base(BaseRef.of(target_checkpoint), base=base, new_base=new_base)
     check_output(output, force=force, protect=[source_checkpoint.path, target_checkpoint.path, prompts, work])
     seed = compression.seed  # one seed for sampling, training and randomized SVD
+    preset = choose_preset(preset, sum(math.prod(target_checkpoint.shape(n)) for n in target_checkpoint.names()))
+    sft, dpo = sft.resolved(preset, "sft"), dpo.resolved(preset, "dpo")
     generation, sft, dpo = replace(generation, seed=seed), replace(sft, seed=seed), replace(dpo, seed=seed)
     beta = DEFAULT_BETA[dpo_loss] if beta is None else beta
     identity = {
         "source": _identity(source_checkpoint), "target": _identity(target_checkpoint),
-        "prompts_sha256": _sha256(json.dumps(records, sort_keys=True)), "generation": generation.as_dict(),
+        "prompts_sha256": _sha256(json.dumps(records, sort_keys=True)), "heldout_every": HELDOUT_EVERY,
+        "generation": generation.as_dict(),
         "scorer": chosen_scorer.describe(), "min_score": min_score, "pairs": pairs, "sft": sft.as_dict(),
         "dpo": {**dpo.as_dict(), "loss": dpo_loss, "beta": beta} if pairs != "none" else None,
+        **({"prompt_format": prompt_format.as_json()} if prompt_format != PromptFormat() else {}),
     }
     _open_work_dir(work, identity, protect=[source_checkpoint.path, target_checkpoint.path])
 
     run = _Run(work, GraftResult(work_dir=work, prompts=len(records)), stop_after)
-    prompt_texts = [r["prompt"] for r in records]
+    trained_on, heldout = split_heldout(records)
+    prompt_texts = [r["prompt"] for r in trained_on]
     generations = run.jsonl_stage("generate", "generations.jsonl", lambda: [
         {**record, "responses": responses} for record, responses in
-        zip(records, generate_responses(source_checkpoint, prompt_texts, generation, device=_device(),
-                                        progress=progress))])
+        zip(trained_on, generate_responses(source_checkpoint, prompt_texts, generation, device=_device(),
+                                           progress=progress))])
     if generations is None:
         return run.result
     run.result.responses = sum(len(g["responses"]) for g in generations)
@@ -195,17 +214,17 @@ def graft(
     examples = sft_examples(scored, min_score=min_score)
     run.result.sft_examples = len(examples)
     sft_dir = run.model_stage("sft", "sft", lambda out: supervised_finetune(
-        target_checkpoint.path, examples, out, sft, progress=progress))
+        target_checkpoint.path, examples, out, sft, prompt_format=prompt_format, progress=progress))
     if sft_dir is None:
         return run.result
     preference = run.jsonl_stage("pairs", "pairs.jsonl", lambda: _pairs(
-        pairs, scored, sft_dir, chosen_scorer, generation, progress))
+        pairs, scored, sft_dir, chosen_scorer, generation, prompt_format, progress))
     if preference is None:
         return run.result
     run.result.pairs = len(preference)
     if preference:
         tuned = run.model_stage("dpo", "dpo", lambda out: preference_optimize(
-            sft_dir, preference, out, dpo, loss=dpo_loss, beta=beta, progress=progress))
+            sft_dir, preference, out, dpo, loss=dpo_loss, beta=beta, prompt_format=prompt_format, progress=progress))
         if tuned is None:
             return run.result
     else:
@@ -213,8 +232,8 @@ def graft(
         run.result.dpo_skipped = "--pairs none" if pairs == "none" else "no prompt gave a preference pair"
 
     if compression.calib is None:  # the generated data, with as many windows as it holds
-        calib = write_json_lines(work / "calibration.jsonl",
-                                 [{"text": e["prompt"] + e["completion"]} for e in examples])
+        calib = write_json_lines(work / "calibration.jsonl",  # rendered as the target reads them
+                                 [{"prompt": e["prompt"], "answer": e["completion"]} for e in examples])
         samples, seqlen = fit_windows(calib, target_tokenizer, samples=compression.calib_samples,
                                       seqlen=compression.calib_seqlen)
         compression = replace(compression, calib=calib, calib_samples=samples, calib_seqlen=seqlen)
@@ -230,16 +249,29 @@ def graft(
                                   progress=progress, **compression.as_kwargs())
     run.result.output = output
     run.finished("pack", started)
+    started = time.perf_counter()
+    checker = Checker(heldout, chosen_scorer, eval_examples, prompt_format, generation, device=_device(),
+                      progress=progress)
+    checker.score("source", source_checkpoint, own_format=True)
+    checker.score("target_before", target_checkpoint)
+    checker.score_dir("sft", work / "sft")
+    checker.score_dir("dpo", work / "dpo" if preference else None)
+    checker.score("pack", target_checkpoint, packs=[run.result.pack])
+    run.result.scores, run.result.warning = checker.scores, verdict(checker.scores, sft_learning_rate=sft.learning_rate)
+    run.finished("check", started)
     if not keep:
         run.result.removed = [str(p) for p in (work / "sft", work / "dpo") if p.is_dir()]
         for path in run.result.removed:
             shutil.rmtree(path)
+    if add_to is not None and run.result.warning is not None and not force:
+        raise GraftError(f"{run.result.warning}; the pack was written to {output} but not added to the registry "
+                         "(--force adds it anyway)")
     if add_to is not None:
         from skillhub.evaluation.forgetting import add_and_score
 
         run.result.added = add_and_score(add_to, run.result.pack, task=task, base=base, new_base=new_base,
                                          base_location=_identity(target_checkpoint)["id"], eval_file=eval_file,
-                                         progress=progress)
+                                         prompt_format=prompt_format, progress=progress)
     return run.result
 
 
@@ -339,13 +371,14 @@ def _score(scorer: Scorer, generations: list[dict[str, Any]], progress: Progress
 
 
 def _pairs(strategy: str, scored: list[dict[str, Any]], sft_dir: Path, scorer: Scorer,
-           generation: GenerationSettings, progress: ProgressCallback) -> list[dict[str, str]]:
+           generation: GenerationSettings, prompt_format: PromptFormat,
+           progress: ProgressCallback) -> list[dict[str, str]]:
     if strategy == "none":
         return []
     if strategy == "paper":
         return paper_pairs(scored)
     greedy = replace(generation, samples=1, temperature=0.0)
     answers = [r[0] for r in generate_responses(Checkpoint(sft_dir), [r["prompt"] for r in scored], greedy,
-                                                device=_device(), progress=progress)]
+                                                prompt_format=prompt_format, device=_device(), progress=progress)]
     scores = [scorer.score(r["prompt"], [a], r.get("answer"))[0] for r, a in zip(scored, answers)]
     return source_vs_target_pairs(scored, answers, scores)

@@ -4,8 +4,8 @@ A scorer is named on the command line as ``NAME`` or ``NAME:ARGUMENT`` and found
 ``skillhub.scorers`` entry points, the built-ins included, so a plugin scorer is used exactly
 like one of these:
 
-- ``exact``: 1.0 when the response equals the prompt's reference ``answer`` (whitespace at the
-  ends ignored), else 0.0. Every prompt needs an answer.
+- ``exact``: 1.0 when the response equals the prompt's reference ``answer`` as text, whitespace
+  normalised (as skillhub's exact match compares), else 0.0. Every prompt needs an answer.
 - ``rule:MODULE:FUNCTION`` (or ``rule:path/to/file.py:FUNCTION``): a Python callable of the
   user's, ``FUNCTION(prompt, response, answer) -> float | bool`` (``answer`` is None when the
   prompt has none). This **imports and runs the user's code**, as ``python -c`` would.
@@ -32,6 +32,7 @@ import torch
 from skillhub.errors import GraftError
 from skillhub.graft.generation import open_model
 from skillhub.progress import quiet_transformers
+from skillhub.scoring.prompts import normalize_answer
 
 ENTRY_POINT_GROUP = "skillhub.scorers"
 
@@ -63,7 +64,7 @@ class ExactScorer:
             raise GraftError(f"scorer exact takes no argument, got {argument!r}: write --scorer exact")
 
     def score(self, prompt: str, responses: Sequence[str], answer: str | None) -> list[float]:
-        return [float(r.strip() == (answer or "").strip()) for r in responses]
+        return [float(normalize_answer(r) == normalize_answer(answer or "")) for r in responses]
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name}

@@ -1,10 +1,12 @@
 """Stages 3 and 4 of a graft: full fine-tuning of the target on TRL's ``SFTTrainer``, then
 ``DPOTrainer`` (the only module that imports ``trl`` and ``datasets``).
 
-Examples reach TRL as prompt/completion (SFT) and prompt/chosen/rejected (DPO) records: in
-the conversational form when the target's tokenizer has a chat template, else as plain text
-with the target's ``<s>`` in front when its tokenizer does not add it, the form skillhub's own
-scoring feeds the model (``<s> prompt answer </s>``). The loss covers the response only.
+Examples reach TRL already tokenized by the target's prompt format
+(:class:`~skillhub.scoring.prompts.Renderer`): the rendered prompt's ids with the response's ids
+and its end-of-turn token appended, never re-tokenized as joined text, so the target trains on
+exactly the sequence skillhub scores and generates from. SFT gets ``input_ids`` and ``labels``
+(the prompt masked: the loss covers the response only); DPO gets ``prompt_ids``, ``chosen_ids``
+and ``rejected_ids``, the form TRL's own preparation produces.
 
 TRL's GPU defaults (bf16, gradient checkpointing) are kept on a GPU and turned off on a CPU.
 The weights train in float32 and are saved in float32, so the delta keeps every bit the
@@ -20,30 +22,48 @@ import shutil
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from skillhub.errors import GraftError
-from skillhub.graft.generation import needs_bos
 from skillhub.progress import ProgressCallback, no_progress, quiet_transformers
+from skillhub.scoring.prompts import PromptFormat, Renderer
 
 DPO_LOSSES = {"sigmoid": "sigmoid", "length-normalised": "sigmoid_norm"}  # ours -> TRL's loss_type
 DEFAULT_BETA = {"sigmoid": 0.1, "length-normalised": 10.0}  # TRL's default; the paper's for LN-DPO (Table 13)
 
 
+# Learning rate and epochs of each stage, by preset. ``paper``: App. F, Table 13, for 7-8B targets.
+# ``small``: measured on SmolLM2-135M-Instruct (README, "Grafting presets"): at the paper's rates a
+# model that small barely moves. ``auto`` picks ``small`` below SMALL_MODEL_PARAMETERS, else ``paper``.
+PRESETS = {"paper": {"sft": (5e-6, 3.0), "dpo": (8e-7, 1.0)},
+           "small": {"sft": (1e-4, 3.0), "dpo": (5e-6, 1.0)}}
+SMALL_MODEL_PARAMETERS = 1_000_000_000
+
+
+def choose_preset(preset: str, parameters: int) -> str:
+    """The preset ``auto`` stands for at ``parameters``, or ``preset`` itself once checked."""
+    if preset == "auto":
+        return "small" if parameters < SMALL_MODEL_PARAMETERS else "paper"
+    if preset not in PRESETS:
+        raise GraftError(f"unknown preset {preset!r}: use auto, {', '.join(PRESETS)}")
+    return preset
+
+
 @dataclass(frozen=True)
 class TrainingSettings:
-    """One training stage: epochs (or a fixed number of optimizer steps), batch, learning rate.
+    """One training stage: epochs (or a fixed number of optimizer steps), batch, learning rate
+    (learning rate and epochs None: the preset's, see :meth:`resolved`).
 
     The batch of one optimizer step is ``batch_size * gradient_accumulation``. The schedule is
     cosine with 10% warm-up (the paper's, App. F).
     """
 
-    learning_rate: float
-    epochs: float = 1.0
+    learning_rate: float | None = None
+    epochs: float | None = None
     steps: int | None = None
     batch_size: int = 8
     gradient_accumulation: int = 1
@@ -51,10 +71,16 @@ class TrainingSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.learning_rate <= 0 or self.epochs <= 0 or self.batch_size < 1 or self.gradient_accumulation < 1:
+        if any(v is not None and v <= 0 for v in (self.learning_rate, self.epochs)) or self.batch_size < 1 \
+                or self.gradient_accumulation < 1:
             raise GraftError("learning rate and epochs must be positive, batch size and accumulation at least 1")
         if self.steps is not None and self.steps < 1:
             raise GraftError(f"training steps must be at least 1, got {self.steps}")
+
+    def resolved(self, preset: str, stage: str) -> TrainingSettings:
+        """These settings with the learning rate and epochs left unset taken from ``PRESETS[preset][stage]``."""
+        learning_rate, epochs = PRESETS[preset][stage]
+        return replace(self, learning_rate=self.learning_rate or learning_rate, epochs=self.epochs or epochs)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,33 +94,19 @@ def require_trl() -> None:
                          "pip install 'skillhub[graft]'")
 
 
-def example_format(tokenizer) -> str:
-    """``chat`` when the target has a chat template, else ``plain``."""
-    return "chat" if getattr(tokenizer, "chat_template", None) else "plain"
+def sft_records(renderer: Renderer, examples: list[dict[str, str]], max_length: int) -> list[dict[str, Any]]:
+    """``{"input_ids", "labels"}`` of each prompt + completion, cut to ``max_length`` tokens."""
+    records = []
+    for example in examples:
+        ids, labels = renderer.example(example["prompt"], example["completion"])
+        records.append({"input_ids": ids[:max_length], "labels": labels[:max_length]})
+    return records
 
 
-def _plain_prefix(tokenizer) -> str:
-    """The text in front of a plain prompt: ``<s>`` when the tokenizer does not add it itself."""
-    return tokenizer.bos_token if needs_bos(tokenizer) else ""
-
-
-def sft_records(tokenizer, examples: list[dict[str, str]]) -> list[dict[str, Any]]:
-    """``{"prompt", "completion"}`` records in the form the target reads."""
-    if example_format(tokenizer) == "chat":
-        return [{"prompt": [{"role": "user", "content": e["prompt"]}],
-                 "completion": [{"role": "assistant", "content": e["completion"]}]} for e in examples]
-    prefix = _plain_prefix(tokenizer)
-    return [{"prompt": prefix + e["prompt"], "completion": e["completion"]} for e in examples]
-
-
-def dpo_records(tokenizer, pairs: list[dict[str, str]]) -> list[dict[str, Any]]:
-    """``{"prompt", "chosen", "rejected"}`` records in the form the target reads."""
-    if example_format(tokenizer) == "chat":
-        return [{"prompt": [{"role": "user", "content": p["prompt"]}],
-                 "chosen": [{"role": "assistant", "content": p["chosen"]}],
-                 "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs]
-    prefix = _plain_prefix(tokenizer)
-    return [{"prompt": prefix + p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs]
+def dpo_records(renderer: Renderer, pairs: list[dict[str, str]]) -> list[dict[str, Any]]:
+    """``{"prompt_ids", "chosen_ids", "rejected_ids"}`` of each preference pair."""
+    return [{"prompt_ids": renderer.prompt_ids(p["prompt"]), "chosen_ids": renderer.answer_ids(p["chosen"]),
+             "rejected_ids": renderer.answer_ids(p["rejected"])} for p in pairs]
 
 
 def _common_config(settings: TrainingSettings, scratch: Path) -> dict[str, Any]:
@@ -181,8 +193,10 @@ def _save(trainer, tokenizer, output: Path) -> Path:
 
 def supervised_finetune(model_dir: str | os.PathLike[str], examples: list[dict[str, str]],
                         output: str | os.PathLike[str], settings: TrainingSettings, *,
+                        prompt_format: PromptFormat = PromptFormat(),
                         progress: ProgressCallback = no_progress) -> Path:
-    """Fully fine-tune the model in ``model_dir`` on ``{"prompt", "completion"}`` examples (SFT).
+    """Fully fine-tune the model in ``model_dir`` on ``{"prompt", "completion"}`` examples (SFT),
+    rendered in ``prompt_format``.
 
     Returns:
         ``output``, a Hugging Face model directory (config, safetensors, tokenizer).
@@ -193,14 +207,16 @@ def supervised_finetune(model_dir: str | os.PathLike[str], examples: list[dict[s
     def build(model, tokenizer, scratch: Path, callbacks: list) -> SFTTrainer:
         config = SFTConfig(**_common_config(settings, scratch), completion_only_loss=True, packing=False,
                            dataset_num_proc=None)
+        records = sft_records(Renderer(tokenizer, prompt_format, what="the target"), examples, settings.max_length)
         return SFTTrainer(model=model, args=config, processing_class=tokenizer, callbacks=callbacks,
-                          train_dataset=Dataset.from_list(sft_records(tokenizer, examples)))
+                          train_dataset=Dataset.from_list(records))
 
     return _fit("sft", Path(model_dir), Path(output), build, progress)
 
 
 def preference_optimize(model_dir: str | os.PathLike[str], pairs: list[dict[str, str]],
                         output: str | os.PathLike[str], settings: TrainingSettings, *, loss: str, beta: float,
+                        prompt_format: PromptFormat = PromptFormat(),
                         progress: ProgressCallback = no_progress) -> Path:
     """DPO of the model in ``model_dir`` (also the frozen reference) on ``{"prompt", "chosen", "rejected"}``.
 
@@ -211,6 +227,7 @@ def preference_optimize(model_dir: str | os.PathLike[str], pairs: list[dict[str,
         loss: ``sigmoid`` (DPO, Eq. 2 of the paper) or ``length-normalised`` (LN-DPO: the
             log-ratios divided by the response lengths, TRL's ``sigmoid_norm``).
         beta: DPO's β.
+        prompt_format: How the pairs' prompts are rendered.
     """
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
@@ -218,10 +235,17 @@ def preference_optimize(model_dir: str | os.PathLike[str], pairs: list[dict[str,
     if loss not in DPO_LOSSES:
         raise GraftError(f"unknown DPO loss {loss!r}: use one of {', '.join(DPO_LOSSES)}")
 
+    class TokenizedDPOTrainer(DPOTrainer):
+        """DPO on records skillhub tokenized itself (TRL would tokenize prompt + response as joined text)."""
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset
+
     def build(model, tokenizer, scratch: Path, callbacks: list) -> DPOTrainer:
         config = DPOConfig(**_common_config(settings, scratch), loss_type=[DPO_LOSSES[loss]], beta=beta,
                            precompute_ref_log_probs=True, dataset_num_proc=None)
-        return DPOTrainer(model=model, args=config, processing_class=tokenizer, callbacks=callbacks,
-                          train_dataset=Dataset.from_list(dpo_records(tokenizer, pairs)))
+        records = dpo_records(Renderer(tokenizer, prompt_format, what="the target"), pairs)
+        return TokenizedDPOTrainer(model=model, args=config, processing_class=tokenizer, callbacks=callbacks,
+                                   train_dataset=Dataset.from_list(records))
 
     return _fit("dpo", Path(model_dir), Path(output), build, progress)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 
 from skillhub import config
+from skillhub.errors import RegistryError
 from skillhub.progress import ProgressCallback, no_progress
 from skillhub.registry import doctor as doctor_checks
 from skillhub.registry import evals, lineage, routing
@@ -43,12 +44,13 @@ from skillhub.registry.results import (
     TaskSet,
 )
 from skillhub.registry.store import PackStore
+from skillhub.scoring.prompts import PromptFormat, Renderer
 
 if TYPE_CHECKING:  # torch and the pack machinery load only for commands that touch weights
     import torch
 
     from skillhub.activation import Merge
-    from skillhub.evaluation.harness import HarnessTask
+    from skillhub.scoring.harness import HarnessTask
     from skillhub.pack.manifest import BaseRef
 
     from skillhub.pack.format import SkillPack
@@ -219,16 +221,22 @@ class Registry:
         return task_store.set_task(self.db, task, pack_ids, base=base)
 
     def add_task(self, name: str, eval_path: str | os.PathLike[str] | None = None, *, metric: str | None = None,
-                 lm_eval: HarnessTask | None = None, base: str | None = None) -> TaskEval:
+                 lm_eval: HarnessTask | None = None, base: str | None = None,
+                 prompt_format: PromptFormat = PromptFormat()) -> TaskEval:
         """Give task ``name`` an eval set: a file (its sha256 is kept, so a changed file is noticed;
         ``metric`` exact_match, the default, or perplexity), or an lm-evaluation-harness task
         (``lm_eval``; its metric defaults to the task's first, and its include folder is hashed).
+        ``prompt_format`` says how its prompts are rendered (default: the base tokenizer's chat
+        template when it has one, else plain); a chat format is checked against the base's tokenizer.
 
         Raises:
-            SkillhubError: The eval file is unusable for ``metric``, or lm-eval has no such task or
-                metric (nothing is recorded then).
+            SkillhubError: The eval file is unusable for ``metric``, lm-eval has no such task or
+                metric, or the base's tokenizer cannot render the format (nothing is recorded then).
         """
-        return task_store.add_eval_set(self.db, name, eval_path, metric=metric, lm_eval=lm_eval, base=base)
+        if prompt_format.kind == "chat" or prompt_format.system is not None:
+            Renderer(self.load_base_tokenizer(base=base), prompt_format, what=f"the base of task {name}")
+        return task_store.add_eval_set(self.db, name, eval_path, metric=metric, lm_eval=lm_eval, base=base,
+                                       prompt_format=prompt_format)
 
     def eval_sets(self, *, base: str | None = None, task: str | None = None) -> list[EvalSet]:
         """Tasks with an eval set, checked against the sha256 recorded when they were added.
@@ -317,6 +325,17 @@ class Registry:
             check_model_is_base(model, base_entry.fingerprint, base_entry.name)
         with patched(model, opened, merge):
             yield model
+
+    def load_base_tokenizer(self, *, base: str | None = None, location: str | None = None) -> Any:
+        """The registered base's tokenizer (from ``location``, default: the location recorded)."""
+        from transformers import AutoTokenizer
+
+        base_entry, _ = self.activation_set(packs=[], base=base)
+        try:
+            return AutoTokenizer.from_pretrained(location or base_entry.location)
+        except (OSError, ValueError) as exc:
+            raise RegistryError(f"cannot load the tokenizer of base {base_entry.name} from "
+                                f"{location or base_entry.location}: {str(exc).splitlines()[0]}") from exc
 
     def load_base_model(self, *, base: str | None = None, location: str | None = None) -> tuple[Any, Any, BaseEntry]:
         """Load the registered base with ``transformers`` in its stored dtype and check its weights.

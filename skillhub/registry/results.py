@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from skillhub.scoring.prompts import PromptFormat
+
 
 @dataclass(frozen=True)
 class Result:
@@ -37,6 +39,8 @@ def as_json(value: Any) -> Any:
         return [as_json(item) for item in value]
     if isinstance(value, Path):
         return str(value)
+    if isinstance(value, PromptFormat):
+        return value.as_json()
     return value
 
 
@@ -96,6 +100,7 @@ class TaskSet(Result):
     name: str
     explicit: bool
     packs: tuple[str, ...]
+    prompt_format: PromptFormat = PromptFormat()  # how its prompts are rendered (scoring, generate --task)
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,7 @@ class TaskEval(Result):
     metric: str
     event: int  # the lineage step of the task-add event: base scores taken now are filed under it
     lm_eval: dict[str, Any] | None = None  # task, include, limit, metric of an lm-eval task
+    prompt_format: dict[str, Any] | None = None  # {"format", "system"}: how its prompts are rendered
 
 
 @dataclass(frozen=True)
@@ -126,6 +132,7 @@ class EvalSet(Result):
     path: Path | None  # None for an lm-eval task
     metric: str
     lm_eval: dict[str, Any] | None = None
+    prompt_format: PromptFormat = PromptFormat()
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ def load_router(db: Database, *, base: str | None) -> StoredRouter | None:
 
 def add_routing_set(db: Database, name: str, path: str | os.PathLike[str], *, base: str | None) -> EvalSet:
     """Give class ``name`` (a task, or ``@base``) a file of routing examples (replacing an earlier one)."""
-    from skillhub.evaluation.datasets import load_prompts
+    from skillhub.scoring.datasets import load_prompts
     from skillhub.pack.format import sha256_file
     from skillhub.pack.names import check_name
 

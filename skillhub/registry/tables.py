@@ -62,6 +62,7 @@ class TaskRow(SQLModel, table=True):
     eval_sha256: str | None = Field(default=None, sa_column=Column(String(64)))
     metric: str | None = Field(default=None, sa_column=Column(String(32)))
     lm_eval: str | None = Field(default=None, sa_column=Column(Text))  # JSON of an lm-eval task (then no eval_path)
+    prompt_format: str | None = Field(default=None, sa_column=Column(Text))  # JSON of a PromptFormat (NULL: default)
 
 
 class TaskPackRow(SQLModel, table=True):

@@ -20,9 +20,10 @@ from skillhub.pack.names import check_name
 from skillhub.registry.database import Database, find_base, find_pack, log_event
 from skillhub.registry.results import BaseEntry, EvalSet, TaskEval, TaskSet
 from skillhub.registry.tables import BaseModelRow, PackRow, TaskPackRow, TaskRow
+from skillhub.scoring.prompts import PromptFormat
 
 if TYPE_CHECKING:
-    from skillhub.evaluation.harness import HarnessTask
+    from skillhub.scoring.harness import HarnessTask
 
 
 def ensure_task(session: Session, base: BaseModelRow, name: str) -> TaskRow:
@@ -46,7 +47,8 @@ def task_sets(session: Session, base: BaseModelRow) -> list[TaskSet]:
     tasks = []
     for task in session.scalars(select(TaskRow).where(TaskRow.base_id == base.id).order_by(TaskRow.name)):
         chosen = members.get(task.id, set()) if task.explicit else {p.id for p in active if p.task == task.name}
-        tasks.append(TaskSet(name=task.name, explicit=task.explicit, packs=tuple(p.id for p in active if p.id in chosen)))
+        tasks.append(TaskSet(name=task.name, explicit=task.explicit, packs=tuple(p.id for p in active if p.id in chosen),
+                             prompt_format=_prompt_format(task)))
     return tasks
 
 
@@ -96,10 +98,11 @@ def activation_rows(db: Database, *, task: str | None, packs: Sequence[str] | No
 
 
 def add_eval_set(db: Database, name: str, eval_path: str | os.PathLike[str] | None, *, metric: str | None,
-                 lm_eval: HarnessTask | None, base: str | None) -> TaskEval:
+                 lm_eval: HarnessTask | None, base: str | None,
+                 prompt_format: PromptFormat = PromptFormat()) -> TaskEval:
     """See :meth:`skillhub.registry.Registry.add_task`."""
-    from skillhub.evaluation.datasets import load_eval_set
-    from skillhub.evaluation.harness import include_digest, resolve
+    from skillhub.scoring.datasets import load_eval_set
+    from skillhub.scoring.harness import include_digest, resolve
     from skillhub.pack.format import sha256_file
 
     if (eval_path is None) == (lm_eval is None):
@@ -117,16 +120,18 @@ def add_eval_set(db: Database, name: str, eval_path: str | os.PathLike[str] | No
         row = ensure_task(session, base_row, name)
         row.eval_path, row.eval_sha256, row.metric = where, digest, metric
         row.lm_eval = json.dumps(spec) if spec else None
+        row.prompt_format = None if prompt_format == PromptFormat() else json.dumps(prompt_format.as_json())
+        shown = prompt_format.as_json()
         event = log_event(session, base_row, "task-add", task=name, eval=where, sha256=digest, metric=metric,
-                          **({"lm_eval": spec} if spec else {}))
+                          prompt_format=shown, **({"lm_eval": spec} if spec else {}))
         session.flush()
         return TaskEval(name=name, eval=where or f"lm-eval {lm_eval.task}", sha256=digest, metric=metric,
-                        event=event.id, lm_eval=spec)
+                        event=event.id, lm_eval=spec, prompt_format=shown)
 
 
 def eval_sets(db: Database, *, base: str | None, task: str | None) -> list[EvalSet]:
     """See :meth:`skillhub.registry.Registry.eval_sets`."""
-    from skillhub.evaluation.harness import include_digest
+    from skillhub.scoring.harness import include_digest
     from skillhub.pack.format import sha256_file
 
     with db.session() as session:
@@ -151,5 +156,9 @@ def eval_sets(db: Database, *, base: str | None, task: str | None) -> list[EvalS
         if changed:
             raise RegistryError(f"{what} changed or vanished since it was added; register it again with "
                                 f"`skillhub task add {row.name} ...`")
-        sets.append(EvalSet(name=row.name, path=path, metric=row.metric, lm_eval=spec))
+        sets.append(EvalSet(name=row.name, path=path, metric=row.metric, lm_eval=spec, prompt_format=_prompt_format(row)))
     return sets
+
+
+def _prompt_format(row: TaskRow) -> PromptFormat:
+    return PromptFormat.from_json(json.loads(row.prompt_format) if row.prompt_format else None)

@@ -20,8 +20,6 @@ from dataclasses import dataclass
 
 from skillhub.activation import Patcher
 from skillhub.errors import SkillhubError
-from skillhub.evaluation.datasets import load_eval_set, load_prompts
-from skillhub.evaluation.scoring import exact_match_each
 from skillhub.pack.format import SkillPack
 from skillhub.progress import ProgressCallback, no_progress
 from skillhub.registry.front import Registry
@@ -30,6 +28,9 @@ from skillhub.registry.routing import BASE_CLASS
 from skillhub.routing.router import BASE, Decision
 from skillhub.routing.spectral import SpectralRouter
 from skillhub.routing.training import RoutingExample, is_heldout, load_router, route_classes, unseen_by_router
+from skillhub.scoring.datasets import load_eval_set, load_prompts
+from skillhub.scoring.prompts import Renderer
+from skillhub.scoring.scores import exact_match_each
 
 
 @dataclass(frozen=True)
@@ -118,12 +119,13 @@ def evaluate_router(registry: Registry, *, base: str | None = None, eval_files: 
     prompts = [e.prompt for e in examples]
     decisions = router.route_prompts(model, tokenizer, prompts, active_packs=active)
     opened = registry.packs_by_id(sorted({p for c in classes for p in c.packs}), base=base)
-    spectral = SpectralRouter(model, classes, opened).decide(tokenizer, prompts)
+    renderer = router.renderer(tokenizer)  # every answer here is read as routed generation reads it
+    spectral = SpectralRouter(model, classes, opened).decide(renderer, prompts)
     patcher = Patcher(model)
     by_class = {c.name: c.packs for c in classes}
 
     def hits(chosen: Sequence[tuple[str, ...]]) -> dict[int, bool]:
-        return hits_under(model, tokenizer, patcher, opened, examples, chosen)
+        return hits_under(model, renderer, patcher, opened, examples, chosen)
 
     try:
         routed = hits([d.packs for d in decisions])
@@ -139,7 +141,7 @@ def evaluate_router(registry: Registry, *, base: str | None = None, eval_files: 
     return _report(names, examples, decisions, spectral, routed, spectral_routed, own, plain, stale)
 
 
-def hits_under(model, tokenizer, patcher: Patcher, opened: dict[str, SkillPack], examples: Sequence[RoutingExample],
+def hits_under(model, renderer: Renderer, patcher: Patcher, opened: dict[str, SkillPack], examples: Sequence[RoutingExample],
                chosen: Sequence[tuple[str, ...]]) -> dict[int, bool]:
     """Exact match of each example that has an answer, under the pack set chosen for it
     (examples grouped by set, each set patched once); keyed by the example's index."""
@@ -151,7 +153,7 @@ def hits_under(model, tokenizer, patcher: Patcher, opened: dict[str, SkillPack],
     for packs, members in groups.items():
         patcher.use([opened[p] for p in packs])
         batch = [{"prompt": examples[i].prompt, "answer": examples[i].answer} for i in members]
-        result.update(zip(members, exact_match_each(model, tokenizer, batch)))
+        result.update(zip(members, exact_match_each(model, renderer, batch)))
     return result
 
 

@@ -1,6 +1,7 @@
 """Router features: the base model's hidden state at one layer, mean-pooled over the prompt.
 
-The prompt is tokenized exactly as the eval sets and generation see it (``<s> prompt``).
+The prompt is rendered as the router's prompt format says (:class:`~skillhub.scoring.prompts.Renderer`:
+the chat template's user turn and generation prompt, or ``<bos>`` + prompt), as generation reads it.
 Only the first ``layer`` decoder layers run: a hook stops the forward pass once that layer
 has produced its output. The features depend on the base weights alone, so they stay valid
 when packs are added or removed (callers patching packs in lend the base weights back, see
@@ -12,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from skillhub.errors import SkillhubError
+from skillhub.scoring.prompts import Renderer, check_context
 
 
 class _Stop(Exception):
@@ -38,24 +40,8 @@ def default_layer(model: torch.nn.Module) -> int:
     return max(1, layer_count(model) // 2)
 
 
-def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """Token ids of ``<s> prompt``: what the eval sets score and generation continues."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return bos + tokenizer.encode(prompt, add_special_tokens=False)
-
-
-def check_context(model: torch.nn.Module, ids: list[int], prompt: str, *, room: int = 0) -> None:
-    """Raises SkillhubError when the prompt (plus ``room`` new tokens) exceeds the model's context."""
-    context = getattr(model.config, "max_position_embeddings", None)
-    if context is not None and len(ids) + room > context:
-        shown = prompt if len(prompt) <= 40 else prompt[:37] + "..."
-        extra = f" plus {room} new tokens" if room else ""
-        raise SkillhubError(f"prompt {shown!r} is {len(ids)} tokens{extra}, more than the model's context of "
-                            f"{context}: shorten it" + (" or lower --max-new-tokens" if room else ""))
-
-
 @torch.no_grad()
-def prompt_features(model: torch.nn.Module, tokenizer, prompts: list[str], layer: int, *,
+def prompt_features(model: torch.nn.Module, renderer: Renderer, prompts: list[str], layer: int, *,
                     batch_size: int = 32) -> torch.Tensor:
     """(len(prompts), hidden) float32: hidden state after decoder layer ``layer`` (1-based;
     0 is the embeddings), mean-pooled over each prompt's tokens.
@@ -68,12 +54,12 @@ def prompt_features(model: torch.nn.Module, tokenizer, prompts: list[str], layer
         raise SkillhubError(f"--layer {layer} is out of range: the model has {count} decoder layers (0..{count})")
     encoded = []
     for prompt in prompts:
-        ids = prompt_ids(tokenizer, prompt)
+        ids = renderer.prompt_ids(prompt)
         check_context(model, ids, prompt)
         encoded.append(ids)
     layers = decoder_layers(model)
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = renderer.pad_id
     pooled = []
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start:start + batch_size]

@@ -11,17 +11,16 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-import torch
-
 from skillhub.activation import Patcher
 from skillhub.errors import RegistryError, SkillhubError
 from skillhub.pack.format import SkillPack
 from skillhub.progress import ProgressCallback, no_progress
 from skillhub.registry.front import Registry
 from skillhub.registry.results import Result
-from skillhub.routing.features import check_context, prompt_ids
 from skillhub.routing.router import Decision, Router
 from skillhub.routing.training import load_router
+from skillhub.scoring.generation import generate_answers
+from skillhub.scoring.prompts import PromptFormat, Renderer, check_context
 
 
 @dataclass(frozen=True)
@@ -45,6 +44,8 @@ class Generator:
         base_location: Where the base weights are (default: recorded at add).
         max_new_tokens: Most tokens generated per answer.
         allow_stale: Route with a stale router among the classes it knows.
+        prompt_format: How prompts are rendered (default: a task's own format with ``task``, the
+            router's with ``route``, else the base tokenizer's default).
         cache_sets: How many pack sets stay computed for switching back (memory: the
             parameters a set changes, each).
 
@@ -52,15 +53,18 @@ class Generator:
     """
 
     def __init__(self, registry: Registry, *, base: str | None = None, base_location: str | None = None,
-                 max_new_tokens: int = 32, allow_stale: bool = False, cache_sets: int = 2) -> None:
+                 max_new_tokens: int = 32, allow_stale: bool = False, prompt_format: PromptFormat | None = None,
+                 cache_sets: int = 2) -> None:
         if max_new_tokens < 1:
             raise SkillhubError(f"--max-new-tokens must be at least 1, not {max_new_tokens}")
         self.registry, self.base = registry, base
-        self.max_new_tokens, self.allow_stale = max_new_tokens, allow_stale
+        self.max_new_tokens, self.allow_stale, self.prompt_format = max_new_tokens, allow_stale, prompt_format
         self.model, self.tokenizer, self.base_entry = registry.load_base_model(base=base, location=base_location)
         self.patcher = Patcher(self.model, cache_sets=cache_sets)
         self.active = [p.id for p in registry.list_packs(base=base)]
-        self.task_sets = {t.name: list(t.packs) for t in registry.tasks(base=base)}
+        tasks = registry.tasks(base=base)
+        self.task_sets = {t.name: list(t.packs) for t in tasks}
+        self.task_formats = {t.name: t.prompt_format for t in tasks}
         self._router: Router | None = None
         self._opened: dict[str, SkillPack] = {}
 
@@ -89,6 +93,15 @@ class Generator:
         ids = tuple(self.registry.activation_ids(task=task, packs=packs, base=self.base))
         return [Decision(task=task, packs=ids, probability=None) for _ in prompts]
 
+    def renderer(self, *, task: str | None = None, route: bool = False) -> Renderer:
+        """How prompts are rendered: as asked, else the router's format when routing, the task's
+        own format for a task, the base tokenizer's default otherwise."""
+        chosen = self.prompt_format
+        if chosen is None:
+            chosen = (self.router.prompt_format if route
+                      else self.task_formats.get(task, PromptFormat()) if task is not None else PromptFormat())
+        return Renderer(self.tokenizer, chosen, what=f"base {self.base_entry.name}")
+
     def _packs(self, ids: Sequence[str]) -> list[SkillPack]:
         missing = [i for i in ids if i not in self._opened]
         if missing:
@@ -107,7 +120,8 @@ class Generator:
                 the router is missing, stale or for another base; unknown task or packs.
         """
         prompts = list(prompts)
-        encoded = [prompt_ids(self.tokenizer, p) for p in prompts]
+        renderer = self.renderer(task=task, route=route)
+        encoded = [renderer.prompt_ids(p) for p in prompts]
         for ids, prompt in zip(encoded, prompts):
             check_context(self.model, ids, prompt, room=self.max_new_tokens)
         decisions = self.decide(prompts, task=task, packs=packs, route=route)
@@ -120,8 +134,10 @@ class Generator:
             self.patcher.use(self._packs(pack_ids))
             for start in range(0, len(members), batch_size):
                 chunk = members[start:start + batch_size]
-                for i, text in zip(chunk, self._greedy([encoded[i] for i in chunk])):
-                    outputs[i] = text
+                answers = generate_answers(self.model, renderer, [encoded[i] for i in chunk],
+                                           max_new_tokens=self.max_new_tokens)
+                for i, ids in zip(chunk, answers):
+                    outputs[i] = renderer.decode(ids)
                 done += len(chunk)
                 progress("generate", done, len(prompts))
         return [Generation(prompt=p, output=o, task=d.task, packs=d.packs,
@@ -146,14 +162,3 @@ class Generator:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    @torch.no_grad()
-    def _greedy(self, encoded: list[list[int]]) -> list[str]:
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        width = max(len(ids) for ids in encoded)
-        device = next(self.model.parameters()).device
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
-        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
-        produced = self.model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=self.max_new_tokens,
-                                       do_sample=False, pad_token_id=pad, eos_token_id=self.tokenizer.eos_token_id)
-        return [self.tokenizer.decode(row[width:], skip_special_tokens=True) for row in produced]

@@ -25,6 +25,7 @@ from safetensors.torch import save as save_arrays
 
 from skillhub.errors import RegistryError, SkillhubError
 from skillhub.routing.features import prompt_features
+from skillhub.scoring.prompts import PromptFormat, Renderer
 
 FORMAT = 1
 BASE = "base"  # the class that answers with the base model alone
@@ -65,6 +66,8 @@ class Router:
         labels: How the training examples were labelled: ``task`` or ``loss``.
         base_fingerprint: The base weights the features belong to.
         known_packs: The packs that were active when it was trained.
+        prompt_format: How prompts are rendered for its features (and for the answers of routed
+            generation): a prompt has no task yet, so one format serves every class.
         info: Everything else worth keeping (example counts, training accuracy, time).
     """
 
@@ -78,6 +81,7 @@ class Router:
     labels: str
     base_fingerprint: str
     known_packs: tuple[str, ...]
+    prompt_format: PromptFormat = PromptFormat()
     info: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ use
@@ -105,10 +109,15 @@ class Router:
                 decisions.append(Decision(task=chosen.task, packs=chosen.packs, probability=p))
         return decisions
 
+    def renderer(self, tokenizer) -> Renderer:
+        """The router's prompt format bound to the base's tokenizer."""
+        return Renderer(tokenizer, self.prompt_format, what="the router's base")
+
     def route_prompts(self, model: torch.nn.Module, tokenizer, prompts: Sequence[str], *,
                       active_packs: Sequence[str]) -> list[Decision]:
         """Features of the prompts from ``model`` (which must hold the base weights), then :meth:`decide`."""
-        return self.decide(prompt_features(model, tokenizer, list(prompts), self.layer), active_packs=active_packs)
+        features = prompt_features(model, self.renderer(tokenizer), list(prompts), self.layer)
+        return self.decide(features, active_packs=active_packs)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -151,8 +160,9 @@ class Router:
             "labels": self.labels,
             "layer": self.layer,
             "threshold": self.threshold,
-            "feature": {"kind": "mean-pooled hidden state of <s> prompt", "layer": self.layer,
+            "feature": {"kind": "mean-pooled hidden state of the rendered prompt", "layer": self.layer,
                         "size": int(self.coef.shape[1])},
+            "prompt_format": self.prompt_format.as_json(),
             "base_fingerprint": self.base_fingerprint,
             "classes": [{"name": c.name, "task": c.task, "packs": list(c.packs)} for c in self.classes],
             "known_packs": list(self.known_packs),
@@ -179,8 +189,10 @@ class Router:
             router = cls(classes=classes, coef=tensors["coef"], intercept=tensors["intercept"], mean=tensors["mean"],
                          scale=tensors["scale"], layer=int(spec["layer"]), threshold=float(spec["threshold"]),
                          labels=spec["labels"], base_fingerprint=spec["base_fingerprint"],
-                         known_packs=tuple(spec["known_packs"]), info=dict(spec.get("info", {})))
-        except (KeyError, TypeError, ValueError) as exc:
+                         known_packs=tuple(spec["known_packs"]), info=dict(spec.get("info", {})),
+                         # routers stored before prompt formats read ``<s> prompt``: the plain format
+                         prompt_format=PromptFormat.from_json(spec.get("prompt_format", {"format": "plain"})))
+        except (KeyError, TypeError, ValueError, SkillhubError) as exc:
             raise RegistryError(f"the stored router is damaged ({exc}): retrain it with `skillhub route train`") from exc
         size = router.coef.shape[1] if router.coef.dim() == 2 else -1
         if (router.coef.shape[0] != len(classes) or router.intercept.shape != (len(classes),)

@@ -19,8 +19,8 @@ import torch
 
 from skillhub.evaluation.interference import input_subspace
 from skillhub.pack.format import SkillPack
-from skillhub.routing.features import prompt_ids
 from skillhub.routing.router import Decision, RouteClass
+from skillhub.scoring.prompts import Renderer
 
 
 class SpectralRouter:
@@ -41,7 +41,7 @@ class SpectralRouter:
                     self.readers.setdefault(module, []).append((pack_id, basis))
 
     @torch.no_grad()
-    def scores(self, tokenizer, prompts: list[str]) -> torch.Tensor:
+    def scores(self, renderer: Renderer, prompts: list[str]) -> torch.Tensor:
         """(N, classes) response of each class's packs to each prompt."""
         pack_ids = sorted({p for c in self.classes for p in c.packs})
         # responses[pack][prompt]: that pack's response at each module it changes
@@ -60,16 +60,16 @@ class SpectralRouter:
         device = next(self.model.parameters()).device
         try:
             for current, prompt in enumerate(prompts):
-                self.model(input_ids=torch.tensor([prompt_ids(tokenizer, prompt)], device=device), use_cache=False)
+                self.model(input_ids=torch.tensor([renderer.prompt_ids(prompt)], device=device), use_cache=False)
         finally:
             for handle in handles:
                 handle.remove()
         per_pack = {p: torch.tensor([sum(r) / len(r) if r else 0.0 for r in responses[p]]) for p in pack_ids}
         return torch.stack([torch.stack([per_pack[p] for p in c.packs]).mean(0) for c in self.classes], dim=1)
 
-    def decide(self, tokenizer, prompts: list[str]) -> list[Decision]:
+    def decide(self, renderer: Renderer, prompts: list[str]) -> list[Decision]:
         """The class with the strongest response for each prompt (its share of the responses as probability)."""
-        scores = self.scores(tokenizer, prompts)
+        scores = self.scores(renderer, prompts)
         shares = scores / scores.sum(dim=1, keepdim=True).clamp(min=1e-12)
         best, index = shares.max(dim=1)
         return [Decision(task=self.classes[i].task, packs=self.classes[i].packs, probability=p)

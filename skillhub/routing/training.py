@@ -24,12 +24,13 @@ from typing import Any
 import torch
 
 from skillhub.errors import NotFoundError, SkillhubError
-from skillhub.evaluation.datasets import collate, load_eval_set, load_prompts
 from skillhub.progress import ProgressCallback, no_progress
 from skillhub.registry.front import Registry
 from skillhub.registry.routing import BASE_CLASS
 from skillhub.routing.features import default_layer, prompt_features
 from skillhub.routing.router import BASE, Router, RouteClass
+from skillhub.scoring.datasets import collate, load_eval_set, load_prompts
+from skillhub.scoring.prompts import PromptFormat, Renderer
 
 LABELS = ("task", "loss")
 DEFAULT_THRESHOLD = 0.5
@@ -83,12 +84,13 @@ def routing_examples(registry: Registry, classes: Sequence[RouteClass], *,
 
 
 @torch.no_grad()
-def answer_losses(model, tokenizer, examples: Sequence[RoutingExample], *, batch_size: int = 32) -> torch.Tensor:
-    """Mean negative log-likelihood of each example's answer given its prompt."""
+def answer_losses(model, renderer: Renderer, examples: Sequence[RoutingExample], *,
+                  batch_size: int = 32) -> torch.Tensor:
+    """Mean negative log-likelihood of each example's answer (and its end) given its prompt."""
     losses = []
     for start in range(0, len(examples), batch_size):
         chunk = [{"prompt": e.prompt, "answer": e.answer or ""} for e in examples[start:start + batch_size]]
-        batch = collate(tokenizer, chunk)
+        batch = collate(renderer, chunk)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
         targets = batch["labels"][:, 1:]
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2).float(), targets, ignore_index=-100,
@@ -97,7 +99,7 @@ def answer_losses(model, tokenizer, examples: Sequence[RoutingExample], *, batch
     return torch.cat(losses)
 
 
-def loss_labels(registry: Registry, model, tokenizer, classes: Sequence[RouteClass],
+def loss_labels(registry: Registry, model, renderer: Renderer, classes: Sequence[RouteClass],
                 examples: Sequence[RoutingExample], *, base: str | None = None,
                 progress: ProgressCallback = no_progress) -> list[int]:
     """For each example, the class whose packs give its answer the lowest NLL (paper App. B.3)."""
@@ -108,7 +110,7 @@ def loss_labels(registry: Registry, model, tokenizer, classes: Sequence[RouteCla
     table = []
     for number, route in enumerate(classes):
         with registry.activated(model, packs=list(route.packs), base=base, verify=False):
-            table.append(answer_losses(model, tokenizer, examples))
+            table.append(answer_losses(model, renderer, examples))
         progress("label", number + 1, len(classes))
     return torch.stack(table, dim=1).argmin(dim=1).tolist()
 
@@ -146,11 +148,13 @@ class TrainedRouter:
 
     router: Router
     step: int
+    warnings: tuple[str, ...] = ()  # what the user should know about what it learned (one line each)
 
 
 def train_router(registry: Registry, *, base: str | None = None, labels: str = "task", layer: int | None = None,
                  threshold: float = DEFAULT_THRESHOLD, base_location: str | None = None, seed: int = 0,
-                 loaded: tuple[Any, Any] | None = None, progress: ProgressCallback = no_progress) -> TrainedRouter:
+                 prompt_format: PromptFormat = PromptFormat(), loaded: tuple[Any, Any] | None = None,
+                 progress: ProgressCallback = no_progress) -> TrainedRouter:
     """Train the base's router on its routing examples and store it in the registry.
 
     Args:
@@ -161,6 +165,8 @@ def train_router(registry: Registry, *, base: str | None = None, labels: str = "
         threshold: Below this probability for its best class, a prompt stays on the base model.
         base_location: Where the base weights are (default: recorded at add).
         seed: Seed of the classifier's solver.
+        prompt_format: How prompts are rendered for features and routed answers (default: the base
+            tokenizer's default).
         loaded: (model, tokenizer) of the base, already loaded and checked, to reuse.
         progress: Progress callback.
 
@@ -184,18 +190,19 @@ def train_router(registry: Registry, *, base: str | None = None, labels: str = "
     else:
         (model, tokenizer), (base_entry, _) = loaded, registry.activation_set(packs=[], base=base)
     layer = default_layer(model) if layer is None else layer
-    features = prompt_features(model, tokenizer, [e.prompt for e in examples], layer)
+    renderer = Renderer(tokenizer, prompt_format, what="the router's base")
+    features = prompt_features(model, renderer, [e.prompt for e in examples], layer)
     index = {c.name: i for i, c in enumerate(classes)}
     if labels == "task":
         targets = [index[e.source] for e in examples]
     else:
-        targets = loss_labels(registry, model, tokenizer, classes, examples, base=base, progress=progress)
+        targets = loss_labels(registry, model, renderer, classes, examples, base=base, progress=progress)
     train = [i for i, e in enumerate(examples) if not e.heldout]
     heldout = [i for i, e in enumerate(examples) if e.heldout]
     coef, intercept, mean, scale = fit(features[train], [targets[i] for i in train], classes, seed=seed)
     router = Router(classes=list(classes), coef=coef, intercept=intercept, mean=mean, scale=scale, layer=layer,
                     threshold=threshold, labels=labels, base_fingerprint=base_entry.fingerprint,
-                    known_packs=tuple(p.id for p in registry.list_packs(base=base)))
+                    known_packs=tuple(p.id for p in registry.list_packs(base=base)), prompt_format=prompt_format)
 
     def accuracy(rows: list[int]) -> float | None:
         if not rows:
@@ -211,7 +218,12 @@ def train_router(registry: Registry, *, base: str | None = None, labels: str = "
     })
     spec, arrays = router.to_stored()
     step = registry.save_router(spec, arrays, base=base)
-    return TrainedRouter(router=router, step=step)
+    warnings = ()
+    if not any(targets[i] == index[BASE] for i in train):
+        warnings = (f"no example taught the {BASE} class, so every prompt goes to some pack, general chat "
+                    f"included: give prompts that belong to the base model (`skillhub route examples {BASE_CLASS} "
+                    "FILE`) and train again",)
+    return TrainedRouter(router=router, step=step, warnings=warnings)
 
 
 def load_router(registry: Registry, *, base: str | None = None) -> Router:

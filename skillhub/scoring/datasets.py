@@ -1,5 +1,5 @@
 """Eval sets (JSONL files of prompt/answer or text) and the batches a causal LM is scored
-and trained on."""
+and trained on, rendered by a :class:`~skillhub.scoring.prompts.Renderer`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 
 from skillhub.errors import SkillhubError
 from skillhub.io.jsonio import MAX_TEXT_BYTES, parse_json, read_regular
+from skillhub.scoring.prompts import Renderer, as_renderer
 
 METRICS = {"exact_match": ("prompt", "answer"), "perplexity": ("text",)}
 
@@ -68,21 +69,25 @@ def _load_records(path: str | os.PathLike[str], fields: tuple[str, ...], optiona
     return examples
 
 
-def encode_example(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
-    """Token ids of ``<s> prompt answer </s>`` and labels that mask out the prompt with -100."""
-    prompt_ids = [tokenizer.bos_token_id, *tokenizer.encode(prompt, add_special_tokens=False)]
-    answer_ids = [*tokenizer.encode(answer, add_special_tokens=False), tokenizer.eos_token_id]
-    return prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids
+def collate(renderer: Renderer, examples: list[dict[str, str]]) -> dict[str, torch.Tensor]:
+    """Right-padded batch of prompt + answer (:meth:`Renderer.example`) with input_ids,
+    attention_mask and labels (the prompt and the padding masked out with -100)."""
+    renderer = as_renderer(renderer)
+    return _pad([renderer.example(e["prompt"], e["answer"]) for e in examples], renderer.pad_id)
 
 
-def collate(tokenizer, examples: list[dict[str, str]]) -> dict[str, torch.Tensor]:
-    """Right-padded batch with input_ids, attention_mask and labels."""
-    encoded = [encode_example(tokenizer, e["prompt"], e["answer"]) for e in examples]
+def collate_documents(renderer: Renderer, texts: list[str]) -> dict[str, torch.Tensor]:
+    """Right-padded batch of documents (:meth:`Renderer.document_ids`), every token a label but the first."""
+    encoded = []
+    for text in texts:
+        ids = renderer.document_ids(text)
+        encoded.append((ids, [-100, *ids[1:]]))
+    return _pad(encoded, renderer.pad_id)
+
+
+def _pad(encoded: list[tuple[list[int], list[int]]], pad: int) -> dict[str, torch.Tensor]:
     width = max(len(ids) for ids, _ in encoded)
-    pad = tokenizer.pad_token_id
     input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in encoded])
     labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in encoded])
     attention_mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in encoded])
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-

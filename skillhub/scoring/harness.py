@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from skillhub.errors import SkillhubError
+from skillhub.scoring.prompts import PromptFormat, Renderer
 
 
 PREFIX = "lm-eval/"
@@ -145,8 +146,12 @@ def _directions(task: str, manager) -> dict[str, bool]:
     return found
 
 
-def score_task(model, tokenizer, task: HarnessTask, *, batch_size: int = 16) -> float:
-    """The task's metric for ``model`` as it is now (patched in place or not), through lm-eval's HFLM.
+def score_task(model, tokenizer, task: HarnessTask, *, prompt_format: PromptFormat = PromptFormat(),
+               batch_size: int = 16) -> float:
+    """The task's metric for ``model`` as it is now (patched in place or not), through lm-eval's HFLM,
+    its prompts rendered in ``prompt_format``: the chat format is lm-eval's own
+    ``apply_chat_template`` (with the system turn as its ``system_instruction``), plain is ``<bos>`` +
+    the prompt.
 
     Raises:
         SkillhubError: lm-eval does not report the metric for the task.
@@ -155,12 +160,15 @@ def score_task(model, tokenizer, task: HarnessTask, *, batch_size: int = 16) -> 
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
+    chat = Renderer(tokenizer, prompt_format).kind == "chat"
     with _quiet():
-        # add_bos_token: the prompt is scored after the tokenizer's BOS, as every skillhub scorer scores it.
+        # add_bos_token for plain prompts: scored after the tokenizer's BOS, as every skillhub scorer
+        # scores them; a chat template writes its own.
         wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
-                       add_bos_token=tokenizer.bos_token is not None)
+                       add_bos_token=not chat and tokenizer.bos_token is not None)
         results = simple_evaluate(model=wrapped, tasks=[task.task], task_manager=_task_manager(task.include),
-                                  limit=task.limit, log_samples=False, verbosity="ERROR", bootstrap_iters=0)
+                                  limit=task.limit, log_samples=False, verbosity="ERROR", bootstrap_iters=0,
+                                  apply_chat_template=chat, system_instruction=prompt_format.system)
     scores = results["results"].get(task.task, {})
     key = task.metric if "," in task.metric else next(
         (k for k in sorted(scores) if k.split(",")[0] == task.metric and "_stderr" not in k), None)
