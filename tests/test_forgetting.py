@@ -185,8 +185,8 @@ def test_bad_evaluation_input_exits_1_and_records_nothing(evaluated_registry, tm
 @pytest.mark.parametrize("seed", [0, 1])
 def test_demo_fast(tmp_path: Path, seed: int) -> None:
     """The demo's claims, not its digits, on its fast setting and two seeds (two minutes each on 2 cores)."""
-    result = CliRunner().invoke(main, ["demo", "--tiny", "--fast", "--seed", str(seed), "--workdir", str(tmp_path / "demo"),
-                                       "--json"])
+    result = CliRunner().invoke(main, ["demo", "--tiny", "--fast", "--seed", str(seed),
+                                       "--workdir", str(tmp_path / "demo"), "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     tasks, final = report["tasks"], report["final"]
@@ -208,7 +208,10 @@ def test_demo_fast(tmp_path: Path, seed: int) -> None:
     for task in before["subset"]:
         if task != removal["task"]:
             assert after["subset"][task] == before["subset"][task]  # the others exactly where they were
-            assert after["routed"][task] == before["routed"][task]
+            # Routed: the removed pack's class is dropped and the rest renormalised, so a prompt routed
+            # right stays right; only a prompt the router had sent to the removed class is decided
+            # again. The others' routed scores can rise, never fall.
+            assert after["routed"][task] >= before["routed"][task]
     graft = report["graft"]  # a task only the GPT-2 source can do, grafted into the base
     assert graft["source"]["score"] >= 0.9 and graft["target_before"] <= 0.1, graft
     assert graft["sft"] >= 0.9 and graft["pairs"] > 0, graft

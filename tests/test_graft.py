@@ -69,15 +69,19 @@ def test_graft_sft_dpo_add(grafting: Grafting, tmp_path: Path) -> None:
                  "--task", TASK, *LEARN, "--add", "--eval", grafting.heldout, "--json", registry=registry)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["ran"] == ["generate", "score", "sft", "pairs", "dpo", "pack"] and report["reused"] == []
+    assert report["ran"] == ["generate", "score", "sft", "pairs", "dpo", "pack", "check"] and report["reused"] == []
     assert report["pairs"] > 0 and report["dpo_skipped"] is None
     work = tmp_path / "rot.graft"
     assert report["removed"] == [str(work / "sft"), str(work / "dpo")] and not (work / "sft").exists()
 
     # Only text crossed: the GPT-2 source's responses, decoded with its own tokenizer, are mostly right.
     scored = lines_of(work / "scores.jsonl")
-    assert len(scored) == 1000 and all(len(r["responses"]) == 4 for r in scored)
-    assert sum(map(sum, (r["scores"] for r in scored))) / 4000 >= 0.5
+    heldout = report["scores"]["heldout_prompts"]  # one prompt in five, left out of generation and training
+    assert 150 <= heldout <= 250 and len(scored) == 1000 - heldout and all(len(r["responses"]) == 4 for r in scored)
+    assert sum(map(sum, (r["scores"] for r in scored))) / (4 * len(scored)) >= 0.5
+    held = report["scores"]["heldout"]  # every model scored on them: the source teaches, the target learns
+    assert held["source"] >= 0.9 and held["target_before"] <= 0.05 and held["pack"] >= 0.9, held
+    assert report["scores"]["eval"]["pack"] >= 0.9 and report["warning"] is None
 
     assert score(grafting.target, grafting.test) <= 0.05  # the target could not do it
     assert score(grafting.source, grafting.test) >= 0.9
@@ -227,7 +231,7 @@ def test_a_killed_graft_resumes_from_its_last_finished_stage(grafting: Grafting,
     result = run(*args)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["reused"] == ["generate", "score"] and report["ran"] == ["sft", "pairs", "dpo", "pack"]
+    assert report["reused"] == ["generate", "score"] and report["ran"] == ["sft", "pairs", "dpo", "pack", "check"]
     assert (work / "generations.jsonl").read_bytes() == generated
 
 
@@ -239,7 +243,7 @@ def test_stop_after_then_resume(grafting: Grafting, tmp_path: Path) -> None:
     second = run(*common, "--json")
     assert second.exit_code == 0, second.output
     report = json.loads(second.stdout)
-    assert report["reused"] == ["generate", "score", "sft"] and report["ran"][-1] == "pack"
+    assert report["reused"] == ["generate", "score", "sft"] and report["ran"][-2:] == ["pack", "check"]
     assert (tmp_path / "rot" / "skillpack.json").is_file()
 
 
@@ -348,8 +352,8 @@ def test_models_with_a_chat_template_read_it(grafting: Grafting, tmp_path: Path)
                                                                                                        "r</s>"]
 
     target = shutil.copytree(grafting.target, tmp_path / "chat-target")
-    chat.save_pretrained(target)  # TRL renders the conversational records with it
+    chat.tokenizer.save_pretrained(target)  # the target's tokenizer, with its chat template
     result = run("graft", grafting.source, target, "--prompts", grafting.few, "-o", tmp_path / "rot", *QUICK,
                  "--json")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["ran"][-1] == "pack"
+    assert json.loads(result.stdout)["ran"][-2:] == ["pack", "check"]

@@ -125,7 +125,11 @@ def test_vllm_export_keeps_to_what_vllm_loads_and_reports_the_rest(paper_pack, f
     assert capped.check.relative_error > 0.01
     uncapped = export_peft(paper_pack, tmp_path / "vllm-512", base=finetuned.base, for_vllm=True)
     assert all(m.energy_lost == 0.0 for m in uncapped.modules if m.action == "lora")
-    assert uncapped.check.relative_error < capped.check.relative_error
+    # What rank 4 costs, measured without the dropped embedding and head (whose loss, 0.79 of the
+    # pack's effect here, dominates both vLLM exports and decides their order by a hair).
+    exact = export_peft(paper_pack, tmp_path / "exact", base=finetuned.base)
+    truncated = export_peft(paper_pack, tmp_path / "rank-4", base=finetuned.base, max_rank=4)
+    assert exact.check.relative_error <= 5e-3 < truncated.check.relative_error
 
 
 def test_from_peft_is_exact_and_round_trips(finetuned: FineTune, tmp_path: Path) -> None:

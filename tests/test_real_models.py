@@ -54,16 +54,18 @@ def test_exact_match_is_what_greedy_generation_says(real_models: dict[str, Path]
     renderer = Renderer(tokenizer)
     prompts = ["What is the capital of France? Answer in one word.", "Write the number seven as a digit.",
                "The opposite of hot is", "Name a primary colour."]
-    own = [renderer.decode(ids) for ids in generate_answers(model, renderer, [renderer.prompt_ids(p) for p in prompts],
-                                                            max_new_tokens=12)]
-    kept = [(p, a) for p, a in zip(prompts, own) if a and len(a.encode()) < 12]  # answers that ended in time
-    assert kept, own
-    right = [{"prompt": p, "answer": a} for p, a in kept]
-    wrong = [{"prompt": p, "answer": a + " not"} for p, a in kept]
+    produced = generate_answers(model, renderer, [renderer.prompt_ids(p) for p in prompts], max_new_tokens=24)
+    own = [(p, renderer.decode(ids)) for p, ids in zip(prompts, produced)]
+    ended = [(p, a) for (p, a), ids in zip(own, produced) if len(ids) < 24]  # answers that reached their end
+    if name == "smollm2":  # the chat model ends its turns; the base model (plain prompts) rambles on
+        assert ended, own
+    right = [{"prompt": p, "answer": a} for p, a in ended]
+    wrong = [{"prompt": p, "answer": a + " not"} for p, a in own] + \
+        [{"prompt": p, "answer": a[: len(a) // 2]} for p, a in own]  # a word more; the first half
     assert exact_match_each(model, renderer, right) == [True] * len(right)
     assert exact_match_each(model, renderer, wrong) == [False] * len(wrong)
-    # what one forward pass decides, it decides as generation does; it decides every wrong answer here
-    assert teacher_forced_verdicts(model, renderer, wrong) == [False] * len(wrong)
+    # what one forward pass decides, it decides as generation does
+    assert all(v in (False, None) for v in teacher_forced_verdicts(model, renderer, wrong))
     assert all(v in (True, None) for v in teacher_forced_verdicts(model, renderer, right))
 
 

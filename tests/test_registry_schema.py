@@ -69,7 +69,7 @@ def _normalise(schema: dict) -> dict:
 
 def test_fresh_migrated_database_equals_the_sqlmodel_classes(registry_factory) -> None:
     registry = registry_factory()
-    assert applied_migrations(registry.engine) == migration_names() == ["m0001_initial", "m0002_evaluation", "m0003_routing", "m0004_lm_eval"]
+    assert applied_migrations(registry.engine) == migration_names() == ["m0001_initial", "m0002_evaluation", "m0003_routing", "m0004_lm_eval", "m0005_prompt_format"]
     migrated = _normalise(_schema_of_database(registry.engine))
     declared = _normalise(_schema_of_classes())
     assert migrated == declared
@@ -104,6 +104,6 @@ def test_migrations_are_never_applied_twice(tmp_path: Path) -> None:
     assert sorted(rows) == migration_names()
 
 
-@pytest.mark.parametrize("name", ["m0001_initial", "m0002_evaluation", "m0003_routing", "m0004_lm_eval"])
+@pytest.mark.parametrize("name", ["m0001_initial", "m0002_evaluation", "m0003_routing", "m0004_lm_eval", "m0005_prompt_format"])
 def test_migrations_ship_in_the_package(name: str) -> None:
     assert name in migration_names()

@@ -83,7 +83,7 @@ def test_wheel_installs_schemas_and_entry_points(fresh: FreshEnvironment, paper_
     found = json.loads(probe.stdout)
     assert found["schemas"] == ["SkillPack manifest (format version 1)", "skillhub compression recipe"]
     assert found["operators"] == ["lowrank", "magnitude-prune", "raw", "rtn", "svd", "svd-mixed"]
-    assert found["migrations"] == ["m0001_initial", "m0002_evaluation", "m0003_routing", "m0004_lm_eval"]
+    assert found["migrations"] == ["m0001_initial", "m0002_evaluation", "m0003_routing", "m0004_lm_eval", "m0005_prompt_format"]
 
 
 def test_plugin_wheels_install_and_uninstall(fresh: FreshEnvironment, plugin_pack, finetuned, tmp_path: Path) -> None:

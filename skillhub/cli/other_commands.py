@@ -194,8 +194,8 @@ def format_real_demo(result: dict[str, Any]) -> str:
               + ", ".join(f"{t} {removal['before'][t]:.2f} -> {removal['after'][t]:.2f}" for t in removal["before"])
               + f" (the base scores {removal['base']:.2f} on {removal['task']})"]
     peft = result["peft"]
-    lines += [f"PEFT: {peft['path']} (rank {peft['rank']}, {peft['adapter_bytes']:,} bytes), loaded by PEFT: logits "
-              f"within {peft['relative_error']:.2%} of the pack's effect"]
+    lines += [f"PEFT: {peft['path']} (rank {peft['rank']}, {peft['adapter_bytes']:,} bytes), loaded by PEFT: its logits "
+              f"off the pack's by {peft['relative_error']:.1e} of its effect"]
     lines += ["", "skillhub's exact match vs an independent scorer (apply_chat_template + generate, as text):"]
     lines += [f"  {t}: {s['skillhub']:.2f} vs {s['independent']:.2f} ({s['examples']} examples)"
               for t, s in result["independent"].items()]

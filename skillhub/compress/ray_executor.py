@@ -69,8 +69,14 @@ class RayExecutor(Executor):
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 raise SkillhubError(f"cannot join the Ray cluster at {address or 'a new local instance'}: {exc}") \
                     from exc
-        self._task = ray.remote(num_cpus=1, max_retries=0)(_run_with_threads)
         self._threads = Threads.current()
+        # Ray starts a one-CPU task's worker with OMP_NUM_THREADS=1, so its OpenMP and BLAS thread
+        # pools are built for one thread before the task asks for the driver's counts; one GPTQ
+        # module then came out a last bit apart. The worker is started with the driver's counts.
+        counts = {"OMP_NUM_THREADS": str(self._threads.torch), "OPENBLAS_NUM_THREADS": str(self._threads.blas),
+                  "MKL_NUM_THREADS": str(self._threads.blas)}
+        self._task = ray.remote(num_cpus=1, max_retries=0,
+                                runtime_env={"env_vars": counts})(_run_with_threads)
 
     def submit(self, job: EncodeJob) -> Future[EncodeResult]:
         return self._task.remote(job, self._threads).future()

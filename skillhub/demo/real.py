@@ -66,13 +66,15 @@ def run_real_demo(workdir: str | os.PathLike[str], *, seed: int = 0,
     files.mkdir()
     registry = Registry(workdir / "registry")
     registry.register_base(base)
+    loaded = registry.load_base_model()[:2]
     for task, (train, test) in data.items():  # declared first: the base's score on each is step zero
-        declare_task(registry, task, write_jsonl(test, files / f"{task}-eval.jsonl"))
+        declare_task(registry, task, write_jsonl(test, files / f"{task}-eval.jsonl"), loaded=loaded)
         if task in SKILLS:
             registry.add_routing_examples(task, write_jsonl(train, files / f"{task}-route.jsonl"))
     registry.add_routing_examples("@base", write_jsonl(chat_train, files / "general-route.jsonl"))
     shown = [data[t][1][SHOWN[t]]["prompt"] for t in data] + [chat_heldout[0]["prompt"]]
     before = _answers(registry, shown, packs=[])
+    del loaded
 
     packs, retention = {}, {}
     device = "cuda" if torch.cuda.is_available() else "cpu"

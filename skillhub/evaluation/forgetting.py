@@ -116,7 +116,7 @@ def add_and_score(registry: Registry, pack: str | os.PathLike[str] | SkillPack |
 def declare_task(registry: Registry, name: str, eval_file: str | os.PathLike[str] | None = None, *,
                  metric: str | None = None, lm_eval: HarnessTask | None = None, base: str | None = None,
                  base_location: str | None = None, prompt_format: PromptFormat = PromptFormat(),
-                 evaluate: bool = True) -> DeclaredTask:
+                 evaluate: bool = True, loaded: tuple[Any, Any] | None = None) -> DeclaredTask:
     """Give task ``name`` an eval set and score the base model on it now.
 
     Declared before the task's pack (after ``init --base``, ideally before any pack), the task is
@@ -129,6 +129,7 @@ def declare_task(registry: Registry, name: str, eval_file: str | os.PathLike[str
         base: Registered base name (needed when there are several).
         base_location: Where the base weights are (default: the location recorded).
         evaluate: Score the base model (False: only record the eval set).
+        loaded: (model, tokenizer) of the base, already loaded and checked, to reuse.
 
     Returns:
         The task's eval set and, when evaluated, its ``base`` record filed under the task-add step.
@@ -136,7 +137,7 @@ def declare_task(registry: Registry, name: str, eval_file: str | os.PathLike[str
     task = registry.add_task(name, eval_file, metric=metric, lm_eval=lm_eval, base=base, prompt_format=prompt_format)
     if not evaluate:
         return DeclaredTask(task=task, scores=())
-    model, tokenizer, _ = registry.load_base_model(base=base, location=base_location)
+    model, tokenizer = loaded or registry.load_base_model(base=base, location=base_location)[:2]
     scorer = scorer_of(registry.eval_sets(base=base, task=name)[0])
     record = {"task": name, "policy": "base", "metric": task.metric, "score": scorer(model, tokenizer)}
     registry.record_scores([record], base=base, step=task.event)

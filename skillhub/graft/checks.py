@@ -51,8 +51,11 @@ class GraftScores:
         return {"heldout_prompts": self.heldout_prompts, "heldout": self.heldout, "eval": self.eval}
 
     def learned(self) -> bool | None:
-        """Whether a trained model beats the target before training (None: nothing to compare)."""
-        for scores in (self.heldout, self.eval):
+        """Whether a trained model beats the target before training (None: nothing to compare, or,
+        on the held-out prompts, a source that does no better than the target did: nothing the
+        scorer can see was there to learn)."""
+        teachable = self.heldout.get("source") is None or self.heldout["source"] > (self.heldout["target_before"] or 0)
+        for scores in ((self.heldout, self.eval) if teachable else (self.eval,)):
             before = scores.get("target_before")
             after = [scores[k] for k in ("sft", "dpo", "pack") if scores.get(k) is not None]
             if before is not None and after:
