@@ -13,7 +13,6 @@ before), :func:`verdict` says so in one line, with what to change.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,10 +22,10 @@ from skillhub.graft.generation import GenerationSettings, answer_with, load_mode
 from skillhub.graft.scorers import Scorer
 from skillhub.io.checkpoint import Checkpoint
 from skillhub.progress import ProgressCallback, no_progress
+from skillhub.scoring.datasets import is_heldout
 from skillhub.scoring.prompts import PromptFormat, Renderer
 from skillhub.scoring.scores import exact_match
 
-HELDOUT_EVERY = 5
 MIN_PROMPTS_FOR_HELDOUT = 10
 MODELS = ("source", "target_before", "sft", "dpo", "pack")
 
@@ -35,7 +34,7 @@ def split_heldout(records: list[dict[str, str]]) -> tuple[list[dict[str, str]], 
     """(trained on, held out): 1 prompt in HELDOUT_EVERY by hash, none under MIN_PROMPTS_FOR_HELDOUT."""
     if len(records) < MIN_PROMPTS_FOR_HELDOUT:
         return records, []
-    held = [hashlib.sha256(r["prompt"].encode("utf-8")).digest()[0] % HELDOUT_EVERY == 0 for r in records]
+    held = [is_heldout(r["prompt"]) for r in records]
     return [r for r, h in zip(records, held) if not h], [r for r, h in zip(records, held) if h]
 
 
@@ -115,6 +114,6 @@ def verdict(scores: GraftScores, *, sft_learning_rate: float) -> str | None:
     shown = ", ".join(f"{k} {v:.2f}" for k, v in (scores.heldout if scores.heldout_prompts else scores.eval).items()
                       if v is not None)
     return (f"the target did not learn the task (held-out scores: {shown}): at --sft-lr {sft_learning_rate:g} "
-            "it barely moved; for a model under 7B use --preset small (or raise --sft-lr and --sft-epochs), and "
+            "it barely moved; for a target under 1B parameters use --preset small (or raise --sft-lr and --sft-epochs), and "
             "check that the source's answers score well")
 

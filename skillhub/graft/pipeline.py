@@ -35,8 +35,8 @@ from skillhub.compress.windows import fit_windows
 from skillhub.compress.options import CompressionOptions
 from skillhub.compress.pipeline import create_pack
 from skillhub.errors import GraftError, SkillhubError
-from skillhub.scoring.datasets import load_eval_set, load_prompts
-from skillhub.graft.checks import HELDOUT_EVERY, Checker, GraftScores, split_heldout, verdict
+from skillhub.scoring.datasets import HELDOUT_EVERY, load_eval_set, load_prompts
+from skillhub.graft.checks import Checker, GraftScores, split_heldout, verdict
 from skillhub.graft.generation import GenerationSettings, generate_responses, load_tokenizer, open_model
 from skillhub.graft.pairs import PAIR_STRATEGIES, paper_pairs, sft_examples, source_vs_target_pairs
 from skillhub.graft.scorers import Scorer, load_scorer

@@ -27,8 +27,8 @@ from skillhub.registry.results import Result
 from skillhub.registry.routing import BASE_CLASS
 from skillhub.routing.router import BASE, Decision
 from skillhub.routing.spectral import SpectralRouter
-from skillhub.routing.training import RoutingExample, is_heldout, load_router, route_classes, unseen_by_router
-from skillhub.scoring.datasets import load_eval_set, load_prompts
+from skillhub.routing.training import RoutingExample, load_router, route_classes, unseen_by_router
+from skillhub.scoring.datasets import is_heldout, load_eval_set, load_prompts
 from skillhub.scoring.prompts import Renderer
 from skillhub.scoring.scores import exact_match_each
 

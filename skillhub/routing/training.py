@@ -15,7 +15,6 @@ Classifier: scikit-learn's multinomial LogisticRegression over standardized feat
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -29,12 +28,11 @@ from skillhub.registry.front import Registry
 from skillhub.registry.routing import BASE_CLASS
 from skillhub.routing.features import default_layer, prompt_features
 from skillhub.routing.router import BASE, Router, RouteClass
-from skillhub.scoring.datasets import collate, load_eval_set, load_prompts
+from skillhub.scoring.datasets import collate, is_heldout, load_eval_set, load_prompts
 from skillhub.scoring.prompts import PromptFormat, Renderer
 
 LABELS = ("task", "loss")
 DEFAULT_THRESHOLD = 0.5
-HELDOUT_EVERY = 5
 
 
 @dataclass(frozen=True)
@@ -45,11 +43,6 @@ class RoutingExample:
     answer: str | None
     source: str  # the task whose examples it is, or "base"
     heldout: bool
-
-
-def is_heldout(prompt: str) -> bool:
-    """The stable held-out split: 1 prompt in HELDOUT_EVERY, by hash."""
-    return hashlib.sha256(prompt.encode("utf-8")).digest()[0] % HELDOUT_EVERY == 0
 
 
 def unseen_by_router(task: str, prompt: str, own_files: Collection[str]) -> bool:

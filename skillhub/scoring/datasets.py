@@ -3,6 +3,7 @@ and trained on, rendered by a :class:`~skillhub.scoring.prompts.Renderer`."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -13,6 +14,13 @@ from skillhub.io.jsonio import MAX_TEXT_BYTES, parse_json, read_regular
 from skillhub.scoring.prompts import Renderer, as_renderer
 
 METRICS = {"exact_match": ("prompt", "answer"), "perplexity": ("text",)}
+HELDOUT_EVERY = 5
+
+
+def is_heldout(prompt: str) -> bool:
+    """The stable held-out split of a prompt set (the router's, a graft's): 1 prompt in
+    HELDOUT_EVERY, by a hash of the prompt, so it is the same across runs and machines."""
+    return hashlib.sha256(prompt.encode("utf-8")).digest()[0] % HELDOUT_EVERY == 0
 
 
 def load_eval_set(path: str | os.PathLike[str], metric: str = "exact_match") -> list[dict[str, str]]:
