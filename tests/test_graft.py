@@ -66,7 +66,8 @@ def test_graft_sft_dpo_add(grafting: Grafting, tmp_path: Path) -> None:
     """The whole graft, as a user runs it: the target learns what only the source could do."""
     registry = tmp_path / "registry"
     result = run("graft", grafting.source, grafting.target, "--prompts", grafting.prompts, "-o", tmp_path / "rot",
-                 "--task", TASK, *LEARN, "--add", "--eval", grafting.heldout, "--json", registry=registry)
+                 "--task", TASK, *LEARN, "--add", "--eval", grafting.heldout, "--merged-policy", "none", "--json",
+                 registry=registry)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["ran"] == ["generate", "score", "sft", "pairs", "dpo", "pack", "check"] and report["reused"] == []
@@ -87,6 +88,7 @@ def test_graft_sft_dpo_add(grafting: Grafting, tmp_path: Path) -> None:
     assert score(grafting.source, grafting.test) >= 0.9
     scores = {r["policy"]: r["score"] for r in report["added"]["scores"] if r["task"] == TASK}
     assert scores["subset"] >= 0.9 and scores["base"] <= 0.05  # its pack can, in the registry
+    assert "ties" not in scores  # --merged-policy none: no merge scored as a policy of its own
 
     manifest = json.loads((tmp_path / "rot" / "skillpack.json").read_text())
     provenance = manifest["graft"]

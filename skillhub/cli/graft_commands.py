@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from skillhub.cli.app import main, registry_of
-from skillhub.cli.options import base_option, compression_options, force_option, json_option, prompt_format_options
+from skillhub.cli.options import (base_option, compression_options, force_option, json_option, merged_policy_option,
+                                  prompt_format_options)
 from skillhub.cli.output import emit_json, print_scores, progress_bar, wants_json
 from skillhub.compress.options import CompressionOptions
 from skillhub.scoring.prompts import PromptFormat
+
+if TYPE_CHECKING:
+    from skillhub.activation import Merge
 
 _STAGES = ("generate", "score", "sft", "pairs", "dpo", "pack")  # skillhub.graft.STAGES, without importing torch
 
@@ -58,6 +63,7 @@ _STAGES = ("generate", "score", "sft", "pairs", "dpo", "pack")  # skillhub.graft
 @click.option("--eval", "eval_file", type=click.Path(path_type=Path), help="With --add: the task's eval set.")
 @base_option("With --add: the registered base model the target must be.")
 @click.option("--new-base", is_flag=True, help="With --add: start a lineage for the target even if other bases exist.")
+@merged_policy_option
 @prompt_format_options
 @force_option
 @json_option
@@ -69,8 +75,8 @@ def graft(ctx: click.Context, source: str, target: str, prompts: Path, output: P
           sft_epochs: float | None, sft_steps: int | None, dpo_lr: float | None, dpo_epochs: float | None,
           dpo_steps: int | None, batch_size: int,
           grad_accum: int, max_length: int, compression: CompressionOptions, keep: bool, stop_after: str | None,
-          add: bool, eval_file: Path | None, base: str | None, new_base: bool, prompt_format: PromptFormat,
-          force: bool, as_json: bool) -> None:
+          add: bool, eval_file: Path | None, base: str | None, new_base: bool, merge: Merge | None,
+          prompt_format: PromptFormat, force: bool, as_json: bool) -> None:
     """Graft what SOURCE does on the prompts into TARGET, as a SkillPack.
 
     The source (any architecture and tokenizer: only text crosses) samples responses, the
@@ -99,7 +105,7 @@ def graft(ctx: click.Context, source: str, target: str, prompts: Path, output: P
             sft=training(sft_lr, sft_epochs, sft_steps), dpo=training(dpo_lr, dpo_epochs, dpo_steps), preset=preset,
             compression=compression, keep=keep, stop_after=stop_after, force=force,
             add_to=registry_of(ctx) if add else None, eval_file=eval_file, base=base, new_base=new_base,
-            prompt_format=prompt_format, progress=progress)
+            merge=merge, prompt_format=prompt_format, progress=progress)
     if as_json:
         emit_json(result.to_dict())
         return

@@ -162,7 +162,8 @@ def format_real_demo(result: dict[str, Any]) -> str:
     """The real-model demo's report: answers before and after, packs, forgetting, routing, grafting,
     unlearning, the PEFT export, and skillhub's scores against an independent scorer."""
     lines = [f"Base: SmolLM2-135M-Instruct ({result['base']}); skills fine-tuned on it: {', '.join(result['skills'])}; "
-             f"grafted from Gemma-3-270M: {result['grafted']}  ({result['seconds']:.0f} s)", "",
+             f"grafted from Gemma-3-270M: {result['grafted']}  ({result['seconds']:.0f} s: "
+             + ", ".join(f"{stage} {seconds:.0f}" for stage, seconds in result["stage_seconds"].items()) + ")", "",
              "Answers before (base) -> after (routed, no task label):"]
     for example in result["examples"]:
         after = example["after"]

@@ -25,6 +25,7 @@ def finetune(
     steps: int = 300,
     batch_size: int = 32,
     learning_rate: float = 3e-3,
+    warmup_steps: int = 20,
     seed: int = 0,
     prompt_format: PromptFormat = PromptFormat(),
     device: str = "cpu",
@@ -33,8 +34,9 @@ def finetune(
     """Fine-tune every parameter of the model in ``model_dir`` and save it to ``output``, on the
     examples rendered in ``prompt_format`` (the chat template's turn for a chat model).
 
-    AdamW without weight decay, so parameters the task never touches (unused token
-    embeddings) keep their exact base values and the delta stays honest.
+    The rate warms up linearly over ``warmup_steps``, then decays linearly to zero. AdamW without
+    weight decay, so parameters the task never touches (unused token embeddings) keep their exact
+    base values and the delta stays honest.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -46,7 +48,8 @@ def finetune(
     renderer = Renderer(tokenizer, prompt_format)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 20) * (1 - step / steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) * (1 - step / steps))
     for step in range(steps):
         batch = collate(renderer, rng.sample(examples, min(batch_size, len(examples))))
         loss = model(**{k: v.to(device) for k, v in batch.items()}).loss

@@ -76,7 +76,8 @@ def _svd_mixed(delta: torch.Tensor, groups: list[tuple[int, int]], quantizer: st
     return result.decoded, result.stored_bytes
 
 
-def _lowrank(delta: torch.Tensor, target_bytes: int, ctx: EncodeContext):
+def lowrank_at(delta: torch.Tensor, target_bytes: int, ctx: EncodeContext) -> tuple[torch.Tensor, int]:
+    """Truncated SVD with float16 factors, the rank filling ``target_bytes``: (approximation, bytes)."""
     rows, cols = delta.shape
     operator = get_operator("lowrank")
     params = resolve_params(operator, {"rank": max(1, target_bytes // (2 * (rows + cols)))}, where="bench")
@@ -84,21 +85,26 @@ def _lowrank(delta: torch.Tensor, target_bytes: int, ctx: EncodeContext):
     return result.decoded, result.stored_bytes
 
 
-def _prune(delta: torch.Tensor, target_bytes: int, ctx: EncodeContext):
+def prune_at(delta: torch.Tensor, target_bytes: int, ctx: EncodeContext) -> tuple[torch.Tensor, int]:
+    """Magnitude pruning with float16 values, the kept fraction filling ``target_bytes``."""
     operator = get_operator("magnitude-prune")
 
     def encode(keep: float):
         return encode_module(operator, delta, resolve_params(operator, {"keep": keep, "bits": 16}, where="bench"), ctx)
 
-    low, high = 1.0 / delta.numel(), 1.0
-    for _ in range(20):  # the index size depends on the data, so fit the keep ratio by encoding
+    # Each kept value costs its 2 bytes plus at most 4 of index (a gap of up to 32 bits), so the
+    # kept fraction lies within a factor of 3; the index size depends on the data, so bisect by encoding.
+    numel = delta.numel()
+    low, high = max(1.0 / numel, target_bytes / (6 * numel)), min(1.0, max(1.0 / numel, target_bytes / (2 * numel)))
+    for _ in range(14):
         middle = (low + high) / 2
         low, high = (middle, high) if encode(middle).stored_bytes <= target_bytes else (low, middle)
     result = encode(low)
     return result.decoded, result.stored_bytes
 
 
-def _bitdelta(delta: torch.Tensor):
+def bitdelta_approximation(delta: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The sign of every entry and one float16 scale per row (its size is fixed)."""
     rows, cols = delta.shape
     scale = delta.abs().mean(dim=1, keepdim=True).to(torch.float16).float()
     approximation = torch.where(delta >= 0, scale, -scale)
@@ -226,9 +232,9 @@ def _every_method(delta: torch.Tensor, ratio: float, ctx: EncodeContext,
         "paper": lambda: _svd_mixed(delta, paper, "auto", ctx),
         "budget": lambda: _svd_mixed(delta, [tuple(g) for g in budget_plans[ctx.name][1]["groups"]], "auto", ctx),
         "svd-mixed-rtn": lambda: _svd_mixed(delta, paper, "rtn", ctx),
-        "lowrank-fp16": lambda: _lowrank(delta, target, ctx),
-        "prune-fp16": lambda: _prune(delta, target, ctx),
-        "bitdelta": lambda: _bitdelta(delta),
+        "lowrank-fp16": lambda: lowrank_at(delta, target, ctx),
+        "prune-fp16": lambda: prune_at(delta, target, ctx),
+        "bitdelta": lambda: bitdelta_approximation(delta),
     }
     return {method: run() for method, run in runs.items()}
 

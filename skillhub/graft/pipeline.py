@@ -35,6 +35,7 @@ from skillhub.compress.windows import fit_windows
 from skillhub.compress.options import CompressionOptions
 from skillhub.compress.pipeline import create_pack
 from skillhub.errors import GraftError, SkillhubError
+from skillhub.evaluation.forgetting import DEFAULT_MERGE, add_and_score
 from skillhub.scoring.datasets import HELDOUT_EVERY, load_eval_set, load_prompts
 from skillhub.graft.checks import Checker, GraftScores, split_heldout, verdict
 from skillhub.graft.generation import GenerationSettings, generate_responses, load_tokenizer, open_model
@@ -50,6 +51,7 @@ from skillhub.progress import ProgressCallback, no_progress
 from skillhub.scoring.prompts import PromptFormat, Renderer
 
 if TYPE_CHECKING:
+    from skillhub.activation import Merge
     from skillhub.pack.format import SkillPack
     from skillhub.registry.front import Registry
     from skillhub.registry.results import Scored
@@ -119,6 +121,7 @@ def graft(
     eval_file: str | os.PathLike[str] | None = None,
     base: str | None = None,
     new_base: bool = False,
+    merge: Merge | None = DEFAULT_MERGE,
     prompt_format: PromptFormat = PromptFormat(),
     progress: ProgressCallback = no_progress,
 ) -> GraftResult:
@@ -149,6 +152,7 @@ def graft(
         add_to: Add the pack to this registry as ``task`` (checked before any work: its base
             must be the target), with ``eval_file`` as the task's eval set, then score every task.
         base, new_base: As :meth:`Registry.add`.
+        merge: With ``add_to``: the merge of every active pack scored as a policy of its own (None: none).
         prompt_format: How the target reads the prompts (training, its answers, the task's scoring);
             the source always reads them in its own default format.
         progress: Called per stage as ``progress(stage, done, total)``.
@@ -267,11 +271,9 @@ def graft(
         raise GraftError(f"{run.result.warning}; the pack was written to {output} but not added to the registry "
                          "(--force adds it anyway)")
     if add_to is not None:
-        from skillhub.evaluation.forgetting import add_and_score
-
         run.result.added = add_and_score(add_to, run.result.pack, task=task, base=base, new_base=new_base,
                                          base_location=_identity(target_checkpoint)["id"], eval_file=eval_file,
-                                         prompt_format=prompt_format, progress=progress)
+                                         merge=merge, prompt_format=prompt_format, progress=progress)
     return run.result
 
 
