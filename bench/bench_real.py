@@ -229,45 +229,58 @@ def run(finetune_spec: FineTune, workdir: Path) -> dict[str, Any]:
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    """One row per method and ratio; per fine-tune: retention (exact match) and answer NLL."""
+    """One row per method and size; per fine-tune: exact match = retention at the stored ratio, answer NLL."""
     header = "| method | " + " | ".join(f"{r['finetune']} ({r['examples']})" for r in results) + " |"
     lines = [header, "|---|" + "---:|" * len(results)]
-    keys = list(dict.fromkeys((row["method"], _ratio_bucket(row)) for r in results for row in r["rows"]))
-    for method, bucket in keys:
+    for method, index in dict.fromkeys(key for r in results for key in _row_keys(r["rows"])):
         cells = []
         for result in results:
-            row = next((x for x in result["rows"] if (x["method"], _ratio_bucket(x)) == (method, bucket)), None)
+            row = dict(zip(_row_keys(result["rows"]), result["rows"])).get((method, index))
             cells.append("-" if row is None else
                          f"{row['exact_match']:.2f} = {row['retention']:.0%} at {row['ratio']:.2%}, "
-                         f"NLL {row['answer_nll']:.3f}")
+                         f"NLL {row['answer_nll']:.4f}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _ratio_bucket(row: dict[str, Any]) -> float:
-    """Rows of one method at one nominal ratio share a table row across fine-tunes."""
-    return min((0.0, 0.025, 0.05, 0.065, 0.10, 0.14, 1.0), key=lambda r: abs(r - row["ratio"]))
+def _row_keys(rows: list[dict[str, Any]]) -> list[tuple[str, int]]:
+    """(method, its n-th size): a method's rows come in the same order of sizes for every fine-tune."""
+    seen: dict[str, int] = {}
+    keys = []
+    for row in rows:
+        keys.append((row["method"], seen.get(row["method"], 0)))
+        seen[row["method"]] = keys[-1][1] + 1
+    return keys
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
+    """Per fine-tune: retention (top) and the answers' NLL over the fine-tune's (bottom) vs stored bytes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.6), squeeze=False)
-    for axis, result in zip(axes[0], results):
-        methods = dict.fromkeys(r["method"] for r in result["rows"] if r["method"] not in ("fine-tune", "base"))
-        for method in methods:
-            points = sorted((r["ratio"], r["retention"]) for r in result["rows"] if r["method"] == method)
-            axis.plot([100 * x for x, _ in points], [100 * y for _, y in points], marker="o", label=method)
-        axis.axvline(10, color="grey", linestyle=":", linewidth=1)
-        axis.axhline(99, color="grey", linestyle=":", linewidth=1)
-        axis.set(title=result["finetune"], xlabel="stored bytes, % of the fp16 delta", ylabel="retention, %",
-                 xscale="log", ylim=(-5, 110))
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    figure, axes = plt.subplots(2, len(results), figsize=(4.2 * len(results), 6.4), squeeze=False)
+    for column, result in enumerate(results):
+        finetuned = result["rows"][0]["answer_nll"]
+        lines: dict[str, list[tuple[float, float, float]]] = {}
+        for row in result["rows"][2:]:  # after the fine-tune and the base
+            label = "budget, GPTQ" if row["method"].startswith("budget") else row["method"]
+            lines.setdefault(label, []).append((100 * row["ratio"], 100 * row["retention"],
+                                                row["answer_nll"] / finetuned))
+        for label, points in lines.items():
+            points.sort()
+            axes[0][column].plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+            axes[1][column].plot([p[0] for p in points], [p[2] for p in points], marker="o", label=label)
+        axes[0][column].axhline(99, color="grey", linestyle=":", linewidth=1)
+        axes[0][column].set(title=result["finetune"], ylabel="retention, %", xscale="log", ylim=(-5, 110))
+        axes[1][column].set(xlabel="stored bytes, % of the fp16 delta", ylabel="answer NLL / fine-tune's",
+                            xscale="log", yscale="log")
+        for axis in axes[:, column]:
+            axis.axvline(10, color="grey", linestyle=":", linewidth=1)
+    axes[1][-1].legend(fontsize=7, loc="upper right")
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=100)
 
 
 def main() -> None:
