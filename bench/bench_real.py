@@ -22,7 +22,7 @@ log-likelihood. Retention = the stored model's exact match / the fine-tune's.
 
     python bench/bench_real.py [--workdir DIR] [--only smollm2/zentro ...] [--plot FILE.png] [--json FILE]
 
-About 40 minutes on 2 cores the first time (the fine-tunes take 12 of them).
+About 75 minutes on 2 cores the first time (the fine-tunes take about 9 of them; they are kept).
 """
 
 from __future__ import annotations
