@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "skillhub"
 
 # Longest prefix wins. A new module must be placed here before it can be imported anywhere.
 LAYERS = {
-    "skillhub": 0, "skillhub._lazy": 0, "skillhub._memory": 0, "skillhub.errors": 0, "skillhub.config": 0, "skillhub.progress": 0,
+    "skillhub": 0, "skillhub._lazy": 0, "skillhub.errors": 0, "skillhub.config": 0, "skillhub.progress": 0,
     "skillhub.io": 1, "skillhub.numerics": 1,
     "skillhub.operators": 2,
     "skillhub.pack": 3,

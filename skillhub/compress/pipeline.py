@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from skillhub import __version__, config
-from skillhub._memory import return_freed_memory
+from skillhub.io.memory import return_freed_memory
 from skillhub.compress.budget import budget_recipe, check_ratio, plan_budget
 from skillhub.compress.windows import build_calibration_set
 from skillhub.compress.calibrate import (

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 
 import torch
 
-from skillhub._memory import return_freed_memory
+from skillhub.io.memory import return_freed_memory
 from skillhub.io.checkpoint import Checkpoint
 from skillhub.io.layout import CheckpointLayout, revert
 from skillhub.progress import quiet_transformers
