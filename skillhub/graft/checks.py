@@ -114,6 +114,6 @@ def verdict(scores: GraftScores, *, sft_learning_rate: float) -> str | None:
     shown = ", ".join(f"{k} {v:.2f}" for k, v in (scores.heldout if scores.heldout_prompts else scores.eval).items()
                       if v is not None)
     return (f"the target did not learn the task (held-out scores: {shown}): at --sft-lr {sft_learning_rate:g} "
-            "it barely moved; for a target under 1B parameters use --preset small (or raise --sft-lr and --sft-epochs), and "
-            "check that the source's answers score well")
+            "it barely moved; for a target under 1B parameters use --preset small (or raise --sft-lr and "
+            "--sft-epochs), and check that the source's answers score well")
 
