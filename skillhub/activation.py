@@ -31,6 +31,7 @@ import torch
 from skillhub.errors import MismatchError, SkillhubError
 from skillhub.io.checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint, Fingerprint, open_checkpoint
 from skillhub.io.layout import CheckpointLayout, checkpoint_tensors
+from skillhub.io.memory import return_freed_memory
 from skillhub.io.outputs import check_output, staged_directory
 from skillhub.pack.format import SkillPack, load_pack
 from skillhub.progress import ProgressCallback, no_progress, reporting
@@ -304,6 +305,8 @@ class Patcher:
         self.cache_sets = max(1, cache_sets)
         self._cache: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
         self.current: tuple = ()
+        self.switches = 0  # times use() changed the model's set
+        self.cache_hits = 0  # of those, times the set's weights were still computed
 
     def use(self, packs: Sequence[SkillPack], merge: Merge | None = None) -> None:
         """Make the model theta_base + the packs (an empty list: the base)."""
@@ -312,8 +315,18 @@ class Patcher:
             return
         weights = self._cache.get(key) if packs else {}
         if weights is None:
+            # Make room first, so at most cache_sets sets are ever held beside the base weights.
+            self._swap_in({})
+            self.current = ()
+            if len(self._cache) >= self.cache_sets:
+                while len(self._cache) >= self.cache_sets:
+                    self._cache.popitem(last=False)
+                return_freed_memory()  # else the evicted set's pages stay with the process
             weights = self._compute(packs, merge)
+        elif packs:
+            self.cache_hits += 1
         self._swap_in(weights)
+        self.switches += 1
         self.current = key if packs else ()
         if packs:
             self._cache[key] = weights

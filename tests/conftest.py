@@ -251,3 +251,24 @@ def registry_factory(request: pytest.FixtureRequest, tmp_path: Path):
         for name in created:
             connection.execute(sa.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
     admin.dispose()
+
+
+ROUTED_TASKS = ("shift", "reverse", "sort")
+
+
+@pytest.fixture(scope="session")
+def routed(three_packs, finetuned: FineTune, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """A registry (to copy before changing) with three packs, eval sets and a trained router;
+    and the pack id of each task."""
+    from skillhub.registry.front import Registry
+    from skillhub.routing.training import train_router
+
+    root = tmp_path_factory.mktemp("routed")
+    registry = Registry(root / "registry")
+    ids = {}
+    for task in ROUTED_TASKS:
+        ids[task] = registry.add(three_packs[task], task=task, base_location=str(finetuned.base)).id
+        _, test = split_examples(task, train=0, test=80, seed=5)
+        registry.add_task(task, write_jsonl(test, root / f"{task}.jsonl"))
+    train_router(registry)
+    return root / "registry", ids

@@ -25,7 +25,7 @@ LAYERS = {
     "skillhub.evaluation.metrics": 4, "skillhub.evaluation.interference": 4,
     "skillhub.registry": 5,
     "skillhub.sharing": 6, "skillhub.routing": 6, "skillhub.graft": 6, "skillhub.evaluation.forgetting": 6, "skillhub.evaluation.benchmark": 6,
-    "skillhub.demo": 7, "skillhub.cli": 7, "skillhub.testing": 7, "skillhub.__main__": 7,
+    "skillhub.serving": 7, "skillhub.demo": 7, "skillhub.cli": 7, "skillhub.testing": 7, "skillhub.__main__": 7,
 }
 # Third-party packages and the only modules (or packages) that may import them.
 OWNERS = {
@@ -41,6 +41,11 @@ OWNERS = {
     "ray": ("skillhub.compress.ray_executor",),
     "datasets": ("skillhub.graft.training",),
     "lm_eval": ("skillhub.scoring.harness",),
+    "fastapi": ("skillhub.serving",),
+    "starlette": ("skillhub.serving",),
+    "uvicorn": ("skillhub.serving.server",),
+    "prometheus_client": ("skillhub.serving.metrics",),
+    "pydantic": ("skillhub.serving.protocol",),
 }
 
 

@@ -94,6 +94,26 @@ def test_patcher_switches_sets_exactly_and_lends_the_base_back(finetuned: FineTu
     assert all(torch.equal(p, pristine[n]) for n, p in model.named_parameters())
 
 
+def test_patcher_keeps_at_most_cache_sets_sets_and_counts_switches(finetuned: FineTune, three_packs) -> None:
+    model = AutoModelForCausalLM.from_pretrained(finetuned.base, dtype=torch.float32)
+    packs = [load_pack(three_packs[t]) for t in ("shift", "reverse", "sort")]
+    expected = []
+    for pack in packs:
+        with patched(model, [pack]):
+            expected.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    patcher = Patcher(model, cache_sets=1)
+    for index in (0, 1, 0, 2, 2):
+        patcher.use([packs[index]])
+        assert all(torch.equal(p, expected[index][n]) for n, p in model.named_parameters())
+        assert len(patcher._cache) == 1  # never two sets beside the base
+    assert (patcher.switches, patcher.cache_hits) == (4, 0)  # the last use was already current
+    patcher = Patcher(model, cache_sets=2)
+    for index in (0, 1, 0, 1):
+        patcher.use([packs[index]])
+    assert (patcher.switches, patcher.cache_hits) == (4, 2)
+    patcher.restore()
+
+
 def test_interference_of_a_pack_with_itself_and_with_others(three_packs) -> None:
     shift = load_pack(three_packs["shift"])
     same = interference([shift, shift], labels=["a", "b"])

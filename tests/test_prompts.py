@@ -105,6 +105,27 @@ def test_chat_template_ends_answers_with_its_end_of_turn(kind: str) -> None:
     assert plain.end_id == plain.tokenizer.eos_token_id
 
 
+def test_conversations_render_with_the_template_and_the_formats_system_turn(tokenizer) -> None:
+    renderer = Renderer(tokenizer)
+    one = [{"role": "user", "content": PROMPTS[0]}]
+    assert renderer.conversation_ids(one) == renderer.prompt_ids(PROMPTS[0])  # one user turn: the prompt
+    if renderer.kind == "plain":
+        with pytest.raises(SkillhubError, match="single user message"):
+            renderer.conversation_ids([{"role": "assistant", "content": "x"}, *one])
+        return
+    turns = [*one, {"role": "assistant", "content": ANSWERS[0]}, {"role": "user", "content": PROMPTS[1]}]
+    ids = renderer.conversation_ids(turns)
+    text, last = tokenizer.decode(ids), tokenizer.decode(renderer.prompt_ids(PROMPTS[1]))
+    assert text.endswith(last[-12:])  # it ends as a prompt does: the last user turn, then the assistant's cue
+    answer_ids = tokenizer.encode(ANSWERS[0], add_special_tokens=False)
+    assert len(ids) > len(renderer.prompt_ids(PROMPTS[0])) + len(answer_ids)  # every turn is in it
+    system = Renderer(tokenizer, PromptFormat("chat", system="Answer briefly."))
+    assert system.conversation_ids(one) == system.prompt_ids(PROMPTS[0])
+    own = [{"role": "system", "content": "Be terse."}, *one]
+    assert system.conversation_ids(own) == Renderer(tokenizer, PromptFormat("chat", system="Be terse.")).prompt_ids(
+        PROMPTS[0])  # the conversation's own system turn wins
+
+
 def test_missing_pad_token_pads_with_the_end_token() -> None:
     tokenizer = char_tokenizer(CHATML)
     tokenizer.pad_token = None

@@ -18,23 +18,8 @@ from skillhub.registry.front import Registry
 from skillhub.routing.router import RouteClass, Router
 from skillhub.routing.training import fit, load_router, train_router
 
+from conftest import ROUTED_TASKS as TASKS
 from conftest import FineTune
-
-TASKS = ("shift", "reverse", "sort")
-
-
-@pytest.fixture(scope="module")
-def routed(three_packs, finetuned: FineTune, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
-    """A registry (to copy before changing) with three packs, eval sets and a trained router."""
-    root = tmp_path_factory.mktemp("routed")
-    registry = Registry(root / "registry")
-    ids = {}
-    for task in TASKS:
-        ids[task] = registry.add(three_packs[task], task=task, base_location=str(finetuned.base)).id
-        _, test = split_examples(task, train=0, test=80, seed=5)
-        registry.add_task(task, write_jsonl(test, root / f"{task}.jsonl"))
-    train_router(registry)
-    return root / "registry", ids
 
 
 def fresh(routed, tmp_path: Path) -> tuple[str, Registry]:

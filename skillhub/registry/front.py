@@ -207,6 +207,11 @@ class Registry:
         """The lineage event log, oldest first."""
         return lineage.log(self.db, base=base)
 
+    def last_event(self, *, base: str | None = None) -> int:
+        """The id of the base's latest lineage event: one cheap query that tells a long-running reader
+        (``serve``) whether anything changed since it last looked."""
+        return lineage.last_event(self.db, base=base)
+
     # ------------------------------------------------------------------ tasks
 
     def tasks(self, *, base: str | None = None) -> list[TaskSet]:

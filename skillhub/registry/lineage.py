@@ -228,3 +228,11 @@ def log(db: Database, *, base: str | None) -> list[Event]:
             Event(id=id_, base=base_name, kind=kind, pack=pack, task=task, detail=json.loads(detail), actor=actor, at=at)
             for id_, base_name, kind, pack, task, detail, actor, at in session.execute(query.order_by(EventRow.id))
         ]
+
+
+def last_event(db: Database, *, base: str | None) -> int:
+    """The id of the base's latest lineage event (0 before any): every change a reader of the lineage
+    must notice (adds, removals, activation sets, eval sets, router training) appends one."""
+    with db.session() as session:
+        base_id = find_base(session, base).id
+        return session.scalar(select(func.max(EventRow.id)).where(EventRow.base_id == base_id)) or 0

@@ -48,25 +48,41 @@ class Generator:
             router's with ``route``, else the base tokenizer's default).
         cache_sets: How many pack sets stay computed for switching back (memory: the
             parameters a set changes, each).
+        device: Where the model runs (``cuda``, ``cuda:1``...; default: where transformers loads it, the CPU).
 
     Use it as ``gen.generate(prompts, route=True)``, or call ``gen(prompt, task=T)`` in a loop.
     """
 
     def __init__(self, registry: Registry, *, base: str | None = None, base_location: str | None = None,
                  max_new_tokens: int = 32, allow_stale: bool = False, prompt_format: PromptFormat | None = None,
-                 cache_sets: int = 2) -> None:
+                 cache_sets: int = 2, device: str | None = None) -> None:
         if max_new_tokens < 1:
             raise SkillhubError(f"--max-new-tokens must be at least 1, not {max_new_tokens}")
         self.registry, self.base = registry, base
         self.max_new_tokens, self.allow_stale, self.prompt_format = max_new_tokens, allow_stale, prompt_format
         self.model, self.tokenizer, self.base_entry = registry.load_base_model(base=base, location=base_location)
+        if device is not None:
+            self.model.to(device)
         self.patcher = Patcher(self.model, cache_sets=cache_sets)
-        self.active = [p.id for p in registry.list_packs(base=base)]
-        tasks = registry.tasks(base=base)
+        self._opened: dict[str, SkillPack] = {}
+        self.version = -1
+        self.refresh()
+
+    def refresh(self) -> bool:
+        """Read the lineage again (active packs, activation sets, prompt formats, router) if it changed
+        since it was last read, e.g. by another process; returns whether it had. A removed pack is
+        then never chosen again, and a retrained router is loaded on its next use."""
+        version = self.registry.last_event(base=self.base)
+        if version == self.version:
+            return False
+        self.version = version
+        self.active = [p.id for p in self.registry.list_packs(base=self.base)]
+        tasks = self.registry.tasks(base=self.base)
         self.task_sets = {t.name: list(t.packs) for t in tasks}
         self.task_formats = {t.name: t.prompt_format for t in tasks}
         self._router: Router | None = None
-        self._opened: dict[str, SkillPack] = {}
+        self._opened = {i: pack for i, pack in self._opened.items() if i in self.active}
+        return True
 
     # ------------------------------------------------------------------ choosing packs
 
@@ -102,7 +118,8 @@ class Generator:
                       else self.task_formats.get(task, PromptFormat()) if task is not None else PromptFormat())
         return Renderer(self.tokenizer, chosen, what=f"base {self.base_entry.name}")
 
-    def _packs(self, ids: Sequence[str]) -> list[SkillPack]:
+    def opened(self, ids: Sequence[str]) -> list[SkillPack]:
+        """The opened packs of these full ids (kept open for the next time)."""
         missing = [i for i in ids if i not in self._opened]
         if missing:
             self._opened.update(self.registry.packs_by_id(missing, base=self.base))
@@ -131,7 +148,7 @@ class Generator:
         outputs: list[str] = [""] * len(prompts)
         done = 0
         for pack_ids, members in groups.items():
-            self.patcher.use(self._packs(pack_ids))
+            self.patcher.use(self.opened(pack_ids))
             for start in range(0, len(members), batch_size):
                 chunk = members[start:start + batch_size]
                 answers = generate_answers(self.model, renderer, [encoded[i] for i in chunk],

@@ -32,7 +32,8 @@ def quiet_generation() -> Iterator[None]:
 
 @torch.no_grad()
 def generate_answers(model, renderer: Renderer, encoded: list[list[int]], *, max_new_tokens: int,
-                     samples: int = 1, sampling: dict | None = None) -> list[list[int]]:
+                     samples: int = 1, sampling: dict | None = None, streamer=None,
+                     stopping=None) -> list[list[int]]:
     """The answer ids each prompt gets (``samples`` per prompt, in order), each cut at its end.
 
     Args:
@@ -42,6 +43,8 @@ def generate_answers(model, renderer: Renderer, encoded: list[list[int]], *, max
         max_new_tokens: Most tokens generated per answer.
         samples: Answers per prompt (sampling must then be given).
         sampling: ``temperature``, ``top_p``... for ``model.generate``; None decodes greedily.
+        streamer: A transformers ``BaseStreamer`` that sees each step's tokens (a server's streams).
+        stopping: A transformers ``StoppingCriteria`` that ends rows early (per-row limits, cancellation).
     """
     width = max(len(ids) for ids in encoded)
     device = next(model.parameters()).device
@@ -53,5 +56,6 @@ def generate_answers(model, renderer: Renderer, encoded: list[list[int]], *, max
     with quiet_generation():
         produced = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                   num_return_sequences=samples, pad_token_id=pad,
-                                  eos_token_id=list(renderer.stop_ids), **options)
+                                  eos_token_id=list(renderer.stop_ids), streamer=streamer,
+                                  stopping_criteria=[stopping] if stopping is not None else None, **options)
     return [renderer.answer_of(row[width:].tolist()) for row in produced]

@@ -25,6 +25,7 @@ either. A missing pad token is replaced by the end token.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,6 +111,29 @@ class Renderer:
         if self.kind == "plain":
             return self._bos + self.tokenizer.encode(prompt, add_special_tokens=False)
         text = self.tokenizer.apply_chat_template(self._messages(prompt), add_generation_prompt=True, tokenize=False)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def conversation_ids(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        """A conversation (``role``/``content`` messages, OpenAI's shape) as the model reads it before
+        the assistant's next turn: the chat template with the generation prompt, the format's system
+        turn first when the conversation has none. The plain format renders only one user message
+        (as :meth:`prompt_ids`): it has no turns.
+
+        Raises:
+            SkillhubError: The conversation cannot be rendered in this format (the message says why).
+        """
+        if self.kind == "plain":
+            if len(messages) != 1 or messages[0].get("role") != "user":
+                raise SkillhubError("the base's tokenizer has no chat template, so only a single user message "
+                                    "can be rendered (as a plain prompt): send one user message")
+            return self.prompt_ids(messages[0]["content"])
+        has_system = any(m.get("role") == "system" for m in messages)
+        system = [{"role": "system", "content": self.system}] if self.system is not None and not has_system else []
+        try:
+            text = self.tokenizer.apply_chat_template([*system, *messages], add_generation_prompt=True,
+                                                      tokenize=False)
+        except Exception as exc:  # noqa: BLE001 - a template raises what it likes (jinja's TemplateError mostly)
+            raise SkillhubError(f"the chat template cannot render this conversation: {exc}") from exc
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def answer_ids(self, answer: str) -> list[int]:
