@@ -46,6 +46,7 @@ OWNERS = {
     "uvicorn": ("skillhub.serving.server",),
     "prometheus_client": ("skillhub.serving.metrics",),
     "pydantic": ("skillhub.serving.protocol",),
+    "jinja2": ("skillhub.serving.browser",),
 }
 
 

@@ -92,21 +92,17 @@ def route_eval(ctx: click.Context, eval_files: tuple[Path, ...], allow_stale: bo
 @click.pass_context
 def route_show(ctx: click.Context, base: str | None, as_json: bool) -> None:
     """The base's router: classes, packs, features, training, and whether it is stale."""
-    from skillhub.routing.training import load_router
+    from skillhub.routing.training import router_report
 
-    registry = registry_of(ctx)
-    router = load_router(registry, base=base)
-    active = [p.id for p in registry.list_packs(base=base)]
-    stale = router.staleness(active, {t.name: list(t.packs) for t in registry.tasks(base=base)})
-    spec, _ = router.to_stored()
+    spec = router_report(registry_of(ctx), base=base)
     if wants_json(ctx, as_json):
-        emit_json({**spec, "stale": stale, "is_stale": any(stale.values())})
+        emit_json(spec)
         return
     print_table(["class", "packs", "state"],
-                [[c.name, ", ".join(c.packs) or "(base only)",
-                  "active" if c.usable(active) else "dropped (pack removed)"] for c in router.classes])
-    info = spec["info"]
-    click.echo(plain(f"layer {router.layer}, labels {router.labels}, threshold {router.threshold}, trained "
+                [[c["name"], ", ".join(c["packs"]) or "(base only)",
+                  "active" if c["usable"] else "dropped (pack removed)"] for c in spec["classes"]])
+    info, stale = spec["info"], spec["stale"]
+    click.echo(plain(f"layer {spec['layer']}, labels {spec['labels']}, threshold {spec['threshold']}, trained "
                      f"{info.get('trained_at', '?')} on {info['examples']['train']} examples (held-out accuracy "
                      f"{_percent(info['accuracy']['heldout'])})"))
     if any(stale.values()):

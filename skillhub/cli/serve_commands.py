@@ -1,4 +1,5 @@
-"""``skillhub serve``: the registry's skills behind one OpenAI-compatible endpoint."""
+"""``skillhub serve``: the registry's skills behind one OpenAI-compatible endpoint (and its browser at
+``/``); ``skillhub ui``: the registry browser alone."""
 
 from __future__ import annotations
 
@@ -42,19 +43,12 @@ def serve(ctx: click.Context, registry_location: str | None, base: str | None, b
     """Serve every skill of a base behind one OpenAI-compatible endpoint (/v1/chat/completions,
     /v1/completions, /v1/models): model ids are the tasks, 'auto' (the router picks per request)
     and 'base'. Packs added or removed while it runs are picked up without a restart."""
-    try:
-        from skillhub.serving.app import Limits, create_app
-        from skillhub.serving.server import check_exposure, run
-    except ImportError as exc:
-        raise SkillhubError(f"serve needs the serve extra ({exc.name} is missing): "
-                            "pip install 'skillhub[serve]'") from None
-    check_exposure(host, api_key)
-    if registry_location is not None:
-        from skillhub.registry import Registry
+    _require_extra("serve")
+    from skillhub.serving.app import Limits, create_app
+    from skillhub.serving.server import check_exposure, run
 
-        registry = Registry(registry_location, store=ctx.find_root().params.get("store"))
-    else:
-        registry = registry_of(ctx)
+    check_exposure(host, api_key)
+    registry = _registry(ctx, registry_location)
     limits = Limits(max_batch=max_batch, max_tokens=max_tokens, max_concurrent=max_concurrent,
                     max_body_bytes=max_body_bytes, request_timeout=request_timeout, cache_sets=cache_sets)
     app = create_app(registry, base=base, base_location=base_path, limits=limits, api_key=api_key, device=device,
@@ -62,3 +56,42 @@ def serve(ctx: click.Context, registry_location: str | None, base: str | None, b
     click.echo(plain(f"Serving {registry.display_url} at http://{host}:{port}/v1 "
                      f"(models: GET /v1/models; metrics: /metrics)"), err=True)
     run(app, host=host, port=port, drain_seconds=request_timeout)
+
+
+@main.command()
+@click.option("--registry", "registry_location", metavar="DIR|URL",
+              help="Registry to show (default: the global --registry, $SKILLHUB_HOME or the user data dir).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; anything but loopback needs an API key.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8001, show_default=True)
+@click.option("--api-key", envvar="SKILLHUB_API_KEY", show_envvar=True,
+              help="Required to open the pages (a form at /login sets it) and /api.")
+@click.pass_context
+def ui(ctx: click.Context, registry_location: str | None, host: str, port: int, api_key: str | None) -> None:
+    """The registry browser alone, read-only and without loading a model: bases, lineage, packs,
+    forgetting heatmaps, router and interference as web pages, the same data as JSON under /api/.
+    `skillhub serve` shows the same pages at / with a playground."""
+    _require_extra("ui")
+    from skillhub.serving.app import create_browser_app
+    from skillhub.serving.server import check_exposure, run
+
+    check_exposure(host, api_key)
+    registry = _registry(ctx, registry_location)
+    click.echo(plain(f"Browsing {registry.display_url} at http://{host}:{port}/"), err=True)
+    run(create_browser_app(registry, api_key=api_key), host=host, port=port, drain_seconds=5)
+
+
+def _require_extra(command: str) -> None:
+    from importlib.util import find_spec
+
+    for module in ("fastapi", "uvicorn", "jinja2", "prometheus_client"):
+        if find_spec(module) is None:
+            raise SkillhubError(f"{command} needs the serve extra ({module} is missing): pip install 'skillhub[serve]'")
+
+
+def _registry(ctx: click.Context, location: str | None):
+    if location is None:
+        return registry_of(ctx)
+    from skillhub.registry import Registry
+
+    return Registry(location, store=ctx.find_root().params.get("store"))

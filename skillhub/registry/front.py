@@ -203,9 +203,17 @@ class Registry:
         """One pack's entry, with its manifest and the tasks whose activation set holds it."""
         return lineage.show(self.db, self.store, pack_id)
 
+    def manifests(self, pack_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The manifests of these full pack ids as recorded at add, keyed by id (a listing's details)."""
+        return lineage.manifests(self.db, pack_ids)
+
     def log(self, *, base: str | None = None) -> list[Event]:
         """The lineage event log, oldest first."""
         return lineage.log(self.db, base=base)
+
+    def bases(self) -> list[BaseEntry]:
+        """Every registered base model (name, location, fingerprint), oldest first."""
+        return lineage.bases(self.db)
 
     def last_event(self, *, base: str | None = None) -> int:
         """The id of the base's latest lineage event: one cheap query that tells a long-running reader

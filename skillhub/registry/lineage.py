@@ -20,7 +20,7 @@ from skillhub.errors import MismatchError, RegistryError
 from skillhub.pack.manifest import BaseRef
 from skillhub.pack.names import base_name_from, check_name
 from skillhub.registry.database import Database, find_base, find_pack, log_event, now
-from skillhub.registry.results import AddedPack, Event, PackDetails, PackEntry, RegisteredBase
+from skillhub.registry.results import AddedPack, BaseEntry, Event, PackDetails, PackEntry, RegisteredBase
 from skillhub.registry.store import PackStore
 from skillhub.registry.tables import BaseModelRow, EventRow, PackRow, TaskPackRow
 from skillhub.registry.tasks import ensure_task, replace_task_set, task_sets
@@ -236,3 +236,17 @@ def last_event(db: Database, *, base: str | None) -> int:
     with db.session() as session:
         base_id = find_base(session, base).id
         return session.scalar(select(func.max(EventRow.id)).where(EventRow.base_id == base_id)) or 0
+
+
+def bases(db: Database) -> list[BaseEntry]:
+    """Every registered base model, in the order they were registered."""
+    with db.session() as session:
+        return [BaseEntry(row.name, row.location, row.fingerprint)
+                for row in session.scalars(select(BaseModelRow).order_by(BaseModelRow.id))]
+
+
+def manifests(db: Database, pack_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The recorded manifests of these full pack ids (one query; unknown ids are left out)."""
+    with db.session() as session:
+        rows = session.execute(select(PackRow.id, PackRow.manifest).where(PackRow.id.in_(list(pack_ids))))
+        return {pack_id: json.loads(text) for pack_id, text in rows}

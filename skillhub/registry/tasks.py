@@ -39,16 +39,23 @@ def ensure_task(session: Session, base: BaseModelRow, name: str) -> TaskRow:
 
 def task_sets(session: Session, base: BaseModelRow) -> list[TaskSet]:
     """Every task of ``base`` with its activation set (pack ids in lineage order)."""
-    active = list(session.scalars(
-        select(PackRow).where(PackRow.base_id == base.id, PackRow.state == "active").order_by(PackRow.position)))
+    # Ids and tasks only, grouped once: a 10,000-task registry must not compare every task with every pack.
+    active = session.execute(select(PackRow.id, PackRow.task).where(
+        PackRow.base_id == base.id, PackRow.state == "active").order_by(PackRow.position)).all()
+    position = {pack_id: n for n, (pack_id, _) in enumerate(active)}
+    by_task: dict[str, list[str]] = {}
+    for pack_id, task_name in active:
+        by_task.setdefault(task_name, []).append(pack_id)
     members: dict[int, set[str]] = {}
     for link in session.scalars(select(TaskPackRow)):
         members.setdefault(link.task_id, set()).add(link.pack_id)
     tasks = []
     for task in session.scalars(select(TaskRow).where(TaskRow.base_id == base.id).order_by(TaskRow.name)):
-        chosen = members.get(task.id, set()) if task.explicit else {p.id for p in active if p.task == task.name}
-        tasks.append(TaskSet(name=task.name, explicit=task.explicit, packs=tuple(p.id for p in active if p.id in chosen),
-                             prompt_format=_prompt_format(task)))
+        if task.explicit:
+            packs = tuple(sorted((i for i in members.get(task.id, ()) if i in position), key=position.__getitem__))
+        else:
+            packs = tuple(by_task.get(task.name, ()))
+        tasks.append(TaskSet(name=task.name, explicit=task.explicit, packs=packs, prompt_format=_prompt_format(task)))
     return tasks
 
 

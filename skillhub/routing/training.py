@@ -203,10 +203,18 @@ def train_router(registry: Registry, *, base: str | None = None, labels: str = "
         chosen = router.probabilities(features[rows]).argmax(dim=-1).tolist()
         return sum(c == targets[r] for c, r in zip(chosen, rows)) / len(rows)
 
+    def confusion(rows: list[int]) -> list[list[int]]:
+        counts = [[0] * len(classes) for _ in classes]
+        if rows:
+            for chosen, row in zip(router.probabilities(features[rows]).argmax(dim=-1).tolist(), rows):
+                counts[targets[row]][chosen] += 1
+        return counts
+
     router.info.update({
         "examples": {"train": len(train), "heldout": len(heldout),
                      "per_class": {c.name: sum(targets[i] == n for i in train) for n, c in enumerate(classes)}},
         "accuracy": {"train": accuracy(train), "heldout": accuracy(heldout)},
+        "confusion": {"heldout": confusion(heldout)},  # [true class][chosen class] counts, in class order
         "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
     spec, arrays = router.to_stored()
@@ -217,6 +225,22 @@ def train_router(registry: Registry, *, base: str | None = None, labels: str = "
                     f"included: give prompts that belong to the base model (`skillhub route examples {BASE_CLASS} "
                     "FILE`) and train again",)
     return TrainedRouter(router=router, step=step, warnings=warnings)
+
+
+def router_report(registry: Registry, *, base: str | None = None) -> dict[str, Any]:
+    """The base's router as ``route show --json`` and the registry browser show it: its stored spec
+    (classes, layer, training info with the held-out confusion matrix) and its staleness.
+
+    Raises:
+        NotFoundError: No router was trained for the base.
+    """
+    router = load_router(registry, base=base)
+    active = [p.id for p in registry.list_packs(base=base)]
+    stale = router.staleness(active, {t.name: list(t.packs) for t in registry.tasks(base=base)})
+    spec, _ = router.to_stored()
+    classes = [{**c, "usable": RouteClass(c["name"], c["task"], tuple(c["packs"])).usable(active)}
+               for c in spec["classes"]]
+    return {**spec, "classes": classes, "stale": stale, "is_stale": any(stale.values())}
 
 
 def load_router(registry: Registry, *, base: str | None = None) -> Router:

@@ -12,7 +12,6 @@ sends stops the server.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import time
 from collections.abc import AsyncIterator
@@ -21,14 +20,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from skillhub import __version__
+from skillhub.errors import NotFoundError, SkillhubError
 from skillhub.registry.front import Registry
 from skillhub.routing.generate import Generator
+from skillhub.serving.auth import Authorizer
+from skillhub.serving.browser import browser_routes
 from skillhub.serving.catalog import Catalog
 from skillhub.serving.engine import Decided, Engine, Event, Failed, Finished, Job, Text
 from skillhub.serving.metrics import CONTENT_TYPE, ServerMetrics
@@ -140,6 +142,42 @@ class _Exchange:
             self.metrics.latency.labels(self.endpoint, self.model).observe(time.monotonic() - self.started)
 
 
+def _common(app: FastAPI, api_key: str | None) -> Authorizer:
+    """What the server and the browser alone share: OpenAI-style errors for every failure (a page
+    asked without the key goes to ``/login``), and the key's check."""
+    authorize = Authorizer(api_key)
+    app.include_router(authorize.routes())
+
+    @app.exception_handler(BadRequest)
+    async def bad_request(request: Request, exc: BadRequest) -> Response:
+        if exc.status == 401 and not request.url.path.startswith(("/v1/", "/api/", "/metrics")):
+            return RedirectResponse("/login", status_code=303)
+        return _error(exc)
+
+    @app.exception_handler(SkillhubError)
+    async def refused(_request: Request, exc: SkillhubError) -> JSONResponse:  # a page or /api/ asked for what is not
+        return _error(BadRequest(404 if isinstance(exc, NotFoundError) else 400, str(exc)))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request: Request, exc: HTTPException) -> JSONResponse:
+        return _error(BadRequest(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404
+                                 else "invalid_request"))
+
+    @app.exception_handler(Exception)
+    async def internal_error(_request: Request, _exc: Exception) -> JSONResponse:
+        return _error(BadRequest(500, "internal server error: see the server's log", code="internal_error"))
+
+    return authorize
+
+
+def create_browser_app(registry: Registry, *, api_key: str | None = None) -> FastAPI:
+    """The registry browser alone (``skillhub ui``): pages and ``/api/``, no model loaded, no playground."""
+    app = FastAPI(title="skillhub registry browser", version=__version__, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.include_router(browser_routes(registry, authorize=_common(app, api_key), playground=False))
+    return app
+
+
 def create_app(registry: Registry, *, base: str | None = None, base_location: str | None = None,
                limits: Limits = Limits(), api_key: str | None = None, device: str | None = None,
                allow_stale: bool = False) -> FastAPI:
@@ -174,29 +212,12 @@ def create_app(registry: Registry, *, base: str | None = None, base_location: st
         finally:
             await run_in_threadpool(engine.stop)
 
-    app = FastAPI(title="skillhub", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="skillhub", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
     app.state.metrics, app.state.catalog = metrics, catalog
 
-    def authorize(request: Request) -> None:
-        if api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-            raise BadRequest(401, "missing or wrong API key: send it as 'Authorization: Bearer KEY'",
-                             code="invalid_api_key")
-
-    @app.exception_handler(BadRequest)
-    async def bad_request(_request: Request, exc: BadRequest) -> JSONResponse:
-        return _error(exc)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(_request: Request, exc: HTTPException) -> JSONResponse:
-        return _error(BadRequest(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404
-                                 else "invalid_request"))
-
-    @app.exception_handler(Exception)
-    async def internal_error(_request: Request, _exc: Exception) -> JSONResponse:
-        return _error(BadRequest(500, "internal server error: see the server's log", code="internal_error"))
+    authorize = _common(app, api_key)
+    app.include_router(browser_routes(registry, authorize=authorize, playground=True))
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
