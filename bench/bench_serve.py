@@ -289,11 +289,14 @@ def main() -> None:
     servers = {"baseline": Server([sys.executable, __file__, "--max-batch", str(args.max_batch), "--baseline-server",
                                    str(port := free_port()), json.dumps({t: str(p) for t, p in tuned.items()})], port)}
     for cache in (len(TASKS) + 1, 1):  # every set kept (the tasks' and the base's), or one
+        port = free_port()
         servers[f"cache {cache}"] = Server(
-            [sys.executable, "-m", "skillhub", "--registry", str(registry_dir), "serve", "--port", str(port := free_port()),
-             "--max-batch", str(args.max_batch), "--max-tokens", str(args.max_tokens), "--cache-sets", str(cache)], port)
-    setups = [("baseline", "baseline", False)] + [(f"{how}, {name}", name, how == "auto")
-                                                  for name in servers if name != "baseline" for how in ("named", "auto")]
+            [sys.executable, "-m", "skillhub", "--registry", str(registry_dir), "serve", "--port", str(port),
+             "--max-batch", str(args.max_batch), "--max-tokens", str(args.max_tokens), "--cache-sets", str(cache)],
+            port)
+    setups = [("baseline", "baseline", False)]
+    setups += [(f"{how}, {name}", name, how == "auto") for name in servers if name != "baseline"
+               for how in ("named", "auto")]
     rows = []
     try:
         for _, name, routed in setups:  # warm up
@@ -303,8 +306,8 @@ def main() -> None:
                 result = drive(servers[name].url, [("auto" if routed else t, p) for t, p in work], concurrency,
                                args.max_tokens)
                 rows.append({"setup": setup, "concurrency": concurrency, **result})
-                print(f"{setup:16s} c={concurrency:2d}: {result['tokens_per_s']:6.1f} tok/s  p50 {result['p50_s']:6.2f} s"
-                      f"  p95 {result['p95_s']:6.2f} s", flush=True)
+                print(f"{setup:16s} c={concurrency:2d}: {result['tokens_per_s']:6.1f} tok/s  "
+                      f"p50 {result['p50_s']:6.2f} s  p95 {result['p95_s']:6.2f} s", flush=True)
     finally:
         for server in servers.values():
             server.stop()
@@ -323,7 +326,8 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "peak_rss_bytes": memory, "summary": summary,
                                          "peak_rss_bytes_by_tasks": by_tasks,
-                                         "settings": vars(args) | {"workdir": str(args.workdir), "json": str(args.json)},
+                                         "settings": {**vars(args), "workdir": str(args.workdir),
+                                                      "json": str(args.json)},
                                          "cpu_count": os.cpu_count()}, indent=2))
 
 

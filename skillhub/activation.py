@@ -318,9 +318,10 @@ class Patcher:
             # Make room first, so at most cache_sets sets are ever held beside the base weights.
             self._swap_in({})
             self.current = ()
-            if len(self._cache) >= self.cache_sets:
-                while len(self._cache) >= self.cache_sets:
-                    self._cache.popitem(last=False)
+            evicted = len(self._cache) >= self.cache_sets
+            while len(self._cache) >= self.cache_sets:
+                self._cache.popitem(last=False)
+            if evicted:
                 return_freed_memory()  # else the evicted set's pages stay with the process
             weights = self._compute(packs, merge)
         elif packs:

@@ -22,6 +22,7 @@ for _name in ("HF_TOKEN", "HF_HUB_OFFLINE", "HF_HUB_CACHE", "HF_TOKEN_PATH", "HU
 
 import json  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -272,3 +273,27 @@ def routed(three_packs, finetuned: FineTune, tmp_path_factory: pytest.TempPathFa
         registry.add_task(task, write_jsonl(test, root / f"{task}.jsonl"))
     train_router(registry)
     return root / "registry", ids
+
+
+@contextmanager
+def app_server(app, **config: Any) -> Iterator[tuple[str, Any]]:
+    """An ASGI app served by uvicorn on 127.0.0.1 and a free port, in a thread: (its URL, the server)."""
+    import threading
+    import time
+
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **config))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}", server
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        assert not thread.is_alive(), "the server did not stop"

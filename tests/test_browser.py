@@ -11,14 +11,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import uvicorn
 from click.testing import CliRunner
 
 from skillhub.cli import main
@@ -32,8 +29,7 @@ from skillhub.routing.training import train_router
 from skillhub.serving import Limits, create_app
 from skillhub.serving.app import create_browser_app
 
-from conftest import ROUTED_TASKS, FineTune, copy_tree
-from hubserver import free_port
+from conftest import ROUTED_TASKS, FineTune, app_server, copy_tree
 
 CHROMEDRIVER = shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(CHROMEDRIVER is None, reason="needs Debian's chromium-driver (.ci/run installs it)")
@@ -63,18 +59,8 @@ def scored(three_packs, finetuned: FineTune, tmp_path_factory: pytest.TempPathFa
 
 @contextmanager
 def running(app) -> Iterator[str]:
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
+    with app_server(app) as (url, _):
+        yield url
 
 
 @pytest.fixture(scope="module")

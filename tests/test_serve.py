@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +13,6 @@ from pathlib import Path
 
 import openai
 import pytest
-import uvicorn
 from click.testing import CliRunner
 
 from skillhub.cli import main
@@ -23,8 +21,7 @@ from skillhub.routing.generate import Generator
 from skillhub.routing.training import train_router
 from skillhub.serving import Limits, create_app
 
-from conftest import ROUTED_TASKS
-from hubserver import free_port
+from conftest import ROUTED_TASKS, app_server
 
 PROMPTS = {"shift": ["shift abcde=", "shift klmno="], "reverse": ["rev hello=", "rev abcd="],
            "sort": ["sort zyxwv=", "sort dcba="]}
@@ -34,21 +31,8 @@ PROMPTS = {"shift": ["shift abcde=", "shift klmno="], "reverse": ["rev hello=", 
 def serving(registry: Path, **options) -> Iterator[str]:
     """The app on 127.0.0.1 and a free port, in a thread; yields its base URL (``.../v1``)."""
     limits = options.pop("limits", Limits(max_tokens=16))
-    app = create_app(Registry(registry), limits=limits, **options)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(30)
+    with app_server(create_app(Registry(registry), limits=limits, **options), timeout_graceful_shutdown=5) as (url, _):
+        yield url + "/v1"
 
 
 def client(url: str, key: str = "unused") -> openai.OpenAI:
@@ -94,8 +78,9 @@ def test_openai_client_models_chat_completions_and_stream_equal_generate(server,
         assert parsed.choices[0].message.content == answer
         assert parsed.model_extra["skillhub"]["task"] == task and raw.headers["x-skillhub-task"] == task
         assert raw.headers["x-skillhub-packs"] == routed[1][task]
-        assert float(raw.headers["x-skillhub-probability"]) == pytest.approx(
-            parsed.model_extra["skillhub"]["probability"], abs=1e-5) and parsed.model_extra["skillhub"]["probability"] >= 0.5
+        probability = parsed.model_extra["skillhub"]["probability"]
+        assert float(raw.headers["x-skillhub-probability"]) == pytest.approx(probability, abs=1e-5)
+        assert probability >= 0.5
     # base: no packs
     base = chat(api, "base", "shift abcde=")
     assert base.choices[0].message.content == offline(routed[0], ["shift abcde="], packs=[])[0]
@@ -332,28 +317,20 @@ def test_sampling_is_reproducible_with_a_seed(server) -> None:
     api = client(server)
 
     def sample(seed: int) -> str:
-        return api.chat.completions.create(model="base", messages=[{"role": "user", "content": "shift abcde="}],
-                                           temperature=1.5, top_p=0.95, seed=seed, max_tokens=16).choices[0].message.content
+        answer = api.chat.completions.create(model="base", messages=[{"role": "user", "content": "shift abcde="}],
+                                             temperature=1.5, top_p=0.95, seed=seed, max_tokens=16)
+        return answer.choices[0].message.content
 
     assert sample(7) == sample(7)
     assert len({sample(seed) for seed in range(6)}) > 1  # an untrained base at temperature 1.5 varies with the seed
 
 
 def test_shutdown_lets_a_stream_in_flight_finish(routed) -> None:
-    limits = Limits(max_tokens=16)
-    app = create_app(Registry(routed[0]), limits=limits)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           timeout_graceful_shutdown=30))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    stream = chat(client(f"http://127.0.0.1:{port}/v1"), "reverse", "rev hello=", stream=True)
-    first = next(iter(stream))
-    server.should_exit = True  # as SIGTERM does
-    rest = [p.choices[0].delta.content or "" for p in stream if p.choices]
+    app = create_app(Registry(routed[0]), limits=Limits(max_tokens=16))
+    with app_server(app, timeout_graceful_shutdown=30) as (url, server):
+        stream = chat(client(url + "/v1"), "reverse", "rev hello=", stream=True)
+        first = next(iter(stream))
+        server.should_exit = True  # as SIGTERM does
+        rest = [p.choices[0].delta.content or "" for p in stream if p.choices]
     assert first.choices[0].delta.role == "assistant"
     assert "".join(rest) == offline(routed[0], ["rev hello="], task="reverse")[0]
-    thread.join(30)
-    assert not thread.is_alive()

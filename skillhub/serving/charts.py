@@ -38,7 +38,8 @@ def heatmap(matrix: Sequence[Sequence[float | None]], rows: Sequence[str], colum
         parts.append(f'<text x="{x}" y="{top - 6}" text-anchor="middle" class="label">{escape(name[:9])}</text>')
     for i, name in enumerate(rows):
         y = top + i * cell
-        parts.append(f'<text x="{left - 6}" y="{y + cell / 2 + 4}" text-anchor="end" class="label">{escape(name)}</text>')
+        parts.append(f'<text x="{left - 6}" y="{y + cell / 2 + 4}" text-anchor="end" class="label">'
+                     f'{escape(name)}</text>')
         for j, value in enumerate(matrix[i]):
             x = left + j * cell
             fill = "#f3f3f3" if value is None else _color(value, low, high)
@@ -73,7 +74,8 @@ def line_chart(series: dict[str, Sequence[float | None]], steps: Sequence[str], 
              f'<text x="{left - 4}" y="{top + plot_h}" text-anchor="end" class="label">{low:g}</text>']
     for k, step in enumerate(steps):
         x, _ = point(k, low)
-        parts.append(f'<text x="{x}" y="{top + plot_h + 16}" text-anchor="middle" class="label">{escape(step[:10])}</text>')
+        parts.append(f'<text x="{x}" y="{top + plot_h + 16}" text-anchor="middle" class="label">'
+                     f'{escape(step[:10])}</text>')
     for n, (name, values) in enumerate(series.items()):
         color = _PALETTE[n % len(_PALETTE)]
         runs, run = [], []
