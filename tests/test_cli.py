@@ -177,3 +177,23 @@ def test_verbose_logs_each_stage(paper_pack, finetuned: FineTune, tmp_path: Path
                               str(tmp_path / "pack"), "-o", str(tmp_path / "model")], capture_output=True, text=True,
                              check=True)
     assert f"INFO skillhub.activation: wrote {tmp_path / 'model'}" in applied.stderr
+
+
+def test_an_unexpected_exception_is_one_line_and_its_traceback_needs_verbose() -> None:
+    """The group's last resort, exercised by a command that fails the way a bug would."""
+    import click
+
+    @click.command("fail-like-a-bug")
+    def failing() -> None:
+        raise RuntimeError("boom\nsecond line")
+
+    main.add_command(failing)
+    try:
+        quiet = CliRunner().invoke(main, ["fail-like-a-bug"])
+        assert quiet.exit_code == 1
+        assert quiet.stderr.splitlines() == [
+            "Error: unexpected RuntimeError: boom (a bug in skillhub: rerun with -v for the traceback and report it)"]
+        verbose = CliRunner().invoke(main, ["-v", "fail-like-a-bug"])
+        assert isinstance(verbose.exception, RuntimeError)  # -v lets the traceback through
+    finally:
+        main.commands.pop("fail-like-a-bug")

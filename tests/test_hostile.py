@@ -259,6 +259,27 @@ def _with_tensor_file(world: World, name: str, header: bytes, data: bytes = b"")
     return pack
 
 
+def _manifest_as(world: World, name: str, make: Callable[[Path], None]) -> Path:
+    """A copy of the pack whose skillpack.json is replaced by what ``make`` puts at its path."""
+    pack = copy_tree(world.pack, world.root / name)
+    (pack / "skillpack.json").unlink()
+    make(pack / "skillpack.json")
+    return pack
+
+
+def _manifest_array(world: World) -> Path:
+    return _manifest_as(world, "manifest-array", lambda path: path.write_text('[["format", "skillpack"]]'))
+
+
+def _manifest_directory(world: World) -> Path:
+    return _manifest_as(world, "manifest-dir", lambda path: path.mkdir())
+
+
+def _directory(world: World, name: str) -> Path:
+    (world.root / name).mkdir(exist_ok=True)
+    return world.root / name
+
+
 def _deep_header(world: World) -> Path:
     return _with_tensor_file(world, "deep-header", b'{"x": ' + DEEP.encode() + b"}")
 
@@ -310,6 +331,25 @@ FILE_CASES: dict[str, tuple[Callable[[World], list[object]], str]] = {
                                  _write(w.root / "e.jsonl", '{"prompt": ' + DEEP + ', "answer": "b"}\n')],
                       "nested too deeply"),
     "task-add-bad-name": (lambda w: ["task", "add", "a b", "--eval", w.evals], "task name 'a b'"),
+    # A document of the wrong shape, and a directory where a file is read (issue 27 section 3).
+    "inspect-manifest-array": (lambda w: ["inspect", _manifest_array(w)], "must be a JSON object, not an array"),
+    "add-manifest-array": (lambda w: ["add", _manifest_array(w), "--task", "t"], "must be a JSON object"),
+    "apply-manifest-array": (lambda w: ["apply", w.base, _manifest_array(w), "-o", w.root / "o"],
+                             "must be a JSON object"),
+    "inspect-manifest-directory": (lambda w: ["inspect", _manifest_directory(w)], "skillpack.json is a directory"),
+    "add-manifest-directory": (lambda w: ["add", _manifest_directory(w), "--task", "t"], "is a directory"),
+    "apply-manifest-directory": (lambda w: ["apply", w.base, _manifest_directory(w), "-o", w.root / "o"],
+                                 "is a directory"),
+    "create-calib-directory": (lambda w: ["create", w.base, w.tuned, "-o", w.root / "o", "--calib",
+                                          _directory(w, "calib")], "is a directory: give a file"),
+    "task-add-eval-directory": (lambda w: ["task", "add", "shift", "--eval", _directory(w, "evals")],
+                                "is a directory: give a file"),
+    "add-eval-directory": (lambda w: ["add", w.pack, "--task", "t", "--eval", _directory(w, "evals")],
+                           "is a directory: give a file"),
+    "create-recipe-array": (lambda w: ["create", w.base, w.tuned, "-o", w.root / "o", "--recipe",
+                                       _write(w.root / "recipe.json", "[]")], "must be a JSON object, not an array"),
+    "create-config-string": (lambda w: ["create", _write(w.base / "config.json", '"llama"'), w.tuned, "-o",
+                                        w.root / "o"], "must be a JSON object, not a string"),
 }
 
 

@@ -10,14 +10,16 @@ from typing import Any
 import click
 
 from skillhub import __version__, config
-from skillhub.cli.errors import error_line
+from skillhub.cli.errors import error_line, plain
 from skillhub.errors import SkillhubError
 
 
 class SkillhubGroup(click.Group):
     """Turns every SkillhubError into one ``Error: ...`` line and exit status 1, in one place.
 
-    Usage errors keep click's exit status 2; any other exception is a bug and keeps its traceback.
+    Usage errors keep click's exit status 2. Any other exception is a bug in skillhub: it too ends
+    as one ``Error:`` line (exit status 1) that says so, with the traceback only under ``-v`` or
+    ``$SKILLHUB_DEBUG``, so a user never has to read a traceback to learn that something failed.
     """
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -27,6 +29,15 @@ class SkillhubGroup(click.Group):
             if config.debug():
                 raise
             click.echo(error_line(exc), err=True)
+            ctx.exit(1)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the last resort: one line instead of a traceback
+            if config.debug() or ctx.params.get("verbose"):
+                raise
+            detail = (str(exc).strip().splitlines() or [""])[0]
+            click.echo(plain(f"Error: unexpected {type(exc).__name__}{': ' + detail if detail else ''} (a bug in "
+                             "skillhub: rerun with -v for the traceback and report it)"), err=True)
             ctx.exit(1)
 
 

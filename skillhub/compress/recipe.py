@@ -70,7 +70,7 @@ def load_recipe(spec: str | os.PathLike[str] | dict[str, Any]) -> dict[str, Any]
                 f"recipe {spec!r} is neither a built-in recipe ({', '.join(BUILTIN_RECIPES)}) nor a file"
             )
         what = f"recipe file {path}"
-        document = read_json(path, what=what, error=RecipeError)
+        document = read_json(path, what=what, error=RecipeError, expect=dict)
     validate(document, "recipe", error=RecipeError, what=what)
     return document
 

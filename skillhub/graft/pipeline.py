@@ -349,7 +349,7 @@ def _open_work_dir(work: Path, identity: dict[str, Any], *, protect: list[Path])
             raise GraftError(f"work directory {work} is the model directory {path}: choose another --work-dir")
     marker = work / WORK_MARKER
     if marker.is_file():
-        recorded = read_json(marker, what=f"graft work file {marker}", error=GraftError)
+        recorded = read_json(marker, what=f"graft work file {marker}", error=GraftError, expect=dict)
         settings = recorded.get("settings") if isinstance(recorded, dict) and recorded.get("format") == WORK_FORMAT \
             else None
         if settings != identity:

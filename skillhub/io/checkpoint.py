@@ -70,7 +70,7 @@ class Checkpoint:
         config_path = self.path / "config.json"
         if not config_path.exists():
             raise CheckpointError(f"{self.path} has no config.json: is it a Hugging Face model directory?")
-        config = read_json(config_path, error=CheckpointError)
+        config = read_json(config_path, error=CheckpointError, expect=dict)
         if not isinstance(config, dict):
             raise CheckpointError(f"{config_path} is not a JSON object")
         architectures = config.get("architectures")
@@ -86,7 +86,7 @@ class Checkpoint:
     def _shard_names(self) -> list[str]:
         index_path = self.path / INDEX_FILE
         if index_path.exists():
-            index = read_json(index_path, error=CheckpointError)
+            index = read_json(index_path, error=CheckpointError, expect=dict)
             weight_map = index.get("weight_map") if isinstance(index, dict) else None
             if not isinstance(weight_map, dict) or not all(
                     isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):

@@ -21,8 +21,14 @@ MAX_DOCUMENT_BYTES = 64 * 1024 * 1024  # a manifest of a 70B MoE model is a few 
 MAX_TEXT_BYTES = 4 * 1024**3  # eval and calibration files, read whole
 
 
-def parse_json(data: str | bytes, *, what: str, error: type[SkillhubError] = SkillhubError) -> Any:
-    """Parse ``data``; raises ``error`` naming ``what`` for invalid or too deeply nested JSON."""
+_KINDS = {dict: "an object", list: "an array", str: "a string", bool: "true or false", type(None): "null",
+          int: "a number", float: "a number"}
+
+
+def parse_json(data: str | bytes, *, what: str, error: type[SkillhubError] = SkillhubError,
+               expect: type | None = None) -> Any:
+    """Parse ``data``; raises ``error`` naming ``what`` for invalid or too deeply nested JSON, or (with
+    ``expect``, e.g. ``dict``) for a document of another shape."""
     try:
         document = json.loads(data)
     except RecursionError as exc:
@@ -31,6 +37,9 @@ def parse_json(data: str | bytes, *, what: str, error: type[SkillhubError] = Ski
         raise error(f"{what} is not valid JSON: {exc}") from exc
     if _depth(document) > MAX_DEPTH:
         raise error(f"{what} is nested more than {MAX_DEPTH} levels deep")
+    if expect is not None and not isinstance(document, expect):
+        raise error(f"{what} must be a JSON {_KINDS[expect][3:] if expect is dict else _KINDS[expect]}, "
+                    f"not {_KINDS.get(type(document), type(document).__name__)}")
     return document
 
 
@@ -47,11 +56,11 @@ def open_regular(path: str | os.PathLike[str], *, what: str, error: type[Skillhu
         fd = os.open(path, flags)
     except OSError as exc:
         raise error(f"cannot read {what}: {exc.strerror or exc}") from exc
-    handle = os.fdopen(fd, "rb")
-    if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-        handle.close()
-        raise error(f"{what} is not a regular file")
-    return handle
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # checked on the descriptor: a directory cannot become a file object
+        kind = "a directory" if stat.S_ISDIR(os.fstat(fd).st_mode) else "not a regular file"
+        os.close(fd)
+        raise error(f"{what} is {kind}: give a file" if kind == "a directory" else f"{what} is not a regular file")
+    return os.fdopen(fd, "rb")
 
 
 def read_regular(path: str | os.PathLike[str], *, what: str, error: type[SkillhubError] = SkillhubError,
@@ -65,10 +74,11 @@ def read_regular(path: str | os.PathLike[str], *, what: str, error: type[Skillhu
 
 
 def read_json(path: str | os.PathLike[str], *, what: str | None = None, error: type[SkillhubError] = SkillhubError,
-              max_bytes: int = MAX_DOCUMENT_BYTES) -> Any:
-    """Parse a JSON file with :func:`read_regular`'s and :func:`parse_json`'s checks."""
+              max_bytes: int = MAX_DOCUMENT_BYTES, expect: type | None = None) -> Any:
+    """Parse a JSON file with :func:`read_regular`'s and :func:`parse_json`'s checks (``expect``: its shape)."""
     what = what or str(Path(path))
-    return parse_json(read_regular(path, what=what, error=error, max_bytes=max_bytes), what=what, error=error)
+    return parse_json(read_regular(path, what=what, error=error, max_bytes=max_bytes), what=what, error=error,
+                      expect=expect)
 
 
 def _depth(document: Any) -> int:

@@ -270,7 +270,7 @@ def load_pack(path: str | os.PathLike[str], *, verify: bool = True,
     else:
         if not manifest_path.exists():
             raise PackError(f"{path} is not a SkillPack: {MANIFEST_FILE} not found")
-        manifest = Manifest(read_json(manifest_path, error=PackError))
+        manifest = Manifest(read_json(manifest_path, error=PackError, expect=dict))
         validate_manifest(manifest, what=str(manifest_path))
     for name, expected in manifest.files.items():
         file_path = path / name

@@ -59,10 +59,8 @@ def remote_json(at: Snapshot, filename: str, scratch: Path, *, max_bytes: int) -
 
     local = scratch / f"document-{len(list(scratch.iterdir()))}.json"
     what = f"{at.repo_id}@{at.revision}/{filename}"
-    document = parse_json(hub.read_bytes(at, filename, local, max_bytes=max_bytes), what=what, error=PackError)
-    if not isinstance(document, dict):
-        raise PackError(f"{at.repo_id}@{at.revision}/{filename} is not a JSON object")
-    return document
+    return parse_json(hub.read_bytes(at, filename, local, max_bytes=max_bytes), what=what, error=PackError,
+                      expect=dict)
 
 
 def remote_manifest(at: Snapshot, filename: str) -> dict[str, Any]:

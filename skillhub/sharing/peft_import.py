@@ -80,7 +80,7 @@ def read_adapter(adapter: str | os.PathLike[str], *, revision: str | None = None
         source = f"{text}@{commit}"
     if not (where / CONFIG_FILE).is_file():
         raise SkillhubError(f"{adapter} has no {CONFIG_FILE}: it is not a PEFT adapter")
-    config = read_json(where / CONFIG_FILE, what="PEFT adapter config")
+    config = read_json(where / CONFIG_FILE, what="PEFT adapter config", expect=dict)
     if not isinstance(config, dict):
         raise SkillhubError(f"{adapter}/{CONFIG_FILE} is not a JSON object")
     kind = config.get("peft_type")
