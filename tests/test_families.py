@@ -26,6 +26,7 @@ from skillhub.activation import apply_packs
 from skillhub.compress.recipe import PAPER_RECIPE
 from skillhub.compress.roles import MATRIX_ROLES
 from skillhub.demo.synthetic import build_tokenizer
+from skillhub.io.checkpoint import open_checkpoint
 from skillhub.progress import quiet_transformers
 
 from conftest import hessians_agree, plain_model
@@ -294,3 +295,30 @@ def test_an_expert_no_calibration_token_reached_is_listed(tmp_path: Path) -> Non
     assert all("mlp.experts." in name and "#" in name for name in listed)
     assert len(listed) >= 2 * 2 * 6  # 2 layers x (gate_up, down) x at least 6 experts
     assert any(q == "gptq" and "#" in n for n, q in quantizers.items())  # the experts that were reached
+
+
+@pytest.mark.parametrize("family", [f for f in MOE if f != "gpt_oss"])  # GPT-OSS's original format is fused already
+def test_experts_fused_on_disk_are_calibrated(family: str, tmp_path: Path) -> None:
+    """A checkpoint saved as transformers 5 holds it (save_original_format=False: one 3-D
+    ``experts.gate_up_proj``, not per-expert ``experts.N.gate_proj``): calibration reads that layout
+    too, and every expert matrix a token reached is GPTQ-quantized with its own statistics."""
+    config = AutoConfig.for_model(family, **{**_COMMON, **MATRIX[family]})
+    torch.manual_seed(0)
+    with quiet_transformers():
+        model = AutoModelForCausalLM.from_config(config)
+        model.save_pretrained(tmp_path / "base", save_original_format=False)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(1e-3 * torch.randn_like(parameter))
+        model.save_pretrained(tmp_path / "tuned", save_original_format=False)
+    for folder in ("base", "tuned"):
+        build_tokenizer().save_pretrained(tmp_path / folder)
+    stored = open_checkpoint(tmp_path / "base").names()
+    assert any(n.endswith("mlp.experts.gate_up_proj") for n in stored), "not saved fused: nothing to test"
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(f"w{i % 37} {i}" for i in range(2000)))
+    pack = create_pack(tmp_path / "base", tmp_path / "tuned", tmp_path / "pack", task="t", calib=calib,
+                       calib_samples=4, calib_seqlen=32)
+    quantizers = _svd_quantizers(pack)
+    experts = {n: q for n, q in quantizers.items() if ".experts.gate_up_proj#" in n or ".experts.down_proj#" in n}
+    assert experts and set(experts.values()) == {"gptq"}, sorted(n for n, q in experts.items() if q != "gptq")

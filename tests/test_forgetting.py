@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from skillhub.cli import main
 from skillhub.scoring.scores import exact_match, perplexity
 from skillhub.evaluation.forgetting import accuracy_matrices, evaluate_tasks
-from skillhub.evaluation.metrics import continual_metrics
+from skillhub.scoring.metrics import continual_metrics
 from skillhub.registry.front import Registry
 from skillhub.demo.synthetic import split_examples, write_jsonl
 

@@ -21,10 +21,9 @@ LAYERS = {
     "skillhub.io": 1, "skillhub.numerics": 1,
     "skillhub.operators": 2,
     "skillhub.pack": 3,
-    "skillhub.compress": 4, "skillhub.activation": 4, "skillhub.scoring": 4, "skillhub.evaluation": 4,
-    "skillhub.evaluation.metrics": 4, "skillhub.evaluation.interference": 4,
+    "skillhub.compress": 4, "skillhub.activation": 4, "skillhub.scoring": 4,
     "skillhub.registry": 5,
-    "skillhub.sharing": 6, "skillhub.routing": 6, "skillhub.graft": 6, "skillhub.evaluation.forgetting": 6, "skillhub.evaluation.benchmark": 6,
+    "skillhub.sharing": 6, "skillhub.routing": 6, "skillhub.graft": 6, "skillhub.evaluation": 6,
     "skillhub.serving": 7, "skillhub.demo": 7, "skillhub.cli": 7, "skillhub.testing": 7, "skillhub.__main__": 7,
 }
 # Third-party packages and the only modules (or packages) that may import them.
@@ -116,6 +115,24 @@ def test_every_module_imports_down_the_layers_only() -> None:
     assert not problems, "\n".join(problems)
 
 
+def test_one_layer_per_folder() -> None:
+    """Every module of a folder sits at the folder's layer: a folder holding two layers would let
+    imports climb back up inside it (issue 27)."""
+    mixed = [f"{name} (layer {layer_of(name)}) in {name.split('.')[1]}/ (layer {layer_of('.'.join(name.split('.')[:2]))})"
+             for name in modules() if name.count(".") >= 2 and layer_of(name) != layer_of(".".join(name.split(".")[:2]))]
+    assert not mixed, "\n".join(mixed)
+    overrides = [key for key in LAYERS if key.count(".") >= 2]
+    assert not overrides, f"LAYERS places modules apart from their folder: {overrides}"
+
+
+def test_no_module_over_450_lines_and_at_most_8_files_at_the_top() -> None:
+    long = [f"{path.relative_to(PACKAGE.parent)}: {count} lines" for path in sorted(PACKAGE.rglob("*.py"))
+            if (count := len(path.read_text(encoding="utf-8").splitlines())) > 450]
+    assert not long, "\n".join(long)
+    top = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert len(top) <= 8, f"{len(top)} files at the top of skillhub/: {top}"
+
+
 def import_graph() -> dict[str, set[str]]:
     """skillhub module -> the skillhub modules it imports (type-checking-only imports left out)."""
     graph: dict[str, set[str]] = {}
@@ -169,7 +186,8 @@ def test_the_cycle_finder_finds_cycles() -> None:
     ("skillhub.sharing.pull", "from huggingface_hub import HfApi\n", "only skillhub.io.hub may import"),
     ("skillhub.scoring.scores", "import sqlalchemy\n", "only skillhub.registry may import"),
     ("skillhub.compress.pipeline", "from rich.console import Console\n", "only skillhub.cli may import"),
-    ("skillhub.evaluation.metrics", "from skillhub.evaluation.forgetting import x\n", "(layer 6) from layer 4"),
+    ("skillhub.scoring.metrics", "from skillhub.evaluation.forgetting import x\n", "(layer 6) from layer 4"),
+    ("skillhub.registry.front", "from skillhub.evaluation.forgetting import add_and_score\n", "(layer 6) from layer 5"),
 ])
 def test_the_guard_catches_what_it_should(module: str, source: str, expected: str) -> None:
     problems = violations(module, source)

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from skillhub.activation import Merge, Patcher, apply_packs, patched
 from skillhub.cli import main
 from skillhub.errors import SkillhubError
-from skillhub.evaluation.interference import interference
+from skillhub.scoring.interference import interference
 from skillhub.io.checkpoint import open_checkpoint
 from skillhub.pack.format import load_pack
 

@@ -142,7 +142,7 @@ def warn_if_conflicting(packs: list) -> None:
     """One line on stderr when several packs about to be summed interfere (see ``skillhub interference``)."""
     if len(packs) < 2:
         return
-    from skillhub.evaluation.interference import interference
+    from skillhub.scoring.interference import interference
 
     report = interference(packs)
     if report.verdict == "conflicting":

@@ -177,7 +177,7 @@ def generate(ctx: click.Context, prompts: tuple[str, ...], task_name: str | None
 def interference(ctx: click.Context, packs: tuple[str, ...], rank: int, base: str | None, as_json: bool) -> None:
     """How PACKS (registry ids or pack directories, at least two) would interfere if combined."""
     from skillhub.errors import SkillhubError
-    from skillhub.evaluation.interference import interference as measure
+    from skillhub.scoring.interference import interference as measure
     from skillhub.pack.format import load_pack
 
     if len(packs) < 2:

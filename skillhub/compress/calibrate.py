@@ -113,7 +113,7 @@ def capture_statistics(
         hidden, statistics, returns_tuple = _replay(lazy, layer, f"{layer_prefix}{index}.", hidden, calls[index])
         calls[index] = []
         progress("calibrate", index + 1, len(layers))
-        saved = as_saved(lazy.layout, statistics)
+        saved = as_saved(lazy.layout, statistics, lazy.stored_whole)
         # Only `saved` holds the Hessians across the yield, and StatisticsCursor pops from
         # it: each Hessian is freed as soon as its module is encoded.
         del statistics
@@ -209,7 +209,7 @@ def _tail_statistics(lazy: LazyModel, layers: torch.nn.ModuleList, finals: list[
                 lazy.model(inputs_embeds=torch.zeros_like(final), use_cache=False)
     finally:
         lazy.release(tail)
-    return as_saved(lazy.layout, inputs.take_statistics())
+    return as_saved(lazy.layout, inputs.take_statistics(), lazy.stored_whole)
 
 
 @contextmanager

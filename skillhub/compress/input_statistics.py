@@ -6,6 +6,8 @@ runs the layers; this module only counts what they see."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from dataclasses import dataclass
 
 import torch
@@ -165,8 +167,12 @@ def _symmetrize(total: torch.Tensor, block: int = 1024) -> None:
         total[start:stop, stop:] = total[stop:, start:stop].T
 
 
-def as_saved(layout: CheckpointLayout, statistics: dict[Use, LayerStatistics]) -> dict[str, LayerStatistics]:
+def as_saved(layout: CheckpointLayout, statistics: dict[Use, LayerStatistics],
+             stored_whole: Callable[[str], str | None] | None = None) -> dict[str, LayerStatistics]:
     """The statistics of each checkpoint tensor, from those of the in-memory parameters holding them.
+
+    ``stored_whole(parameter)`` names the checkpoint tensor holding a parameter whole (default: the
+    layout's conversion map; :meth:`LazyModel.stored_whole` also knows experts fused on disk).
 
     A checkpoint matrix that is a whole 2-D parameter takes its statistics as they are; experts
     saved as one 3-D tensor (GPT-OSS) take one Hessian per expert, stacked (an expert no token
@@ -177,18 +183,20 @@ def as_saved(layout: CheckpointLayout, statistics: dict[Use, LayerStatistics]) -
     by_parameter: dict[str, dict[tuple[int | None, int], LayerStatistics]] = {}
     for use, stats in statistics.items():
         by_parameter.setdefault(use.parameter, {})[(use.expert, use.input_axis)] = stats
+    stored_whole = stored_whole or layout.whole.get
     found: dict[str, LayerStatistics] = {}
     for parameter, uses in by_parameter.items():
         shape = layout.parameters[parameter].shape
-        if parameter not in layout.whole:
+        whole = stored_whole(parameter)
+        if whole is None:
             for name, index in layout.indices(parameter).items():
                 saved = _fused_part(index.long(), shape, uses)
                 if saved is not None:
                     found[name] = saved
         elif len(shape) == 2 and len(uses) == 1:
-            found[layout.whole[parameter]] = next(iter(uses.values()))
+            found[whole] = next(iter(uses.values()))
         elif len(shape) == 3 and len({axis for _, axis in uses}) == 1:
-            found[layout.whole[parameter]] = _stacked(uses, experts=shape[0])
+            found[whole] = _stacked(uses, experts=shape[0])
     return found
 
 

@@ -34,7 +34,7 @@ import torch
 from skillhub.activation import Merge
 from skillhub.compress.pipeline import create_pack
 from skillhub.evaluation.forgetting import accuracy_matrices, evaluate_tasks, plot_matrices
-from skillhub.evaluation.metrics import continual_metrics
+from skillhub.scoring.metrics import continual_metrics
 from skillhub.scoring.scores import exact_match
 from skillhub.io.outputs import replace_directory
 from skillhub.progress import ProgressCallback, no_progress, quiet_transformers

@@ -1,7 +1,7 @@
-"""Measuring: eval sets (``datasets``), exact match and perplexity (``scoring``), ACC / BWT /
-FWT / forgetting (``metrics``), scoring at every addition (``forgetting``) and the
-compression benchmark (``benchmark``).
+"""Measuring a lineage: scoring at every addition (``forgetting``) and the compression benchmark
+(``benchmark``).
 
-Layers: datasets, scoring and metrics are layer 4 (they need no registry); forgetting and
-benchmark are layer 6.
+Layer 6: imports routing and sharing and everything below. What it measures with, and what the
+layers below need too (eval sets, exact match, perplexity, ACC/BWT/FWT, pack interference), is
+:mod:`skillhub.scoring`, layer 4.
 """

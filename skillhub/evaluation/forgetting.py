@@ -36,7 +36,7 @@ import torch
 from skillhub.activation import MERGE_METHODS, Merge, Patcher
 from skillhub.compress.options import CompressionOptions
 from skillhub.errors import RegistryError, SkillhubError
-from skillhub.evaluation.metrics import DEFINITIONS, continual_metrics
+from skillhub.scoring.metrics import DEFINITIONS, continual_metrics
 from skillhub.progress import ProgressCallback, no_progress
 from skillhub.registry.front import Registry
 from skillhub.registry.results import DeclaredTask, EvalRecord, EvalSet, Scored

@@ -95,10 +95,20 @@ class LazyModel:
             self._set(name, torch.empty(self.layout.parameters[name].shape, dtype=self.dtype, device="meta"))
         return_freed_memory()
 
+    def stored_whole(self, name: str) -> str | None:
+        """The checkpoint tensor that holds parameter ``name`` whole, if one does: under the original
+        format's name transformers converts from, or under its own name when the checkpoint was saved
+        as the model holds it (experts fused on disk: ``save_pretrained(save_original_format=False)``).
+        None when its parts are stored apart (Mixtral's per-expert ``w1``/``w3``)."""
+        if name in self.checkpoint:
+            return name
+        return self.layout.whole.get(name)
+
     def _read(self, name: str, *, as_stored: bool = False) -> torch.Tensor:
         shape = self.layout.parameters[name].shape
-        if name in self.layout.whole:
-            tensor = self.checkpoint.read(self.layout.whole[name])
+        stored = self.stored_whole(name)
+        if stored is not None:
+            tensor = self.checkpoint.read(stored)
             narrower = tensor.is_floating_point() and tensor.element_size() < torch.finfo(self.dtype).bits // 8
             dtype = tensor.dtype if as_stored and len(shape) == 2 and narrower else self.dtype
             return tensor.to(self.device, dtype).reshape(shape)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from skillhub.evaluation.interference import input_subspace
+from skillhub.scoring.interference import input_subspace
 from skillhub.pack.format import SkillPack
 from skillhub.routing.router import Decision, RouteClass
 from skillhub.scoring.prompts import Renderer

@@ -95,7 +95,7 @@ class Browser:
         return as_json(router_report(self.registry, base=base))
 
     def interference(self, base: str | None) -> dict[str, Any]:
-        from skillhub.evaluation.interference import interference
+        from skillhub.scoring.interference import interference
 
         entries = self.registry.list_packs(base=base)
         labels = [f"{e.task}:{e.id[:6]}" for e in entries]
