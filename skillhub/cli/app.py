@@ -75,9 +75,10 @@ def main(registry_location: str | None, store: Path | None, as_json: bool, verbo
             handler.addFilter(RedactingFilter())
 
 
-def registry_of(ctx: click.Context):
-    """The registry the global ``--registry`` and ``--store`` options name."""
+def registry_of(ctx: click.Context, location: str | None = None):
+    """The registry the global ``--registry`` and ``--store`` options name (``location``: a command's
+    own ``--registry``, which wins)."""
     from skillhub.registry import Registry
 
     root = ctx.find_root().params
-    return Registry(root.get("registry_location"), store=root.get("store"))
+    return Registry(location or root.get("registry_location"), store=root.get("store"))

@@ -48,7 +48,7 @@ def serve(ctx: click.Context, registry_location: str | None, base: str | None, b
     from skillhub.serving.server import check_exposure, run
 
     check_exposure(host, api_key)
-    registry = _registry(ctx, registry_location)
+    registry = registry_of(ctx, registry_location)
     limits = Limits(max_batch=max_batch, max_tokens=max_tokens, max_concurrent=max_concurrent,
                     max_body_bytes=max_body_bytes, request_timeout=request_timeout, cache_sets=cache_sets)
     app = create_app(registry, base=base, base_location=base_path, limits=limits, api_key=api_key, device=device,
@@ -76,7 +76,7 @@ def ui(ctx: click.Context, registry_location: str | None, host: str, port: int, 
     from skillhub.serving.server import check_exposure, run
 
     check_exposure(host, api_key)
-    registry = _registry(ctx, registry_location)
+    registry = registry_of(ctx, registry_location)
     click.echo(plain(f"Browsing {registry.display_url} at http://{host}:{port}/"), err=True)
     run(create_browser_app(registry, api_key=api_key), host=host, port=port, drain_seconds=5)
 
@@ -87,11 +87,3 @@ def _require_extra(command: str) -> None:
     for module in ("fastapi", "uvicorn", "jinja2", "prometheus_client"):
         if find_spec(module) is None:
             raise SkillhubError(f"{command} needs the serve extra ({module} is missing): pip install 'skillhub[serve]'")
-
-
-def _registry(ctx: click.Context, location: str | None):
-    if location is None:
-        return registry_of(ctx)
-    from skillhub.registry import Registry
-
-    return Registry(location, store=ctx.find_root().params.get("store"))

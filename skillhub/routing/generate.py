@@ -65,6 +65,7 @@ class Generator:
             self.model.to(device)
         self.patcher = Patcher(self.model, cache_sets=cache_sets)
         self._opened: dict[str, SkillPack] = {}
+        self._renderers: dict[PromptFormat, Renderer] = {}
         self.version = -1
         self.refresh()
 
@@ -109,14 +110,18 @@ class Generator:
         ids = tuple(self.registry.activation_ids(task=task, packs=packs, base=self.base))
         return [Decision(task=task, packs=ids, probability=None) for _ in prompts]
 
-    def renderer(self, *, task: str | None = None, route: bool = False) -> Renderer:
-        """How prompts are rendered: as asked, else the router's format when routing, the task's
-        own format for a task, the base tokenizer's default otherwise."""
-        chosen = self.prompt_format
+    def renderer(self, *, task: str | None = None, route: bool = False,
+                 prompt_format: PromptFormat | None = None) -> Renderer:
+        """How prompts are rendered: ``prompt_format``, else the generator's own, else the router's
+        format when routing, the task's own format for a task, the base tokenizer's default otherwise.
+        One renderer per format is kept: making one renders the chat template (a server asks per request)."""
+        chosen = prompt_format or self.prompt_format
         if chosen is None:
             chosen = (self.router.prompt_format if route
                       else self.task_formats.get(task, PromptFormat()) if task is not None else PromptFormat())
-        return Renderer(self.tokenizer, chosen, what=f"base {self.base_entry.name}")
+        if chosen not in self._renderers:
+            self._renderers[chosen] = Renderer(self.tokenizer, chosen, what=f"base {self.base_entry.name}")
+        return self._renderers[chosen]
 
     def opened(self, ids: Sequence[str]) -> list[SkillPack]:
         """The opened packs of these full ids (kept open for the next time)."""

@@ -38,7 +38,7 @@ from skillhub.evaluation.forgetting import accuracy_matrices
 from skillhub.pack.card import render_card
 from skillhub.registry.front import Registry
 from skillhub.registry.results import as_json
-from skillhub.routing.training import router_report
+from skillhub.routing.training import load_router, router_report
 from skillhub.serving import charts
 
 HERE = Path(__file__).resolve().parent
@@ -66,14 +66,15 @@ class Browser:
     def bases(self) -> list[dict[str, Any]]:
         rows = []
         for entry in self.registry.bases():
-            packs = self.registry.list_packs(base=entry.name)
-            try:
-                router: dict[str, Any] | None = router_report(self.registry, base=entry.name)
+            packs, tasks = self.registry.list_packs(base=entry.name), self.registry.tasks(base=entry.name)
+            try:  # its staleness from the listings at hand (router_report would read them again)
+                stale = load_router(self.registry, base=entry.name).staleness(
+                    [p.id for p in packs], {t.name: list(t.packs) for t in tasks})
+                router: str | None = "stale" if any(stale.values()) else "current"
             except NotFoundError:
                 router = None
             rows.append({**entry.as_dict(), "packs": len(packs), "bytes": sum(p.bytes for p in packs),
-                         "tasks": [t.name for t in self.registry.tasks(base=entry.name)],
-                         "router": None if router is None else ("stale" if router["is_stale"] else "current")})
+                         "tasks": [t.name for t in tasks], "router": router})
         return rows
 
     def packs(self, base: str | None) -> list[dict[str, Any]]:

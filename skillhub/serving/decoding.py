@@ -55,6 +55,7 @@ class Row:
     deadline: float = float("inf")
     tokens: list[int] = field(default_factory=list)
     finish: str | None = None
+    decoded: str = ""  # the tokens' text, decoded once per token
     sent: int = 0  # characters of text() already handed to on_text
 
     def take(self, token: int) -> None:
@@ -65,6 +66,7 @@ class Row:
             self.finish = STOP
         else:
             self.tokens.append(token)
+            self.decoded = self.renderer.tokenizer.decode(self.tokens, skip_special_tokens=True)
             if self._stop_at() is not None:
                 self.finish = STOP
             elif len(self.tokens) >= self.max_tokens:
@@ -78,26 +80,17 @@ class Row:
 
     def text(self) -> str:
         """The answer's text so far, cut before the first stop string (final once the row is done)."""
-        decoded = self._decoded()
-        at = self._stop_at(decoded)
-        if at is not None:
-            decoded = decoded[:at]
+        at = self._stop_at()
+        decoded = self.decoded if at is None else self.decoded[:at]
         return decoded.strip() if self.strip else decoded
 
-    def _decoded(self) -> str:
-        return self.renderer.tokenizer.decode(self.tokens, skip_special_tokens=True)
-
-    def _stop_at(self, decoded: str | None = None) -> int | None:
-        if not self.stop:
-            return None
-        decoded = self._decoded() if decoded is None else decoded
-        found = [at for at in (decoded.find(s) for s in self.stop) if at >= 0]
+    def _stop_at(self) -> int | None:
+        found = [at for at in (self.decoded.find(s) for s in self.stop) if at >= 0]
         return min(found) if found else None
 
     def _send(self) -> None:
-        text = self.text()
+        text = self.text()  # stripped already: trailing whitespace waits for what follows it
         if self.finish is None:  # keep back what may still change
-            text = text.rstrip() if self.strip else text
             hold = max((len(s) for s in self.stop), default=1) - 1
             text = text[:max(0, len(text) - hold)]
             if text.endswith("\ufffd"):  # a token ended inside a character

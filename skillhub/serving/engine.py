@@ -251,7 +251,7 @@ class Engine:
             with_packs = sorted(t for t, ids in self.generator.task_sets.items() if ids)
             raise NotFoundError("model", request.model, known=[AUTO, BASE, *with_packs])
         if request.prompt is not None:  # a plain completion continues raw text, whatever the task's format
-            renderer = Renderer(self.generator.tokenizer, PromptFormat("plain"), what="the base")
+            renderer = self.generator.renderer(prompt_format=PromptFormat("plain"))
             ids = renderer.prompt_ids(request.prompt)
         else:
             ids = renderer.conversation_ids(list(request.messages or ()))

@@ -140,9 +140,11 @@ def parse_request(document: Any, *, chat: bool, max_tokens: int) -> tuple[Reques
         raise BadRequest(400, f"max_tokens must be between 1 and this server's limit of {max_tokens}, not {asked}",
                          param="max_tokens")
     try:
-        merge = (Merge(body.merge) if isinstance(body.merge, str)
-                 else Merge(body.merge.method, tuple(body.merge.weights) if body.merge.weights is not None else None,
-                            body.merge.density, body.merge.scale, body.merge.seed) if body.merge else None)
+        if body.merge is None or isinstance(body.merge, str):  # a method's name alone takes its defaults
+            merge = Merge(body.merge) if body.merge else None
+        else:
+            weights = tuple(body.merge.weights) if body.merge.weights is not None else None
+            merge = Merge(body.merge.method, weights, body.merge.density, body.merge.scale, body.merge.seed)
     except SkillhubError as exc:
         raise BadRequest(400, f"merge: {exc}", param="merge") from None
     request = Request(model=body.model, max_tokens=asked,
