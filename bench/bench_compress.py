@@ -1,4 +1,4 @@
-"""The compression benchmark behind the README table, on a fine-tune anyone can rebuild.
+"""The compression benchmark behind the table in docs/calibration.md, on a fine-tune anyone can rebuild.
 
 Builds a tiny Llama (4 layers, hidden 128), pretrains it briefly on a generic copy task,
 fully fine-tunes it (500 steps) on string reversal, then runs `skillhub bench compress` at 1/16 of the

@@ -3,7 +3,7 @@ chromium-driver (``.ci/run`` installs both). Every page of a registry the suite 
 against the CLI's ``--json``, sorting, the playground against ``skillhub generate``, hostile
 names and card text shown as text, and no request leaving the server.
 
-Set ``SKILLHUB_SCREENSHOTS=DIR`` to keep screenshots of the main pages (the README's come from here).
+Set ``SKILLHUB_SCREENSHOTS=DIR`` to keep screenshots of the main pages (docs/images/ come from here).
 """
 
 from __future__ import annotations

@@ -243,7 +243,7 @@ def bench_compress(ctx: click.Context, base: str, tuned: str, compression: Compr
 
 
 def format_compress_report(report: dict[str, Any]) -> str:
-    """The benchmark as a Markdown table (what the README shows)."""
+    """The benchmark as a Markdown table (what docs/calibration.md shows)."""
     with_accuracy = "tuned_accuracy" in report
     header = "| method | bytes | ratio | held-out relative output error |" + (" accuracy | retention |" if with_accuracy else "")
     rule = "|---|---:|---:|---:|" + ("---:|---:|" if with_accuracy else "")

@@ -314,7 +314,8 @@ def eval_command(ctx: click.Context, task_name: str | None, base: str | None, ba
 @json_option
 @click.pass_context
 def metrics(ctx: click.Context, base: str | None, plot: Path | None, as_json: bool) -> None:
-    """The accuracy matrix R[k][j] per policy, with ACC, BWT, FWT and average forgetting."""
+    """The accuracy matrix R per policy (R_kj: task j's score after learning task k), with ACC, BWT,
+    FWT and average forgetting."""
     from skillhub.evaluation.forgetting import accuracy_matrices, plot_matrices
 
     if plot is not None and not plot.parent.is_dir():

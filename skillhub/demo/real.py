@@ -44,7 +44,7 @@ from skillhub.routing.training import train_router
 from skillhub.scoring.prompts import normalize_answer
 from skillhub.scoring.scores import exact_match
 
-# Measured on 2 CPU cores (README, "The demo"): enough steps for each skill to be learned, the
+# Measured on 2 CPU cores (docs/benchmarks.md, "The demo"): enough steps for each skill to be learned, the
 # rate at its peak after two of them.
 STEPS = {"zentro": 24, "extract": 12, "convert": 12}
 BATCH_SIZE, LEARNING_RATE, WARMUP_STEPS = 8, 1e-4, 2

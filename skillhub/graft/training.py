@@ -37,7 +37,7 @@ DEFAULT_BETA = {"sigmoid": 0.1, "length-normalised": 10.0}  # TRL's default; the
 
 
 # Learning rate and epochs of each stage, by preset. ``paper``: App. F, Table 13, for 7-8B targets.
-# ``small``: measured on SmolLM2-135M-Instruct (README, "Grafting presets"): at the paper's rates a
+# ``small``: measured on SmolLM2-135M-Instruct (docs/grafting.md, "Presets"): at the paper's rates a
 # model that small barely moves. ``auto`` picks ``small`` below SMALL_MODEL_PARAMETERS, else ``paper``.
 PRESETS = {"paper": {"sft": (5e-6, 3.0), "dpo": (8e-7, 1.0)},
            "small": {"sft": (1e-4, 3.0), "dpo": (5e-6, 1.0)}}

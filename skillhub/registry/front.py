@@ -133,7 +133,9 @@ class Registry:
             tasks: The task of each pack (None: the task in its manifest).
             task_sets: Explicit activation sets to set: task -> sha256 addresses of its packs
                 (packs of this call or ones already registered).
-            base, new_base, base_location: As :meth:`add`.
+            base: As :meth:`add`.
+            new_base: As :meth:`add`.
+            base_location: As :meth:`add`.
             adopt: The pack directories are temporary copies under the store's incoming
                 directory: move them into the store instead of copying.
 

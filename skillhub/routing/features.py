@@ -36,7 +36,7 @@ def layer_count(model: torch.nn.Module) -> int:
 
 
 def default_layer(model: torch.nn.Module) -> int:
-    """Half-way through the decoder (see the README for the measurement behind it)."""
+    """Half-way through the decoder (see docs/routing.md for the measurement behind it)."""
     return max(1, layer_count(model) // 2)
 
 

@@ -60,7 +60,10 @@ class Router:
 
     Args:
         classes: The outcomes, in the order of the rows of ``coef``.
-        coef, intercept, mean, scale: The classifier (C x H, C, H, H).
+        coef: The classifier's weights (C x H).
+        intercept: Its biases (C).
+        mean: The features' mean (H), subtracted first.
+        scale: Their scale (H), divided by next.
         layer: The base model's layer the features come from.
         threshold: Below this probability for the best class, the base model answers.
         labels: How the training examples were labelled: ``task`` or ``loss``.

@@ -19,7 +19,7 @@ updates: "aligned". Otherwise "independent": the updates act on different inputs
 
 The thresholds are set by measurement: on the demo's packs, pairs with overlaps of 0.16 to
 0.30 (3 to 6 times chance) and cosines near 0 already lose most of their accuracy when summed
-(README, "Routing and merging").
+(docs/routing.md, "Routing and merging").
 """
 
 from __future__ import annotations

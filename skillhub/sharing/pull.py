@@ -55,7 +55,9 @@ def pull_pack(reference: str, *, registry: Registry | None = None, path: str | N
         output: Without ``register``: directory to create (default: ``./<pack name>``, or
             ``./<repo name>`` for a lineage, one folder per pack).
         force: Without ``register``: replace ``output`` if it exists.
-        base, new_base, base_location: As :meth:`Registry.add`.
+        base: As :meth:`Registry.add`.
+        new_base: As :meth:`Registry.add`.
+        base_location: As :meth:`Registry.add`.
         evaluate: With ``register``, score every task with an eval set once the packs are in,
             recorded at the step of the last pack added (as ``skillhub add`` does).
         progress: Called as ``progress(file name, bytes done, bytes total)``.
