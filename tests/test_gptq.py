@@ -84,7 +84,8 @@ def test_a_prepared_hessian_quantizes_every_matrix_as_the_hessian_itself_does(ac
 
 @pytest.mark.parametrize("act_order", [False, True])
 def test_the_prepared_factor_is_the_upper_cholesky_factor_of_the_damped_inverse(act_order: bool) -> None:
-    """R^T R = (H + damp)^-1, with R read back block by block as GPTQ reads it."""
+    """R^T R = (H + damp)^-1, with R read back block by block as GPTQ reads it (its upper
+    triangle: below it, the buffer keeps the Hessian's other triangle)."""
     _, hessian = _problem(cols=200)
     hessian = hessian.double()
     hessian[11, :] = 0
@@ -98,9 +99,55 @@ def test_the_prepared_factor_is_the_upper_cholesky_factor_of_the_damped_inverse(
     reference += 0.01 * torch.diag(reference).mean() * torch.eye(200, dtype=torch.float64)
     expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(reference)), upper=True)
     for start, stop in ((0, 64), (64, 128), (128, 200)):
-        block = prepared.rows(start, stop).double()
+        block = prepared.rows(start, stop).double().triu()
         assert torch.allclose(block, expected[start:stop, start:], rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
     assert prepared.dead.tolist() == [j == 11 for j in range(200)]
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_the_u_side_hessian_comes_from_the_factors_buffer(act_order: bool) -> None:
+    """Eq. 8's P H P^T, undamped, from the triangle the factorization left: equal to the product."""
+    _, hessian = _problem(cols=300)
+    hessian = hessian.double()
+    hessian[17, :] = 0
+    hessian[:, 17] = 0
+    projection = torch.randn(40, 300, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    prepared = prepare_hessian(hessian, damp=0.01, act_order=act_order)
+    ours = prepared.quadratic_form(projection, block=64)  # blocks that do not divide 300
+    expected = projection @ hessian @ projection.T
+    assert torch.allclose(ours.double(), expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_an_exclusive_hessian_is_factored_in_its_own_storage() -> None:
+    """overwrite: no second n x n buffer, and the same codes as the copy."""
+    weight, hessian = _problem(cols=96)
+    copied = prepare_hessian(hessian, damp=0.01)
+    own = hessian.clone()
+    in_place = prepare_hessian(own, damp=0.01, overwrite=True)
+    assert in_place.reversed_inverse.data_ptr() == own.data_ptr()
+    assert torch.equal(in_place.reversed_inverse, copied.reversed_inverse)
+    ours, theirs = (gptq_quantize(weight, p, bits=3, group_size=32) for p in (in_place, copied))
+    assert all(torch.equal(a, b) for a, b in zip(ours.packed(), theirs.packed()))
+    assert torch.equal(in_place.quadratic_form(weight), copied.quadratic_form(weight))
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_failed_factorization_is_retried_from_the_kept_triangle(overwrite: bool) -> None:
+    """An indefinite Hessian (an eigenvalue of -5% of its mean diagonal) fails at 1% damping; the
+    retry at 10% rebuilds it from the triangle LAPACK left, in the same buffer."""
+    _, hessian = _problem(cols=120)
+    values, vectors = torch.linalg.eigh(hessian.double())
+    values[0] = -0.05 * float(torch.diag(hessian).mean())
+    hessian = (vectors * values) @ vectors.T
+    prepared = prepare_hessian(hessian.float(), damp=0.01, overwrite=overwrite)
+    reference = hessian + 0.1 * torch.diag(hessian).mean() * torch.eye(120, dtype=torch.float64)
+    expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(reference)), upper=True)
+    assert torch.allclose(prepared.rows(0, 120).double().triu(), expected, rtol=1e-3,
+                          atol=1e-4 * float(expected.abs().max()))
+    projection = torch.randn(8, 120, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    wanted = projection @ hessian @ projection.T
+    assert torch.allclose(prepared.quadratic_form(projection).double(), wanted, rtol=1e-3,
+                          atol=1e-4 * float(wanted.abs().max()))
 
 
 @pytest.mark.parametrize("act_order", [False, True])

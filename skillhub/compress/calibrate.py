@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import os
 import re
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -252,7 +254,9 @@ class StatisticsCursor:
     """Hands out each parameter's statistics while advancing :func:`capture_statistics` lazily.
 
     Parameters must be asked for in layer order (see :func:`layer_order`); asking for a later
-    layer drops the Hessians of the earlier ones, so memory holds one layer at a time.
+    layer drops the Hessians of the earlier ones, so memory holds one layer at a time. A Hessian
+    that no other parameter of its layer shares is handed out ``exclusive``: its one reader may
+    overwrite it.
     """
 
     def __init__(self, statistics: Iterator[tuple[int | None, dict[str, LayerStatistics]]]) -> None:
@@ -273,7 +277,16 @@ class StatisticsCursor:
                 self._layer, self._current = next(self._statistics)
             except StopIteration:
                 self._done = True
+            else:
+                self._current = _marked_exclusive(self._current)
         return self._current.pop(name, None) if self._layer == wanted else None
+
+
+def _marked_exclusive(statistics: dict[str, LayerStatistics]) -> dict[str, LayerStatistics]:
+    """The same statistics, ``exclusive`` where no other entry's Hessian shares its storage."""
+    users = Counter(stats.hessian.untyped_storage().data_ptr() for stats in statistics.values())
+    return {name: replace(stats, exclusive=users[stats.hessian.untyped_storage().data_ptr()] == 1)
+            for name, stats in statistics.items()}
 
 
 def layer_order(names: list[str]) -> list[str]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import socket
 from concurrent.futures import Future
+from dataclasses import replace
 
 from skillhub.compress.workers import EncodeJob, EncodeResult, Executor, Threads, run_job
 from skillhub.errors import SkillhubError
@@ -79,6 +80,8 @@ class RayExecutor(Executor):
                                 runtime_env={"env_vars": counts})(_run_with_threads)
 
     def submit(self, job: EncodeJob) -> Future[EncodeResult]:
+        if job.statistics is not None:  # a task may be handed the object store's read-only buffers
+            job = replace(job, statistics=replace(job.statistics, exclusive=False))
         return self._task.remote(job, self._threads).future()
 
     def close(self) -> None:

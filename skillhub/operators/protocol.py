@@ -32,6 +32,9 @@ class LayerStatistics:
     hessian: torch.Tensor
     samples: int  # number of input vectors n
     transposed: bool = False  # the checkpoint stores this weight as (in, out), e.g. GPT-2's Conv1D
+    # No other module reads this Hessian, so the operator may overwrite it (GPTQ factors it in its
+    # own storage: one n x n buffer, not two, at an 8B model's 14336-wide down_proj).
+    exclusive: bool = False
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from skillhub.operators import EncodeContext, Encoded, FieldLayout, meta_int
-from skillhub.numerics.gptq import DEFAULT_DAMP, gptq_quantize, gptq_quantize_stacked
+from skillhub.numerics.gptq import DEFAULT_DAMP, PreparedHessian, gptq_quantize, gptq_quantize_stacked, prepare_hessian
 from skillhub.numerics.quantize import QUANT_BITS, QuantizedMatrix, packed_sizes, quantize_rtn
 from skillhub.numerics.svd import truncated_svd
 from skillhub.operators.builtin.rtn import as_matrix
@@ -215,7 +215,7 @@ class SVDMixedOperator:
 
     def quantize_group(
         self, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, *, bits: int, params: Mapping[str, Any],
-        hessian: torch.Tensor | None, v_quantized: QuantizedMatrix | None = None,
+        hessian: PreparedHessian | None, v_quantized: QuantizedMatrix | None = None,
     ) -> tuple[QuantizedMatrix, QuantizedMatrix]:
         """Quantize one rank group: returns (U^T quantized, V^T quantized), both rank x length.
 
@@ -226,10 +226,10 @@ class SVDMixedOperator:
             return quantize_rtn(u.T, bits=bits, group_size=group_size), quantize_rtn(vh, bits=bits, group_size=group_size)
         options = {"bits": bits, "group_size": group_size, "damp": params["damp"]}
         if v_quantized is None:
-            v_quantized = gptq_quantize(vh, hessian, act_order=params["act_order"], **options)
-        # Eq. 8: U's input is Sigma V^T x with the *quantized* V, so U absorbs V's error.
-        projection = s[:, None] * v_quantized.dequantize().to(hessian.device, hessian.dtype)
-        u_hessian = projection @ hessian @ projection.T
+            v_quantized = gptq_quantize(vh, hessian, **options)
+        # Eq. 8: U's input is Sigma V^T x with the *quantized* V, so U absorbs V's error. Its Hessian
+        # P H P^T comes from the buffer that holds V's factor (no second n x n copy of H).
+        u_hessian = hessian.quadratic_form(s[:, None] * v_quantized.dequantize())
         return gptq_quantize(u, u_hessian, scale_axis="column", **options), v_quantized
 
     def encode(self, delta: torch.Tensor, params: Mapping[str, Any], ctx: EncodeContext) -> Encoded:
@@ -240,14 +240,14 @@ class SVDMixedOperator:
         transposed = use_gptq and ctx.calibration.transposed
         if transposed:  # GPT-2's Conv1D stores (in, out); Eq. 8 needs the (out, in) map of x
             matrix = matrix.T
-        hessian = ctx.calibration.hessian.to(ctx.device, torch.float32) if use_gptq else None
         groups = resolve_rank_groups(params["groups"], min(matrix.shape), params["reference_dim"])
         rank = sum(r for r, _ in groups)
         u, s, vh = truncated_svd(matrix, rank, generator=ctx.generator())
-        # Every rank group of V^T multiplies the layer input: one Hessian factorization and one
-        # GPTQ pass over its columns for them all.
-        v_groups = gptq_quantize_stacked(vh, hessian, parts=groups, group_size=params["group_size"],
-                                         act_order=params["act_order"], damp=params["damp"]) if use_gptq else None
+        # Every rank group of V^T multiplies the layer input: one Hessian factorization (in the
+        # Hessian's own storage where no other module reads it) and one GPTQ pass for them all.
+        hessian = prepare_hessian(ctx.calibration.hessian, damp=params["damp"], act_order=params["act_order"],
+                                  device=ctx.device, overwrite=ctx.calibration.exclusive) if use_gptq else None
+        v_groups = gptq_quantize_stacked(vh, hessian, parts=groups, group_size=params["group_size"]) if use_gptq else None
         parts: dict[str, list[torch.Tensor]] = {f"{side}.{kind}": [] for side in "UV" for kind in ("codes", "scales", "zeros")}
         start = 0
         for index, (size, bits) in enumerate(groups):

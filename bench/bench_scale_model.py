@@ -1,0 +1,329 @@
+"""A whole model of Llama-3-8B's shapes through ``create`` on this machine (issue 28).
+
+The bench writes a 32-layer checkpoint of Llama-3-8B's shapes (hidden 4096, MLP 14336, 8 KV heads,
+vocabulary 128256, untied head) in bfloat16, base and tuned, about 16 GB each, and deletes it after.
+Every matrix's delta is synthetic: a slowly decaying spectrum (sigma_i ~ i^-0.5 over 1024
+directions) plus full-rank noise at a tenth of its energy, as in bench/bench_scale.py; the norms
+get a small dense delta. Checkpoints of the first 1 and 4 layers share the same shard files (hard
+links), so every layer count sees the same tensors.
+
+After the runs, on its own (nothing else running), it times the SVD floor of the same matrices,
+read back from the checkpoint: the exact truncated SVD through the float32 Gram eigendecomposition
+of the smaller side, at the paper recipe's ranks.
+
+Then, each in a fresh process, on the 1-, 4- and 32-layer checkpoints: ``create`` with round-to-
+nearest and with calibration (16 windows x 256 tokens of text through SmolLM2's tokenizer, GPTQ);
+on 32 layers ``--dry-run``'s predictions against what was measured, and on 4 layers ``--workers 2``
+against the serial run (bytes compared). Resident memory is sampled every 20 ms in the child and
+attributed to the stage ``create`` reports (reading and planning, the decoder layers with their
+calibration, the embedding and head, writing).
+
+    python bench/bench_scale_model.py [--layers 1 4 32] [--root DIR] [--no-workers]
+
+About 2 hours on 2 cores and 35 GB of free disk under --root (default: the system's temporary
+directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from skillhub.compress.recipe import PAPER_RECIPE
+from skillhub.io.tensorfile import TensorFile, TensorFileWriter
+from skillhub.numerics.svd import gram_svd
+from skillhub.operators import get_operator, resolve_params
+from skillhub.operators.builtin.svd import resolve_rank_groups
+
+WIDTH, MLP, KV, VOCAB = 4096, 14336, 1024, 128256  # Llama-3-8B's (--width etc. shrink them for a quick look)
+
+
+def _shapes() -> dict[str, tuple[int, int]]:
+    return {"self_attn.q_proj": (WIDTH, WIDTH), "self_attn.k_proj": (KV, WIDTH), "self_attn.v_proj": (KV, WIDTH),
+            "self_attn.o_proj": (WIDTH, WIDTH), "mlp.gate_proj": (MLP, WIDTH), "mlp.up_proj": (MLP, WIDTH),
+            "mlp.down_proj": (WIDTH, MLP)}
+CALIB = {"calib_samples": 16, "calib_seqlen": 256}
+
+
+def _delta(rows: int, cols: int, seed: int) -> torch.Tensor:
+    """A slow spectrum over 1024 directions plus full-rank noise at a tenth of its energy."""
+    generator = torch.Generator().manual_seed(seed)
+    k = 1024
+    left = torch.randn(rows, k, generator=generator).div_(rows**0.5).mul_(torch.arange(1, k + 1).pow(-0.5))
+    signal = left @ torch.randn(k, cols, generator=generator).div_(cols**0.5)
+    del left
+    noise = torch.randn(rows, cols, generator=generator)
+    noise.mul_(0.1**0.5 * signal.norm() / noise.norm())
+    return signal.add_(noise).mul_(1e-3)
+
+
+def _weight(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    return (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 0.02).to(torch.bfloat16)
+
+
+def _floor_seconds(delta: torch.Tensor, role: str) -> float:
+    """The SVD floor of one matrix: float32 Gram eigendecomposition at the paper recipe's rank."""
+    operator = get_operator("svd-mixed")
+    params = resolve_params(operator, next(r["params"] for r in PAPER_RECIPE["rules"] if r["match"]["role"] == role),
+                            where="bench")
+    rank = sum(size for size, _ in resolve_rank_groups(params["groups"], min(delta.shape), params["reference_dim"]))
+    start = time.perf_counter()
+    gram_svd(delta, rank, precision=torch.float32)
+    return time.perf_counter() - start
+
+
+def write_model(root: Path, layers: int) -> None:
+    """Shards of base/ and tuned/ under ``root/shards``, one per layer plus one for the rest."""
+    for side in ("base", "tuned"):
+        (root / "shards" / side).mkdir(parents=True, exist_ok=True)
+    outside = {"model.embed_tokens.weight": (VOCAB, WIDTH), "lm_head.weight": (VOCAB, WIDTH),
+               "model.norm.weight": (WIDTH,)}
+    shards: list[tuple[str, dict[str, tuple[int, ...]]]] = [("rest", outside)]
+    for index in range(layers):
+        names = {f"model.layers.{index}.{name}.weight": shape for name, shape in _shapes().items()}
+        names.update({f"model.layers.{index}.{norm}.weight": (WIDTH,)
+                      for norm in ("input_layernorm", "post_attention_layernorm")})
+        shards.append((f"layer{index:02d}", names))
+    seed = 0
+    for shard, names in shards:
+        writers = {side: TensorFileWriter(root / "shards" / side / f"{shard}.safetensors")
+                   for side in ("base", "tuned")}
+        for name, shape in names.items():
+            seed += 1
+            base = _weight(shape, seed) if len(shape) == 2 else torch.ones(shape, dtype=torch.bfloat16)
+            generator = torch.Generator().manual_seed(seed)
+            delta = _delta(*shape, seed) if len(shape) == 2 else 0.01 * torch.randn(shape, generator=generator)
+            writers["base"].add(name, base)
+            writers["tuned"].add(name, (base.float() + delta).to(torch.bfloat16))
+            del base, delta
+        for writer in writers.values():
+            writer.finish({"format": "pt"})
+        print(f"  wrote {shard}", flush=True)
+
+
+def svd_floor(root: Path, layers: int) -> float:
+    """The SVD floor of every layer's matrices, each delta read back from the shards (untimed)."""
+    floor = 0.0
+    for index in range(layers):
+        base, tuned = (TensorFile(root / "shards" / side / f"layer{index:02d}.safetensors")
+                       for side in ("base", "tuned"))
+        for name in _shapes():
+            key = f"model.layers.{index}.{name}.weight"
+            delta = tuned.read(key).float().sub_(base.read(key).float())
+            floor += _floor_seconds(delta, "attention" if "self_attn" in name else "mlp")
+    return floor
+
+
+def checkpoint(root: Path, layers: int) -> Path:
+    """``root/layersN/{base,tuned}``: the first ``layers`` layers' shards, hard-linked, with their
+    config, index and tokenizer (SmolLM2's), and a calibration text."""
+    from transformers import AutoTokenizer, LlamaConfig
+
+    from skillhub.demo.real_models import real_model
+
+    directory = root / f"layers{layers}"
+    config = LlamaConfig(hidden_size=WIDTH, intermediate_size=MLP, num_hidden_layers=layers,
+                         num_attention_heads=WIDTH // 128, num_key_value_heads=KV // 128, vocab_size=VOCAB,
+                         tie_word_embeddings=False, rope_theta=500000.0, max_position_embeddings=8192,
+                         torch_dtype="bfloat16")
+    tokenizer = AutoTokenizer.from_pretrained(real_model("smollm2"))
+    shards = ["rest", *(f"layer{index:02d}" for index in range(layers))]
+    for side in ("base", "tuned"):
+        target = directory / side
+        target.mkdir(parents=True, exist_ok=True)
+        weight_map = {}
+        for shard in shards:
+            source = root / "shards" / side / f"{shard}.safetensors"
+            link = target / source.name
+            if not link.exists():
+                link.hardlink_to(source)
+            weight_map.update({name: source.name for name in _header(source) if name != "__metadata__"})
+        (target / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        config.save_pretrained(target)
+        tokenizer.save_pretrained(target)
+    generator = random.Random(0)
+    words = ["the", "model", "keeps", "every", "skill", "as", "a", "small", "removable", "pack", "of", "weights",
+             "that", "it", "learned", "from", "one", "task", "after", "another", "and", "can", "remove", "again"]
+    (directory / "calib.txt").write_text("\n".join(" ".join(generator.choice(words) for _ in range(60))
+                                                   for _ in range(400)))
+    return directory
+
+
+def _header(path: Path) -> dict:
+    with path.open("rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        return json.loads(handle.read(size))
+
+
+# The child: create_pack with a resident-memory sampler; each sample is attributed to the stage
+# create reports (start: reading headers, planning, the first module; then layers / embedding and
+# head / write).
+_CHILD = r"""
+import json, sys, threading, time, torch
+from skillhub import create_pack
+from skillhub.compress.estimate import estimate_pack
+if __name__ == "__main__":
+    torch.set_num_threads(2)
+    directory, output, options = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    if options.pop("dry_run", False):
+        plan = estimate_pack(directory + "/base", directory + "/tuned", **options)
+        print(json.dumps(plan["totals"]))
+        sys.exit()
+    page = 4096
+    stage = {"name": "start"}
+    peaks = {}
+    done = threading.Event()
+    def sample():
+        with open("/proc/self/statm") as statm:
+            while not done.is_set():
+                statm.seek(0)
+                rss = int(statm.read().split()[1]) * page
+                peaks[stage["name"]] = max(peaks.get(stage["name"], 0), rss)
+                time.sleep(0.02)
+    def progress(name, count, total):
+        if name == "calibrate":
+            stage["name"] = "layers"
+        elif name == "compress":
+            stage["name"] = "layers" if count < total - 3 else ("embedding+head" if count < total else "write")
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    start = time.perf_counter()
+    create_pack(directory + "/base", directory + "/tuned", output, name="scale", task="scale", force=True,
+                progress=progress, **options)
+    seconds = time.perf_counter() - start
+    done.set(); sampler.join()
+    peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    stages = {k: v / 2**30 for k, v in peaks.items()}
+    print(json.dumps({"seconds": seconds, "peak_gb": peak_kb / 2**20, "stages": stages}))
+"""
+
+
+DEVICE: str | None = None  # --device, for every run
+
+
+def run(directory: Path, output: Path, **options: object) -> dict:
+    """One ``create`` (or ``--dry-run``) in a fresh process."""
+    if DEVICE is not None:
+        options["device"] = DEVICE
+    child = subprocess.run([sys.executable, "-c", _CHILD, str(directory), str(output), json.dumps(options)],
+                           capture_output=True, text=True)
+    if child.returncode != 0:
+        raise SystemExit(child.stderr[-3000:])
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+def same_bytes(one: Path, other: Path) -> bool:
+    """Two packs equal but for their creation time (see tests/test_scale.py)."""
+    def content(pack: Path) -> tuple[object, bytes]:
+        manifest = json.loads((pack / "skillpack.json").read_text())
+        manifest.pop("created_at")
+        manifest["files"]["skillpack.safetensors"].pop("sha256")
+        data = (pack / "skillpack.safetensors").read_bytes()
+        return manifest, data[8 + int.from_bytes(data[:8], "little"):]
+    return content(one) == content(other)
+
+
+def _stages(result: dict) -> str:
+    stages = result["stages"]
+    return " | ".join(f"{stages.get(name, 0):.2f}" for name in ("start", "layers", "embedding+head", "write"))
+
+
+def main() -> None:
+    global WIDTH, MLP, KV, VOCAB, DEVICE
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, nargs="+", default=[1, 4, 32])
+    parser.add_argument("--root", type=Path, default=None, help="where the checkpoints are written (deleted after)")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="write into this directory and keep it (and measured.json): a later call with the "
+                             "same --keep reuses the checkpoints and the runs already measured")
+    parser.add_argument("--no-workers", action="store_true", help="skip the --workers 2 run")
+    parser.add_argument("--device", default=None, help="create's --device (cuda: see bench/gpu_check.sh)")
+    parser.add_argument("--width", type=int, default=WIDTH)
+    parser.add_argument("--mlp", type=int, default=MLP)
+    parser.add_argument("--kv", type=int, default=KV)
+    parser.add_argument("--vocab", type=int, default=VOCAB)
+    args = parser.parse_args()
+    WIDTH, MLP, KV, VOCAB, DEVICE = args.width, args.mlp, args.kv, args.vocab, args.device
+    torch.set_num_threads(2)
+    root = args.keep or Path(tempfile.mkdtemp(prefix="skillhub-scale-", dir=args.root))
+    try:
+        measure(root, args)
+    finally:
+        if args.keep is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def measure(root: Path, args: argparse.Namespace) -> None:
+    record = root / "measured.json"
+    measured = json.loads(record.read_text()) if record.exists() else {}
+
+    def once(key: str, make):  # each measurement is made once per --keep directory
+        if key not in measured:
+            measured[key] = make()
+            record.write_text(json.dumps(measured, indent=1))
+        return measured[key]
+
+    most = max(args.layers)
+    root.mkdir(parents=True, exist_ok=True)
+
+    if not (root / "shards" / "tuned" / f"layer{most - 1:02d}.safetensors").exists():
+        print(f"writing {most} layers of Llama-3-8B's shapes, base and tuned, under {root}", flush=True)
+        start = time.perf_counter()
+        write_model(root, most)
+        print(f"written in {time.perf_counter() - start:.0f} s\n", flush=True)
+    print("| layers | quantizer | create s | s per layer | peak GiB | start | layers | embedding+head | write |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    for layers in sorted(args.layers):
+        directory = checkpoint(root, layers)
+        for label, options in (("RTN", {}), ("GPTQ", {"calib": str(directory / "calib.txt"), **CALIB})):
+            result = once(f"{layers}/{label}", lambda: run(directory, root / "pack", **options))
+            shutil.rmtree(root / "pack", ignore_errors=True)
+            print(f"| {layers} | {label} | {result['seconds']:.1f} | {result['seconds'] / layers:.1f} | "
+                  f"{result['peak_gb']:.2f} | {_stages(result)} |", flush=True)
+    floor = once("svd_floor", lambda: svd_floor(root, most))
+    print(f"\nSVD floor of the {most} layers' matrices, timed alone: {floor:.1f} s")
+    rtn, gptq = measured[f"{most}/RTN"], measured[f"{most}/GPTQ"]
+    peaks = [measured[f"{n}/{q}"]["stages"].get("layers", 0) for n in args.layers for q in ("RTN", "GPTQ")]
+    print(f"{most} layers: RTN {rtn['seconds']:.0f} s = {rtn['seconds'] / floor:.2f} x the SVD floor "
+          f"({floor:.0f} s; goal <= 1.5); GPTQ {gptq['seconds'] / rtn['seconds']:.2f} x RTN (goal <= 2); "
+          f"peak {max(measured[f'{n}/{q}']['peak_gb'] for n in args.layers for q in ('RTN', 'GPTQ')):.2f} GiB "
+          f"(goal <= 3 GB = 2.79 GiB); peak of the layer stage from {min(peaks):.2f} to {max(peaks):.2f} GiB over "
+          f"{sorted(args.layers)} layers (goal: within 10%)")
+    directory = root / f"layers{most}"
+    print("\n| --dry-run | predicted s | measured s | ratio | predicted peak GiB | measured peak GiB | ratio |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for label, options in (("RTN", {}), ("GPTQ", {"calib": str(directory / "calib.txt"), **CALIB})):
+        plan = run(directory, root / "unused", dry_run=True, **options)  # never kept: the estimator may change
+        real = measured[f"{most}/{label}"]
+        predicted_peak = plan["peak_bytes"] / 2**30
+        print(f"| {label} | {plan['seconds']:.0f} | {real['seconds']:.0f} | {plan['seconds'] / real['seconds']:.2f} | "
+              f"{predicted_peak:.2f} | {real['peak_gb']:.2f} | {predicted_peak / real['peak_gb']:.2f} |", flush=True)
+    if not args.no_workers:
+        few = sorted(args.layers)[len(args.layers) // 2]  # 4 of 1, 4, 32: the whole model's pattern in a few minutes
+        directory = checkpoint(root, few)
+
+        def parallel() -> dict:
+            serial = run(directory, root / "serial-few")
+            result = run(directory, root / "parallel", workers=2)
+            result["serial_seconds"] = serial["seconds"]
+            result["identical"] = same_bytes(root / "serial-few", root / "parallel")
+            shutil.rmtree(root / "parallel")
+            shutil.rmtree(root / "serial-few")
+            return result
+        result = once(f"{few}/RTN/workers2", parallel)
+        print(f"\n{few} layers, RTN, --workers 2: {result['seconds']:.0f} s against {result['serial_seconds']:.0f} s "
+              f"serial, side by side (speed-up {result['serial_seconds'] / result['seconds']:.2f}), peak of the "
+              f"parent {result['peak_gb']:.2f} GiB, byte-identical: {result['identical']}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
