@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 from pathlib import Path
 
 import pytest
@@ -81,6 +83,21 @@ def test_cursor_walks_parameters_in_layer_order(finetuned: FineTune) -> None:
     assert found["lm_head.weight"].hessian.shape == (128, 128)
     assert found["model.layers.0.input_layernorm.weight"] is None
     assert found["model.embed_tokens.weight"] is None
+    shared = [found[f"model.layers.3.self_attn.{m}_proj.weight"] for m in "qkv"]
+    assert shared[0].hessian is shared[1].hessian and not any(stats.exclusive for stats in shared)
+    assert found["model.layers.3.mlp.down_proj.weight"].exclusive and found["lm_head.weight"].exclusive
+
+
+def test_a_handed_out_hessian_is_held_by_its_receiver_alone(finetuned: FineTune) -> None:
+    """Once a module's statistics are handed out and used, its Hessian is freed before the next
+    layer is captured: two layers' Hessians (822 MB each at 8B width) are never held together."""
+    model = load_for_calibration(finetuned.tuned, device="cpu")
+    cursor = StatisticsCursor(capture_statistics(model, _calibration(finetuned)))
+    statistics = cursor.get("model.layers.0.mlp.down_proj.weight")
+    handed_out = weakref.ref(statistics.hessian)
+    del statistics
+    gc.collect()
+    assert handed_out() is None
 
 
 def test_calibration_files(tmp_path: Path) -> None:

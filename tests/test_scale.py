@@ -150,6 +150,12 @@ def test_dry_run_predicts_the_pack_from_headers_alone(finetuned: FineTune, tmp_p
             assert module["rank_groups"] == actual["meta"]["groups"]
         assert module["seconds"] > 0 and module["peak_bytes"] >= 3 * 4 * module["shape"][0]
     assert plan["quantizer"] == "gptq" and plan["totals"]["calibration_peak_bytes"] > 0
+    totals = plan["totals"]
+    assert totals["calibration_seconds"] > 0 and totals["seconds"] > totals["calibration_seconds"]
+    # The peak counts the process itself (torch and transformers imported: well over 100 MB) and the
+    # largest working set on top of it.
+    assert totals["peak_bytes"] >= totals["floor_bytes"] + max(m["peak_bytes"] for m in plan["modules"])
+    assert totals["floor_bytes"] > 100 * 2**20
     assert any(m["operator"] == "svd-mixed" and m["bytes_exact"] for m in plan["modules"])
 
     result = CliRunner().invoke(main, ["create", str(finetuned.base), str(finetuned.tuned), "-o", str(tmp_path / "x"),

@@ -98,11 +98,12 @@ def _print_plan(base: str, tuned: str, compression: CompressionOptions, base_rev
     stdout().print(table)
     totals = plan["totals"]
     exact = "" if totals["stored_bytes_exact"] else "at most "
+    calibration = (f" (calibration: {totals['calibration_seconds']:,.0f} s, "
+                   f"{totals['calibration_peak_bytes'] / 2**30:.2f} GiB)" if totals["calibration_peak_bytes"] else "")
     click.echo(f"{totals['modules']} modules: {exact}{totals['stored_bytes']:,} bytes stored; about "
-               f"{totals['seconds']:,.0f} s of compression on this machine; peak memory about "
-               f"{totals['peak_bytes'] / 2**30:.2f} GiB"
-               + (f" (calibration: {totals['calibration_peak_bytes'] / 2**30:.2f} GiB)"
-                  if totals["calibration_peak_bytes"] else ""))
+               f"{totals['seconds']:,.0f} s of compression on this machine; peak resident memory about "
+               f"{totals['peak_bytes'] / 2**30:.2f} GiB, {totals['floor_bytes'] / 2**30:.2f} GiB of it before the "
+               f"first tensor{calibration}")
 
 
 def _pack_summary(pack: Any) -> dict[str, Any]:

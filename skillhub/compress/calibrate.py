@@ -278,15 +278,17 @@ class StatisticsCursor:
             except StopIteration:
                 self._done = True
             else:
-                self._current = _marked_exclusive(self._current)
+                _mark_exclusive(self._current)
         return self._current.pop(name, None) if self._layer == wanted else None
 
 
-def _marked_exclusive(statistics: dict[str, LayerStatistics]) -> dict[str, LayerStatistics]:
-    """The same statistics, ``exclusive`` where no other entry's Hessian shares its storage."""
+def _mark_exclusive(statistics: dict[str, LayerStatistics]) -> None:
+    """Mark ``exclusive`` the entries whose Hessian no other entry's shares storage with, in place:
+    this dict is the only holder of the layer's Hessians across the generator's yield (a copy
+    would keep them all alive until the next layer is captured)."""
     users = Counter(stats.hessian.untyped_storage().data_ptr() for stats in statistics.values())
-    return {name: replace(stats, exclusive=users[stats.hessian.untyped_storage().data_ptr()] == 1)
-            for name, stats in statistics.items()}
+    for name, stats in statistics.items():
+        statistics[name] = replace(stats, exclusive=users[stats.hessian.untyped_storage().data_ptr()] == 1)
 
 
 def layer_order(names: list[str]) -> list[str]:

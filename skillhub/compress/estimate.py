@@ -2,12 +2,17 @@
 
 For every module: its role, operator and parameters, its parts (experts, fused projections), the
 rank groups of an SVD, the bytes it will store, and a prediction of its seconds and peak memory.
-Times come from a cost model whose rates are measured on this machine in about a second (one
-float32 matrix product, one symmetric eigendecomposition, a few hundred GPTQ columns): the
-operations ``create`` spends its time in (see bench/bench_scale.py). Bytes are exact for
-``svd-mixed``, ``lowrank``, ``rtn`` and ``raw``, an upper bound for ``magnitude-prune`` (its index
-is the smaller of a bitmask and gap codes, whose width depends on the data), and unknown for
-``svd`` (its rank follows the spectrum) and for plugins.
+Times come from a cost model whose rates are measured on this machine in a few seconds (one
+float32 matrix product, one symmetric eigendecomposition, a few hundred GPTQ columns, a 32 MB
+magnitude prune, and one real ``svd-mixed`` module: its time beyond its flops, per element),
+plus calibration's forward passes and Hessians by their flops: the operations ``create`` spends its
+time in (see bench/bench_scale.py and bench/bench_scale_model.py, which checks the whole-model
+prediction against a run). The peak is this process's resident memory (what ``create`` holds
+before its first tensor) plus the largest working set: a module's (with calibration, with its
+layer's Hessians) or calibration's. Bytes are exact for ``svd-mixed``, ``lowrank``, ``rtn`` and
+``raw``, an upper bound for ``magnitude-prune`` (its index is the smaller of a bitmask and gap
+codes, whose width depends on the data), and unknown for ``svd`` (its rank follows the spectrum)
+and for plugins.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -28,6 +34,13 @@ from skillhub.operators.builtin.rtn import as_matrix
 from skillhub.operators.builtin.svd import resolve_rank_groups
 
 
+# Resident bytes per element of a magnitude-pruned module at its peak: the float32 delta, its
+# magnitudes, kthvalue's working copy and indices, the mask, the kept positions and values, and the
+# decoded copy that measures the error. Measured: 20.1 B on a 128256 x 4096 embedding at keep 0.5
+# (bench/bench_scale_model.py, the embedding-and-head stage less the process before it).
+_PRUNE_BYTES_PER_ELEMENT = 20
+
+
 @dataclass(frozen=True)
 class MachineRates:
     """What this machine does per second, measured now."""
@@ -35,9 +48,16 @@ class MachineRates:
     matmul_flops: float  # float32 matrix product
     eigh_per_cube: float  # seconds per n^3 of a symmetric eigendecomposition
     gptq_column: float  # seconds per column GPTQ visits: its Python loop, nearly flat in the rows
+    prune_element: float  # seconds per element of magnitude-prune's encode, decode and error
+    floor_bytes: int  # this process's resident memory: what create holds before its first tensor
+    svd_element: float = 0.0  # seconds per matrix element a real svd-mixed module takes beyond its flops
 
     @classmethod
     def measure(cls, device: torch.device) -> MachineRates:
+        import psutil
+
+        from skillhub.operators import EncodeContext, encode_module, get_operator, resolve_params
+
         generator = torch.Generator().manual_seed(0)
         a = torch.randn(1024, 1024, generator=generator).to(device)
         symmetric = a @ a.T
@@ -56,7 +76,29 @@ class MachineRates:
         gptq_quantize(rows[:, :128], hessian[:128, :128], bits=4, group_size=128)  # warm-up
         start = time.perf_counter()
         gptq_quantize(rows, hessian, bits=4, group_size=128)
-        return cls(matmul, eigh, (time.perf_counter() - start) / 512)
+        column = (time.perf_counter() - start) / 512
+        # Pruning is memory-bound: measured on 32 MB, past the caches, with the paper's settings.
+        prune = get_operator("magnitude-prune")
+        delta = torch.randn(2048, 4096, generator=generator)
+        start = time.perf_counter()
+        encode_module(prune, delta, resolve_params(prune, {"keep": 0.5, "bits": 4}, where="estimate"),
+                      EncodeContext(name="estimate", role="embedding"))
+        prune_element = (time.perf_counter() - start) / delta.numel()
+        rates = cls(matmul, eigh, column, prune_element, psutil.Process().memory_info().rss)
+        # The flops count the SVD and the decode; quantizing, bit packing and the error pass come on
+        # top, in passes over the matrix. One real module (a quarter of an 8B MLP matrix, a
+        # fine-tune-like decaying spectrum, the paper's ranks) says how long per element here.
+        svd = get_operator("svd-mixed")
+        params = resolve_params(svd, {"groups": [[20, 8], [180, 3], [1200, 2]], "reference_dim": 4096},
+                                where="estimate")
+        left = torch.randn(1024, 256, generator=generator) * torch.arange(1, 257).pow(-0.5)
+        matrix = left @ torch.randn(256, 4096, generator=generator) + 0.1 * torch.randn(1024, 4096, generator=generator)
+        start = time.perf_counter()
+        encode_module(svd, matrix, params, EncodeContext(name="estimate", role="mlp"))
+        measured = time.perf_counter() - start
+        modeled = _svd_seconds(1024, 4096, sum(size for size, _ in resolve_rank_groups(params["groups"], 1024, 4096)),
+                               rates)
+        return replace(rates, svd_element=max(0.0, measured - modeled) / matrix.numel())
 
 
 @dataclass(frozen=True)
@@ -105,83 +147,120 @@ def _stored_bytes(plan: ModulePlan, shape: tuple[int, ...]) -> tuple[int | None,
     return sum(math.prod(size) * dtype.itemsize for dtype, size in fields.values()), True, groups
 
 
+def _svd_seconds(rows: int, cols: int, rank: int, rates: MachineRates) -> float:
+    """The Gram SVD (product, eigendecomposition, projection) and the decode, by their flops."""
+    big, small = max(rows, cols), min(rows, cols)
+    flops = 2 * big * small**2 + 2 * big * small * rank + 2 * rows * rank * cols
+    return flops / rates.matmul_flops + rates.eigh_per_cube * small**3
+
+
 def _seconds_and_peak(plan: ModulePlan, shape: tuple[int, ...], groups: list[list[int]] | None,
-                      rates: MachineRates, calibrated: bool) -> tuple[float, int]:
-    """Predicted seconds and peak bytes of one part: the Gram SVD, the quantization, the decode
-    that measures the error, and with calibration GPTQ's factorization and column loop."""
+                      rates: MachineRates, calibrated: bool, shared_hessian: bool) -> tuple[float, int]:
+    """Predicted seconds and working memory of one part: the Gram SVD, the quantization, the decode
+    that measures the error, and with calibration GPTQ's factorization and column loop (on a
+    Hessian another module shares, a copy: an exclusive one is factored in its own storage)."""
     numel = math.prod(shape)
+    if plan.operator.name == "magnitude-prune":
+        return rates.prune_element * numel, _PRUNE_BYTES_PER_ELEMENT * numel
     peak = 3 * 4 * numel  # the float32 delta, its decoded copy, the tensor being read
     if groups is None:
-        return 2e-8 * numel, peak  # a pass or two over the data (raw, pruning, RTN)
+        return 2e-8 * numel, peak  # a pass or two over the data (raw, RTN)
     rows, cols = as_matrix(shape)
-    big, small = max(rows, cols), min(rows, cols)
     rank = sum(size for size, _ in groups)
-    flops = 2 * big * small**2 + 2 * big * small * rank + 2 * rows * rank * cols  # Gram, projection, decode
-    seconds = flops / rates.matmul_flops + rates.eigh_per_cube * small**3
-    peak += 4 * small**2 * 2  # the Gram matrix and its eigenvectors
+    seconds = _svd_seconds(rows, cols, rank, rates) + rates.svd_element * numel
+    peak += 4 * min(rows, cols)**2 * 2  # the Gram matrix and its eigenvectors
     if calibrated:
         inputs = cols  # the Hessian is over the matrix's input features
-        seconds += (2 / 3 * inputs**3 + 2 * rank * inputs**2) / rates.matmul_flops  # potrf+trtri, U's Hessians
+        seconds += (2 / 3 * inputs**3 + rank * inputs**2) / rates.matmul_flops  # potrf+trtri, U's Hessians
         seconds += rates.gptq_column * (inputs + rank)  # V's columns (every group at once), then U's
-        peak += 2 * 4 * inputs**2  # the Hessian and its inverse factor
+        peak += 4 * inputs**2 if shared_hessian else 0
     return seconds, peak
 
 
-def estimate_modules(checkpoint: Checkpoint, plans: dict[str, ModulePlan], *, calibrated: bool,
-                     device: torch.device) -> list[ModuleEstimate]:
-    """Every module's estimate, in the order ``create`` visits them (nothing but headers is read)."""
-    from skillhub.compress.calibrate import layer_order
+_CALIBRATED_ROLES = ("attention", "mlp", "head")
 
-    rates = MachineRates.measure(device)
+
+def _inputs_of_layers(checkpoint: Checkpoint, plans: dict[str, ModulePlan]) -> dict[int, Counter[tuple[str, int]]]:
+    """Per decoder layer, the calibrated matrices by (role, input width): matrices of one role that
+    read inputs of one width share one Hessian (q, k and v; gate and up), as calibration makes them."""
+    from skillhub.compress.calibrate import layer_index
+
+    inputs: dict[int, Counter[tuple[str, int]]] = {}
+    for name, plan in plans.items():
+        index, shape = layer_index(name), checkpoint.shape(name)
+        if index is not None and plan.role in _CALIBRATED_ROLES and len(shape) >= 2:
+            inputs.setdefault(index, Counter())[plan.role, shape[-1]] += 1
+    return inputs
+
+
+def estimate_modules(checkpoint: Checkpoint, plans: dict[str, ModulePlan], *, calibrated: bool,
+                     rates: MachineRates) -> list[ModuleEstimate]:
+    """Every module's estimate, in the order ``create`` visits them (nothing but headers is read).
+    With calibration a module's peak includes its layer's Hessians, all held while the layer is
+    encoded."""
+    from skillhub.compress.calibrate import layer_index, layer_order
+
+    inputs = _inputs_of_layers(checkpoint, plans) if calibrated else {}
     estimates = []
     for name in layer_order(list(plans)):
         plan, shape = plans[name], tuple(checkpoint.shape(name))
         parts = plan.split.part_shapes(shape) if plan.split else [shape]
+        layer = inputs.get(layer_index(name), Counter())
+        shared = layer[plan.role, shape[-1]] > 1
         total, exact, seconds, peak, groups = 0, True, 0.0, 0, None
         for part in parts:
             stored, part_exact, groups = _stored_bytes(plan, tuple(part))
             part_seconds, part_peak = _seconds_and_peak(plan, tuple(part), groups, rates,
-                                                        calibrated and plan.role in ("attention", "mlp", "head"))
+                                                        calibrated and plan.role in _CALIBRATED_ROLES, shared)
             total = None if stored is None or total is None else total + stored
             exact, seconds, peak = exact and part_exact, seconds + part_seconds, max(peak, part_peak)
+        peak += sum(4 * width**2 for _, width in layer)
         estimates.append(ModuleEstimate(name, plan.role, plan.operator.name, list(shape), len(parts), groups, total,
                                         exact and total is not None, seconds, peak))
     return estimates
 
 
-def calibration_peak(checkpoint: Checkpoint, *, samples: int, seqlen: int) -> int:
-    """Bytes calibration holds at its peak: the largest decoder layer as stored, every Hessian of
-    it in float32 (at most: matrices sharing an input share one), and one layer's activations in
-    and out."""
+def calibration_cost(checkpoint: Checkpoint, plans: dict[str, ModulePlan], rates: MachineRates, *, samples: int,
+                     seqlen: int) -> tuple[float, int]:
+    """Seconds and peak bytes of calibration itself: every layer's forward pass over the windows
+    and the X^T X of each of its distinct inputs (one triangle: syrk), and at its peak the largest
+    layer as stored, its Hessians in float32 and one layer's activations in and out."""
     from skillhub.compress.calibrate import layer_index
 
-    layers: dict[int, int] = {}
-    hessians: dict[int, int] = {}
+    tokens = samples * seqlen
+    stored: Counter[int] = Counter()
+    params: Counter[int] = Counter()
     for name in checkpoint.names():
         index = layer_index(name)
-        if index is None:
-            continue
-        shape = checkpoint.shape(name)
-        layers[index] = layers.get(index, 0) + math.prod(shape) * checkpoint.dtype(name).itemsize
-        if len(shape) >= 2:
-            hessians[index] = hessians.get(index, 0) + 4 * shape[-1] ** 2
+        if index is not None:
+            params[index] += math.prod(checkpoint.shape(name))
+            stored[index] += math.prod(checkpoint.shape(name)) * checkpoint.dtype(name).itemsize
+    hessians = {index: sum(4 * width**2 for _, width in layer)
+                for index, layer in _inputs_of_layers(checkpoint, plans).items()}
+    flops = sum(2 * tokens * params[index] + tokens * hessians.get(index, 0) / 4 for index in params)
     config = checkpoint.config
     width = config.get("hidden_size") or config.get("n_embd") or (config.get("text_config") or {}).get("hidden_size")
-    activations = 2 * samples * seqlen * (width or 0) * 4
-    return max((layers[i] + hessians.get(i, 0) for i in layers), default=0) + activations
+    activations = 2 * tokens * (width or 0) * 4
+    peak = max((stored[index] + hessians.get(index, 0) for index in stored), default=0) + activations
+    return flops / rates.matmul_flops, peak
 
 
-def as_document(estimates: list[ModuleEstimate], *, calibration_bytes: int | None) -> dict[str, Any]:
-    """The plan as ``--json`` prints it."""
+def as_document(estimates: list[ModuleEstimate], *, floor_bytes: int,
+                calibration: tuple[float, int] | None) -> dict[str, Any]:
+    """The plan as ``--json`` prints it: ``peak_bytes`` is this process's resident memory now (what
+    create holds before its first tensor) plus the largest working set."""
     known = [e.stored_bytes for e in estimates if e.stored_bytes is not None]
+    calibration_seconds, calibration_bytes = calibration if calibration else (0.0, None)
     return {
         "modules": [asdict(e) for e in estimates],
         "totals": {
             "modules": len(estimates),
             "stored_bytes": sum(known),
             "stored_bytes_exact": all(e.bytes_exact for e in estimates),
-            "seconds": sum(e.seconds for e in estimates),
-            "peak_bytes": max([e.peak_bytes for e in estimates] + [calibration_bytes or 0]),
+            "seconds": sum(e.seconds for e in estimates) + calibration_seconds,
+            "peak_bytes": floor_bytes + max([e.peak_bytes for e in estimates] + [calibration_bytes or 0]),
+            "floor_bytes": floor_bytes,
+            "calibration_seconds": calibration_seconds if calibration else None,
             "calibration_peak_bytes": calibration_bytes,
             "cpus": os.cpu_count(),
         },
@@ -215,7 +294,9 @@ def estimate_pack(base: str | os.PathLike[str], tuned: str | os.PathLike[str], *
     check_compatible(base_checkpoint, open_checkpoint(tuned, revision=tuned_revision))
     plans = plan_every_parameter(plans_recipe, base_checkpoint)
     torch_device = torch.device(device or config.default_device())
-    estimates = estimate_modules(base_checkpoint, plans, calibrated=calib is not None, device=torch_device)
-    calibration = calibration_peak(base_checkpoint, samples=calib_samples, seqlen=calib_seqlen) if calib else None
+    rates = MachineRates.measure(torch_device)
+    estimates = estimate_modules(base_checkpoint, plans, calibrated=calib is not None, rates=rates)
+    calibration = calibration_cost(base_checkpoint, plans, rates, samples=calib_samples,
+                                   seqlen=calib_seqlen) if calib else None
     return {"recipe": plans_recipe.document.get("name"), "quantizer": "gptq" if calib else "rtn",
-            **as_document(estimates, calibration_bytes=calibration)}
+            **as_document(estimates, floor_bytes=rates.floor_bytes, calibration=calibration)}
