@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_scale import _same_bytes  # bench/ is this script's directory: on sys.path
 
 from skillhub.compress.recipe import PAPER_RECIPE
 from skillhub.io.tensorfile import TensorFile, TensorFileWriter
@@ -221,17 +222,6 @@ def run(directory: Path, output: Path, **options: object) -> dict:
     return json.loads(child.stdout.strip().splitlines()[-1])
 
 
-def same_bytes(one: Path, other: Path) -> bool:
-    """Two packs equal but for their creation time (see tests/test_scale.py)."""
-    def content(pack: Path) -> tuple[object, bytes]:
-        manifest = json.loads((pack / "skillpack.json").read_text())
-        manifest.pop("created_at")
-        manifest["files"]["skillpack.safetensors"].pop("sha256")
-        data = (pack / "skillpack.safetensors").read_bytes()
-        return manifest, data[8 + int.from_bytes(data[:8], "little"):]
-    return content(one) == content(other)
-
-
 def _stages(result: dict) -> str:
     stages = result["stages"]
     return " | ".join(f"{stages.get(name, 0):.2f}" for name in ("start", "layers", "embedding+head", "write"))
@@ -315,7 +305,7 @@ def measure(root: Path, args: argparse.Namespace) -> None:
             serial = run(directory, root / "serial-few")
             result = run(directory, root / "parallel", workers=2)
             result["serial_seconds"] = serial["seconds"]
-            result["identical"] = same_bytes(root / "serial-few", root / "parallel")
+            result["identical"] = _same_bytes(root / "serial-few", root / "parallel")
             shutil.rmtree(root / "parallel")
             shutil.rmtree(root / "serial-few")
             return result

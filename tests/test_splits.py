@@ -86,6 +86,29 @@ def test_gpt2_c_attn_parts_are_calibrated_as_stored(tmp_path: Path) -> None:
     assert decoded.shape == (64, 192) and torch.isfinite(decoded).all()
 
 
+def test_pieces_of_a_fused_projection_never_overwrite_their_shared_hessian() -> None:
+    """q, k and v of a fused qkv_proj read one input: an exclusive Hessian is exclusive to the
+    tensor, not to any one piece, so each piece is quantized against the Hessian itself."""
+    from skillhub.operators import EncodeContext, LayerStatistics, get_operator, resolve_params
+    from skillhub.operators.parts import encode_split
+
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(64, 512, generator=generator) * torch.logspace(0, -1, 64)[:, None]
+    hessian = 2 * inputs @ inputs.T / 512
+    delta = torch.randn(96, 64, generator=generator) * 0.01
+    operator = get_operator("svd-mixed")
+    params = resolve_params(operator, {"groups": [[4, 8], [12, 3]], "group_size": 32}, where="test")
+    split = Split(axis=0, sizes=(32, 32, 32))
+    packed = []
+    for exclusive in (False, True):
+        statistics = LayerStatistics(hessian=hessian.clone(), samples=512, exclusive=exclusive)
+        ctx = EncodeContext(name="qkv_proj.weight", role="attention", calibration=statistics)
+        packed.append(encode_split(operator, delta, params, ctx, split).tensors)
+        assert torch.equal(statistics.hessian, hessian)
+    assert packed[0].keys() == packed[1].keys()
+    assert all(torch.equal(packed[0][key], packed[1][key]) for key in packed[0])
+
+
 def test_budget_mode_fits_with_split_modules(tmp_path: Path) -> None:
     base, tuned = _fine_tune("gpt_oss", MATRIX["gpt_oss"], tmp_path)
     pack = create_pack(base, tuned, tmp_path / "pack", task="t", ratio=0.2)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -169,8 +169,10 @@ def compare_compression(
     errors: dict[str, list[float]] = {m: [] for m in METHODS}
     patches: dict[str, dict[str, torch.Tensor]] = {m: {} for m in METHODS}
     for item in reporting(iter_deltas(base_ckpt, tuned_ckpt, names=linear), progress, "bench", len(linear)):
+        fit = fit_cursor.get(item.name) if fit_cursor else None
+        # Every method encodes against these statistics: none may overwrite their Hessian.
         ctx = EncodeContext(name=item.name, role=role_of[item.name], device=torch_device, seed=seed,
-                            calibration=fit_cursor.get(item.name) if fit_cursor else None)
+                            calibration=replace(fit, exclusive=False) if fit is not None else None)
         heldout_stats = heldout_cursor.get(item.name) if heldout_cursor else None
         for method, (approximation, nbytes) in _every_method(item.delta, ratio, ctx, budget_plans).items():
             stored[method] += nbytes

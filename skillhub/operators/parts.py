@@ -71,9 +71,11 @@ class Split:
 def part_statistics(statistics: LayerStatistics | None, split: Split, part: int) -> LayerStatistics | None:
     """The calibration statistics of one part: a stack of experts has a Hessian per expert
     (``hessian`` is experts x in x in; an expert no token reached has none); pieces of a fused
-    projection share the input of the whole."""
-    if statistics is None or statistics.hessian.dim() == 2:
-        return statistics
+    projection share the input of the whole (so no piece may overwrite it)."""
+    if statistics is None:
+        return None
+    if statistics.hessian.dim() == 2:
+        return replace(statistics, exclusive=False) if len(split.sizes) > 1 else statistics
     hessian = statistics.hessian[part]
     if not bool(hessian.any()):
         return None
