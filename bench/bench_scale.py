@@ -47,14 +47,22 @@ from skillhub.progress import quiet_transformers
 
 
 def _delta(rows: int, cols: int, seed: int) -> torch.Tensor:
+    """A slow spectrum over 1024 directions plus full-rank noise at a tenth of its energy (in place
+    where it can: bench_scale_model makes vocabulary-sized ones)."""
     generator = torch.Generator().manual_seed(seed)
     k = 1024
-    left = torch.randn(rows, k, generator=generator) / rows**0.5
-    right = torch.randn(k, cols, generator=generator) / cols**0.5
-    signal = (left * torch.arange(1, k + 1).pow(-0.5)) @ right
+    left = torch.randn(rows, k, generator=generator).div_(rows**0.5).mul_(torch.arange(1, k + 1).pow(-0.5))
+    signal = left @ torch.randn(k, cols, generator=generator).div_(cols**0.5)
+    del left
     noise = torch.randn(rows, cols, generator=generator)
-    noise *= 0.1**0.5 * signal.norm() / noise.norm()
-    return (signal + noise) * 1e-3
+    noise.mul_(0.1**0.5 * signal.norm() / noise.norm())
+    return signal.add_(noise).mul_(1e-3)
+
+
+def _paper_params(role: str) -> dict:
+    """The paper recipe's svd-mixed params for ``role``, resolved."""
+    return resolve_params(get_operator("svd-mixed"),
+                          next(r["params"] for r in PAPER_RECIPE["rules"] if r["match"]["role"] == role), where="bench")
 
 
 def _timed(function, *args):
@@ -97,7 +105,6 @@ def svd_table(args: argparse.Namespace) -> float:
     matrices = {"q_proj": ("attention", w, w), "k_proj": ("attention", kv, w), "v_proj": ("attention", kv, w),
                 "o_proj": ("attention", w, w), "gate_proj": ("mlp", f, w), "up_proj": ("mlp", f, w),
                 "down_proj": ("mlp", w, f)}
-    operator = get_operator("svd-mixed")
     print("| matrix | shape | rank | Gram fp64 s | Gram fp32 s | skillhub s | full SVD s | randomized s | "
           "pack error skillhub | pack error full SVD |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -105,8 +112,7 @@ def svd_table(args: argparse.Namespace) -> float:
     worst = 0.0
     for seed, (name, (role, rows, cols)) in enumerate(matrices.items()):
         matrix = _delta(rows, cols, seed)
-        params = resolve_params(operator, next(r["params"] for r in PAPER_RECIPE["rules"]
-                                              if r["match"]["role"] == role), where="bench")
+        params = _paper_params(role)
         groups = resolve_rank_groups(params["groups"], min(rows, cols), params["reference_dim"])
         rank = sum(size for size, _ in groups)
         generator = torch.Generator().manual_seed(0)

@@ -37,12 +37,10 @@ import time
 from pathlib import Path
 
 import torch
-from bench_scale import _same_bytes  # bench/ is this script's directory: on sys.path
+from bench_scale import _delta, _paper_params, _same_bytes  # bench/ is this script's directory: on sys.path
 
-from skillhub.compress.recipe import PAPER_RECIPE
 from skillhub.io.tensorfile import TensorFile, TensorFileWriter
 from skillhub.numerics.svd import gram_svd
-from skillhub.operators import get_operator, resolve_params
 from skillhub.operators.builtin.svd import resolve_rank_groups
 
 WIDTH, MLP, KV, VOCAB = 4096, 14336, 1024, 128256  # Llama-3-8B's (--width etc. shrink them for a quick look)
@@ -55,27 +53,13 @@ def _shapes() -> dict[str, tuple[int, int]]:
 CALIB = {"calib_samples": 16, "calib_seqlen": 256}
 
 
-def _delta(rows: int, cols: int, seed: int) -> torch.Tensor:
-    """A slow spectrum over 1024 directions plus full-rank noise at a tenth of its energy."""
-    generator = torch.Generator().manual_seed(seed)
-    k = 1024
-    left = torch.randn(rows, k, generator=generator).div_(rows**0.5).mul_(torch.arange(1, k + 1).pow(-0.5))
-    signal = left @ torch.randn(k, cols, generator=generator).div_(cols**0.5)
-    del left
-    noise = torch.randn(rows, cols, generator=generator)
-    noise.mul_(0.1**0.5 * signal.norm() / noise.norm())
-    return signal.add_(noise).mul_(1e-3)
-
-
 def _weight(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 0.02).to(torch.bfloat16)
 
 
 def _floor_seconds(delta: torch.Tensor, role: str) -> float:
     """The SVD floor of one matrix: float32 Gram eigendecomposition at the paper recipe's rank."""
-    operator = get_operator("svd-mixed")
-    params = resolve_params(operator, next(r["params"] for r in PAPER_RECIPE["rules"] if r["match"]["role"] == role),
-                            where="bench")
+    params = _paper_params(role)
     rank = sum(size for size, _ in resolve_rank_groups(params["groups"], min(delta.shape), params["reference_dim"]))
     start = time.perf_counter()
     gram_svd(delta, rank, precision=torch.float32)

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from skillhub.compress.recipe import ModulePlan
+from skillhub.compress.roles import CALIBRATED_ROLES
 from skillhub.io.checkpoint import Checkpoint
 from skillhub.numerics.gptq import gptq_quantize
 from skillhub.numerics.quantize import packed_sizes
@@ -177,9 +178,6 @@ def _seconds_and_peak(plan: ModulePlan, shape: tuple[int, ...], groups: list[lis
     return seconds, peak
 
 
-_CALIBRATED_ROLES = ("attention", "mlp", "head")
-
-
 def _inputs_of_layers(checkpoint: Checkpoint, plans: dict[str, ModulePlan]) -> dict[int, Counter[tuple[str, int]]]:
     """Per decoder layer, the calibrated matrices by (role, input width): matrices of one role that
     read inputs of one width share one Hessian (q, k and v; gate and up), as calibration makes them."""
@@ -188,7 +186,7 @@ def _inputs_of_layers(checkpoint: Checkpoint, plans: dict[str, ModulePlan]) -> d
     inputs: dict[int, Counter[tuple[str, int]]] = {}
     for name, plan in plans.items():
         index, shape = layer_index(name), checkpoint.shape(name)
-        if index is not None and plan.role in _CALIBRATED_ROLES and len(shape) >= 2:
+        if index is not None and plan.role in CALIBRATED_ROLES and len(shape) >= 2:
             inputs.setdefault(index, Counter())[plan.role, shape[-1]] += 1
     return inputs
 
@@ -211,7 +209,7 @@ def estimate_modules(checkpoint: Checkpoint, plans: dict[str, ModulePlan], *, ca
         for part in parts:
             stored, part_exact, groups = _stored_bytes(plan, tuple(part))
             part_seconds, part_peak = _seconds_and_peak(plan, tuple(part), groups, rates,
-                                                        calibrated and plan.role in _CALIBRATED_ROLES, shared)
+                                                        calibrated and plan.role in CALIBRATED_ROLES, shared)
             total = None if stored is None or total is None else total + stored
             exact, seconds, peak = exact and part_exact, seconds + part_seconds, max(peak, part_peak)
         peak += sum(4 * width**2 for _, width in layer)
@@ -233,8 +231,9 @@ def calibration_cost(checkpoint: Checkpoint, plans: dict[str, ModulePlan], rates
     for name in checkpoint.names():
         index = layer_index(name)
         if index is not None:
-            params[index] += math.prod(checkpoint.shape(name))
-            stored[index] += math.prod(checkpoint.shape(name)) * checkpoint.dtype(name).itemsize
+            numel = math.prod(checkpoint.shape(name))
+            params[index] += numel
+            stored[index] += numel * checkpoint.dtype(name).itemsize
     hessians = {index: sum(4 * width**2 for _, width in layer)
                 for index, layer in _inputs_of_layers(checkpoint, plans).items()}
     flops = sum(2 * tokens * params[index] + tokens * hessians.get(index, 0) / 4 for index in params)

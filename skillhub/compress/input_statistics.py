@@ -14,6 +14,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from skillhub.io.layout import CheckpointLayout
+from skillhub.numerics.gptq import mirror_lower
 from skillhub.operators import LayerStatistics
 
 # torch functions through which a parameter acts as a linear map on activations. For each, where
@@ -155,16 +156,10 @@ def _accumulate_gram(total: torch.Tensor, x: torch.Tensor) -> None:
     blas.ssyrk(1.0, x.numpy().T, beta=1.0, c=total.numpy().T, trans=0, lower=0, overwrite_c=1)
 
 
-def _symmetrize(total: torch.Tensor, block: int = 1024) -> None:
-    """Copy the lower triangle onto the upper one, in place, a block of rows at a time."""
-    if total.device.type != "cpu":
-        return  # accumulated whole by addmm_
-    n = total.shape[0]
-    for start in range(0, n, block):
-        stop = min(start + block, n)
-        diagonal = total[start:stop, start:stop]
-        diagonal.copy_(diagonal.tril() + diagonal.tril(-1).T)
-        total[start:stop, stop:] = total[stop:, start:stop].T
+def _symmetrize(total: torch.Tensor) -> None:
+    """Complete the lower triangle syrk accumulated (on the CPU; ``addmm_`` fills both elsewhere)."""
+    if total.device.type == "cpu":
+        mirror_lower(total)
 
 
 def as_saved(layout: CheckpointLayout, statistics: dict[Use, LayerStatistics],

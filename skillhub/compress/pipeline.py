@@ -49,6 +49,7 @@ from skillhub.io.outputs import check_output, staged_directory
 from skillhub.pack.format import PackWriter, SkillPack, load_pack
 from skillhub.progress import ProgressCallback, no_progress, reporting
 from skillhub.compress.recipe import ModulePlan, Recipe
+from skillhub.compress.roles import CALIBRATED_ROLES
 from skillhub.compress.splits import split_for
 from skillhub.io.tensorfile import dtype_name
 
@@ -295,10 +296,6 @@ def _plan_budget(inputs: _Inputs, plans: dict[str, ModulePlan], roles_from: Reci
     return plan_every_parameter(recipe, inputs.base), recipe, budget
 
 
-# Roles whose matrices act on a layer's input, so that calibration statistics exist for them.
-_CALIBRATED_ROLES = ("attention", "mlp", "head")
-
-
 def _without_statistics(name: str, statistics: LayerStatistics | None, split: Split | None) -> list[str]:
     """``name`` if calibration has nothing for it, else ``name#part`` for each expert of a 3-D stack
     that no calibration token was routed to."""
@@ -342,7 +339,7 @@ def _encode_all(inputs: _Inputs, plans: dict[str, ModulePlan], writer: PackWrite
                 return None
             plan = plans[name]
             statistics = cursor.get(name) if cursor else None
-            if cursor is not None and plan.role in _CALIBRATED_ROLES:
+            if cursor is not None and plan.role in CALIBRATED_ROLES:
                 encoded.uncalibrated.extend(_without_statistics(name, statistics, plan.split))
             return EncodeJob(name=name, role=plan.role, operator=plan.operator.name, params=plan.params,
                              delta=item.delta, statistics=statistics, split=plan.split, seed=seed, device=str(device))
@@ -369,7 +366,7 @@ def _encode_all(inputs: _Inputs, plans: dict[str, ModulePlan], writer: PackWrite
                      "without (svd-mixed: round-to-nearest); they are listed in the manifest's quantizer.uncalibrated "
                      "(NAME#EXPERT: an expert no calibration token was routed to), e.g. %s",
                      len(encoded.uncalibrated),
-                     sum(encoded.modules[n]["role"] in _CALIBRATED_ROLES for n in encoded.modules),
+                     sum(encoded.modules[n]["role"] in CALIBRATED_ROLES for n in encoded.modules),
                      encoded.uncalibrated[0])
     return encoded
 

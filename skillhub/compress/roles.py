@@ -122,6 +122,8 @@ _CHAINS: dict[str | None, _Rules] = {
 
 # Roles whose operators factor or prune a matrix (SVD, magnitude pruning of rows).
 MATRIX_ROLES = ("embedding", "head", "attention", "mlp")
+# Roles whose matrices act on a layer's input, so that calibration statistics exist for them.
+CALIBRATED_ROLES = ("attention", "mlp", "head")
 # Learned tensors that are not matrices of a layer, whatever module owns them: the weight of a
 # norm at any shape (Cohere's per-head q_norm/k_norm are 2-D) and convolution kernels (Qwen3-Next's
 # conv1d, 3-D). Vectors and scalars never get a matrix role either (GPT-OSS attention sinks,

@@ -118,7 +118,7 @@ def prepare_hessian(hessian: torch.Tensor, *, damp: float = DEFAULT_DAMP, act_or
     mean_diag = torch.mean(undamped)
     for attempt in range(6):
         if attempt:  # the failed factorization overwrote the lower triangle: rebuild it from the upper one
-            _lower_from_upper(work)
+            mirror_lower(work.T)
         torch.diagonal(work).copy_(undamped[order] + damp * (10**attempt) * mean_diag)
         if _factor_and_invert(work):
             return PreparedHessian(dead=dead, perm=perm, reversed_inverse=work, diagonal=diagonal[order])
@@ -137,14 +137,15 @@ def _reverse_in_place(flat: torch.Tensor, chunk: int = 1 << 22) -> None:
         back.copy_(saved.flip(0))
 
 
-def _lower_from_upper(matrix: torch.Tensor, block: int = 1024) -> None:
-    """Copy the strictly upper triangle onto the lower one, in place, a block of rows at a time."""
+def mirror_lower(matrix: torch.Tensor, block: int = 1024) -> None:
+    """Copy the strictly lower triangle onto the upper one, in place, a block of rows at a time
+    (on ``matrix.T``: the upper onto the lower)."""
     n = matrix.shape[0]
     for start in range(0, n, block):
         stop = min(start + block, n)
         square = matrix[start:stop, start:stop]
-        square.copy_(square.triu() + square.triu(1).T)
-        matrix[start:stop, :start] = matrix[:start, start:stop].T
+        square.copy_(square.tril() + square.tril(-1).T)
+        matrix[start:stop, stop:] = matrix[stop:, start:stop].T
 
 
 def _factor_and_invert(work: torch.Tensor) -> bool:
