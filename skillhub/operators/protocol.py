@@ -33,7 +33,8 @@ class LayerStatistics:
     samples: int  # number of input vectors n
     transposed: bool = False  # the checkpoint stores this weight as (in, out), e.g. GPT-2's Conv1D
     # No other module reads this Hessian, so the operator may overwrite it (GPTQ factors it in its
-    # own storage: one n x n buffer, not two, at an 8B model's 14336-wide down_proj).
+    # own storage: one n x n buffer, not two, at an 8B model's 14336-wide down_proj). A caller that
+    # hands the same statistics to more than one encode must pass them with exclusive=False.
     exclusive: bool = False
 
 
