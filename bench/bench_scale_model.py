@@ -3,13 +3,15 @@
 The bench writes a 32-layer checkpoint of Llama-3-8B's shapes (hidden 4096, MLP 14336, 8 KV heads,
 vocabulary 128256, untied head) in bfloat16, base and tuned, about 16 GB each, and deletes it after.
 Every matrix's delta is synthetic: a slowly decaying spectrum (sigma_i ~ i^-0.5 over 1024
-directions) plus full-rank noise at a tenth of its energy, as in bench/bench_scale.py; the norms
-get a small dense delta. Checkpoints of the first 1 and 4 layers share the same shard files (hard
+directions) plus full-rank noise at a tenth of its energy, as in bench/bench_scale.py, scaled to 1%
+of the weights' RMS (a full fine-tune's size, which bfloat16 keeps); the norms get a small dense
+delta. Checkpoints of the first 1 and 4 layers share the same shard files (hard
 links), so every layer count sees the same tensors.
 
 After the runs, on its own (nothing else running), it times the SVD floor of the same matrices,
 read back from the checkpoint: the exact truncated SVD through the float32 Gram eigendecomposition
-of the smaller side, at the paper recipe's ranks.
+of the smaller side, at the paper recipe's ranks, on the first ``--floor-layers`` layers (default
+4) and scaled to the whole model (every layer has the same shapes and statistics).
 
 Then, each in a fresh process, on the 1-, 4- and 32-layer checkpoints: ``create`` with round-to-
 nearest and with calibration (16 windows x 256 tokens of text through SmolLM2's tokenizer, GPTQ);
@@ -18,7 +20,8 @@ against the serial run (bytes compared). Resident memory is sampled every 20 ms 
 attributed to the stage ``create`` reports (reading and planning, the decoder layers with their
 calibration, the embedding and head, writing).
 
-    python bench/bench_scale_model.py [--layers 1 4 32] [--root DIR] [--no-workers]
+    python bench/bench_scale_model.py [--layers 1 4 32] [--root DIR] [--keep DIR] [--no-workers]
+                                      [--floor-layers 4] [--no-gptq 32]
 
 About 2 hours on 2 cores and 35 GB of free disk under --root (default: the system's temporary
 directory).
@@ -44,6 +47,11 @@ from skillhub.numerics.svd import gram_svd
 from skillhub.operators.builtin.svd import resolve_rank_groups
 
 WIDTH, MLP, KV, VOCAB = 4096, 14336, 1024, 128256  # Llama-3-8B's (--width etc. shrink them for a quick look)
+WEIGHT_RMS = 0.02
+# A full fine-tune moves a weight by about 1% of its size. bench_scale's deltas are scaled for float32
+# (RMS about 1e-8 here): stored in bfloat16 next to weights of 0.02 they would round away, leaving a
+# delta that is 99.8% zeros.
+DELTA_RMS = 0.01 * WEIGHT_RMS
 
 
 def _shapes() -> dict[str, tuple[int, int]]:
@@ -54,7 +62,7 @@ CALIB = {"calib_samples": 16, "calib_seqlen": 256}
 
 
 def _weight(shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    return (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 0.02).to(torch.bfloat16)
+    return (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * WEIGHT_RMS).to(torch.bfloat16)
 
 
 def _floor_seconds(delta: torch.Tensor, role: str) -> float:
@@ -86,7 +94,11 @@ def write_model(root: Path, layers: int) -> None:
             seed += 1
             base = _weight(shape, seed) if len(shape) == 2 else torch.ones(shape, dtype=torch.bfloat16)
             generator = torch.Generator().manual_seed(seed)
-            delta = _delta(*shape, seed) if len(shape) == 2 else 0.01 * torch.randn(shape, generator=generator)
+            if len(shape) == 2:  # at a full fine-tune's size: its RMS 1% of the weights' (bfloat16 keeps it)
+                delta = _delta(*shape, seed)
+                delta.mul_(DELTA_RMS / delta.square().mean().sqrt())
+            else:
+                delta = 0.01 * torch.randn(shape, generator=generator)
             writers["base"].add(name, base)
             writers["tuned"].add(name, (base.float() + delta).to(torch.bfloat16))
             del base, delta
@@ -206,6 +218,12 @@ def run(directory: Path, output: Path, **options: object) -> dict:
     return json.loads(child.stdout.strip().splitlines()[-1])
 
 
+def _quantizers(directory: Path, layers: int, no_gptq: list[int]) -> list[tuple[str, dict]]:
+    """(label, create options) of the runs on ``directory``: RTN, and GPTQ unless left out."""
+    calibrated = {"calib": str(directory / "calib.txt"), **CALIB}
+    return [("RTN", {})] + ([] if layers in no_gptq else [("GPTQ", calibrated)])
+
+
 def _stages(result: dict) -> str:
     stages = result["stages"]
     return " | ".join(f"{stages.get(name, 0):.2f}" for name in ("start", "layers", "embedding+head", "write"))
@@ -220,6 +238,10 @@ def main() -> None:
                         help="write into this directory and keep it (and measured.json): a later call with the "
                              "same --keep reuses the checkpoints and the runs already measured")
     parser.add_argument("--no-workers", action="store_true", help="skip the --workers 2 run")
+    parser.add_argument("--floor-layers", type=int, default=4,
+                        help="layers the SVD floor is timed on (then scaled to the whole model)")
+    parser.add_argument("--no-gptq", type=int, nargs="*", default=[], metavar="LAYERS",
+                        help="layer counts to run without the calibrated (GPTQ) create")
     parser.add_argument("--device", default=None, help="create's --device (cuda: see bench/gpu_check.sh)")
     parser.add_argument("--width", type=int, default=WIDTH)
     parser.add_argument("--mlp", type=int, default=MLP)
@@ -258,27 +280,36 @@ def measure(root: Path, args: argparse.Namespace) -> None:
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for layers in sorted(args.layers):
         directory = checkpoint(root, layers)
-        for label, options in (("RTN", {}), ("GPTQ", {"calib": str(directory / "calib.txt"), **CALIB})):
+        for label, options in _quantizers(directory, layers, args.no_gptq):
             result = once(f"{layers}/{label}", lambda: run(directory, root / "pack", **options))
             shutil.rmtree(root / "pack", ignore_errors=True)
             print(f"| {layers} | {label} | {result['seconds']:.1f} | {result['seconds'] / layers:.1f} | "
                   f"{result['peak_gb']:.2f} | {_stages(result)} |", flush=True)
-    floor = once("svd_floor", lambda: svd_floor(root, most))
-    print(f"\nSVD floor of the {most} layers' matrices, timed alone: {floor:.1f} s")
-    rtn, gptq = measured[f"{most}/RTN"], measured[f"{most}/GPTQ"]
-    peaks = [measured[f"{n}/{q}"]["stages"].get("layers", 0) for n in args.layers for q in ("RTN", "GPTQ")]
+    timed = min(args.floor_layers, most)
+    floor = once("svd_floor", lambda: svd_floor(root, timed)) * most / timed
+    print(f"\nSVD floor of the {most} layers' matrices, timed alone on {timed} of them: {floor:.1f} s")
+    calibrated = max(n for n in args.layers if n not in args.no_gptq)
+    rtn, gptq = measured[f"{most}/RTN"], measured[f"{calibrated}/GPTQ"]
+    runs = [key for key in measured if key.count("/") == 1 and key.split("/")[0].isdigit()]
     print(f"{most} layers: RTN {rtn['seconds']:.0f} s = {rtn['seconds'] / floor:.2f} x the SVD floor "
-          f"({floor:.0f} s; goal <= 1.5); GPTQ {gptq['seconds'] / rtn['seconds']:.2f} x RTN (goal <= 2); "
-          f"peak {max(measured[f'{n}/{q}']['peak_gb'] for n in args.layers for q in ('RTN', 'GPTQ')):.2f} GiB "
-          f"(goal <= 3 GB = 2.79 GiB); peak of the layer stage from {min(peaks):.2f} to {max(peaks):.2f} GiB over "
-          f"{sorted(args.layers)} layers (goal: within 10%)")
+          f"({floor:.0f} s; goal <= 1.5); on {calibrated} layers GPTQ "
+          f"{gptq['seconds'] / measured[f'{calibrated}/RTN']['seconds']:.2f} x RTN (goal <= 2); "
+          f"peak {max(measured[key]['peak_gb'] for key in runs):.2f} GiB (goal <= 3 GB = 2.79 GiB)")
+    for label in ("RTN", "GPTQ"):
+        peaks = {key: measured[key]["peak_gb"] for key in runs if key.endswith(label)}
+        print(f"{label}: peak from {min(peaks.values()):.2f} to {max(peaks.values()):.2f} GiB over "
+              f"{sorted(int(key.split('/')[0]) for key in peaks)} layers ({max(peaks.values()) / min(peaks.values()) - 1:+.1%}; "
+              "goal: within 10%)")
     directory = root / f"layers{most}"
     print("\n| --dry-run | predicted s | measured s | ratio | predicted peak GiB | measured peak GiB | ratio |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for label, options in (("RTN", {}), ("GPTQ", {"calib": str(directory / "calib.txt"), **CALIB})):
+    for label, options in _quantizers(directory, most, []):
         plan = run(directory, root / "unused", dry_run=True, **options)  # never kept: the estimator may change
-        real = measured[f"{most}/{label}"]
         predicted_peak = plan["peak_bytes"] / 2**30
+        real = measured.get(f"{most}/{label}")
+        if real is None:
+            print(f"| {label} | {plan['seconds']:.0f} | not run | | {predicted_peak:.2f} | not run | |", flush=True)
+            continue
         print(f"| {label} | {plan['seconds']:.0f} | {real['seconds']:.0f} | {plan['seconds'] / real['seconds']:.2f} | "
               f"{predicted_peak:.2f} | {real['peak_gb']:.2f} | {predicted_peak / real['peak_gb']:.2f} |", flush=True)
     if not args.no_workers:

@@ -24,6 +24,24 @@ def default_device() -> str:
     return os.environ.get("SKILLHUB_DEVICE", "cpu")
 
 
+def stream_above_bytes() -> int:
+    """Deltas larger than this in float32 ($SKILLHUB_STREAM_ABOVE_MIB, default 256 MiB) are encoded a
+    row block at a time by operators that can (``magnitude-prune``): a 128k-vocabulary embedding at
+    8B width is 2 GB whole."""
+    configured = os.environ.get("SKILLHUB_STREAM_ABOVE_MIB", "").strip()
+    if not configured:
+        return 256 << 20
+    try:
+        value = float(configured)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        from skillhub.errors import SkillhubError
+
+        raise SkillhubError(f"SKILLHUB_STREAM_ABOVE_MIB={configured!r} is not a number of MiB >= 0")
+    return int(value * (1 << 20))
+
+
 DEFAULT_MAX_LINEAGE_PACKS = 1000
 
 

@@ -1,21 +1,39 @@
-"""The parameter delta tuned - base, computed in float32 one tensor at a time."""
+"""The parameter delta tuned - base, computed in float32 one tensor at a time, or a row block at a
+time for a tensor too large to hold whole (:class:`RowBlocks`)."""
 
 from __future__ import annotations
 
+import hashlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
+from skillhub import config
+from skillhub.compress.recipe import ModulePlan
 from skillhub.errors import DeltaError, MismatchError
-from skillhub.io.checkpoint import Checkpoint, Fingerprint
+from skillhub.io.checkpoint import Checkpoint, Fingerprint, hash_bytes
 
 _LISTED = 5  # how many offending tensor names an error message spells out
+# Elements per row block of a streamed delta: 16 MB in float32, far past per-call overheads and far
+# below any tensor worth streaming.
+BLOCK_ELEMENTS = 1 << 22
 
 
 def _names(names: list[str]) -> str:
     shown = ", ".join(names[:_LISTED])
     return shown + (f" (and {len(names) - _LISTED} more)" if len(names) > _LISTED else "")
+
+
+def read_in_blocks(plan: ModulePlan, base: Checkpoint, tuned: Checkpoint, name: str) -> bool:
+    """Whether ``create`` encodes ``name`` from :class:`RowBlocks`: its operator can (``encode_blocks``),
+    its float32 delta is larger than $SKILLHUB_STREAM_ABOVE_MIB, and both checkpoints read it in row
+    blocks at no extra cost."""
+    shape = base.shape(name)
+    return (hasattr(plan.operator, "encode_blocks") and plan.split is None and len(shape) >= 1
+            and 4 * math.prod(shape) > config.stream_above_bytes() and base.reads_blocks(name)
+            and tuned.reads_blocks(name))
 
 
 def check_compatible(base: Checkpoint, tuned: Checkpoint) -> None:
@@ -95,3 +113,58 @@ def read_delta(base: Checkpoint, tuned: Checkpoint, name: str, fingerprint: Fing
         bad = int((~torch.isfinite(delta)).sum())
         raise DeltaError(f"delta of {name} has {bad} NaN/Inf value(s): the tuned checkpoint is broken")
     return TensorDelta(name=name, delta=delta, base_dtype=base_tensor.dtype)
+
+
+class RowBlocks:
+    """One parameter's delta read a row block at a time (a :class:`skillhub.operators.DeltaBlocks`):
+    its blocks are float32 and flat, and every iteration reads the checkpoints again.
+
+    The first complete iteration also does what :func:`read_delta` does in one read: it checks the
+    delta is finite, measures its norm (``squared_norm``) and feeds the base tensor to the fingerprint.
+    """
+
+    def __init__(self, base: Checkpoint, tuned: Checkpoint, name: str, *, fingerprint: Fingerprint | None = None,
+                 block_elements: int = BLOCK_ELEMENTS) -> None:
+        self.name, self.shape, self.base_dtype = name, tuple(base.shape(name)), base.dtype(name)
+        self._base, self._tuned, self._fingerprint = base, tuned, fingerprint
+        self._rows = max(1, block_elements // max(1, math.prod(self.shape[1:])))
+        self.squared_norm: float | None = None  # known once a whole iteration has been read
+
+    def _pairs(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, self.shape[0], self._rows):
+            stop = min(start + self._rows, self.shape[0])
+            yield self._base.read_block(self.name, start, stop), self._tuned.read_block(self.name, start, stop)
+
+    def changed(self) -> bool:
+        """Whether any element differs, read until the first block that does (an unchanged tensor is
+        read whole once, and fingerprinted)."""
+        digest = hashlib.sha256()
+        for base, tuned in self._pairs():
+            same = torch.equal(base, tuned) if base.dtype == tuned.dtype else torch.equal(base.float(), tuned.float())
+            if not same:
+                return True
+            hash_bytes(digest, base)
+        self._record(digest)
+        self.squared_norm = 0.0
+        return False
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        first, digest, squares, row = self.squared_norm is None, hashlib.sha256(), 0.0, 0
+        for base, tuned in self._pairs():
+            delta = tuned.to(torch.float32).sub_(base).reshape(-1)
+            if first:
+                hash_bytes(digest, base)
+                if not torch.isfinite(delta.sum()) and not torch.isfinite(delta).all():
+                    raise DeltaError(f"delta of {self.name} has NaN/Inf values (rows {row}:{row + len(base)}): "
+                                     "the tuned checkpoint is broken")
+                squares += float(torch.linalg.vector_norm(delta, dtype=torch.float64)) ** 2
+            row += len(base)
+            base = tuned = None
+            yield delta
+        if first:
+            self._record(digest)
+            self.squared_norm = squares
+
+    def _record(self, digest: object) -> None:
+        if self._fingerprint is not None:
+            self._fingerprint.record(self.name, self.base_dtype, self.shape, digest)

@@ -4,7 +4,7 @@ For every module: its role, operator and parameters, its parts (experts, fused p
 rank groups of an SVD, the bytes it will store, and a prediction of its seconds and peak memory.
 Times come from a cost model whose rates are measured on this machine in a few seconds (one
 float32 matrix product, one symmetric eigendecomposition, a few hundred GPTQ columns, a 32 MB
-magnitude prune, and one real ``svd-mixed`` module: its time beyond its flops, per element),
+magnitude prune, whole and from row blocks, and one real ``svd-mixed`` module: its time beyond its flops, per element),
 plus calibration's forward passes and Hessians by their flops: the operations ``create`` spends its
 time in (see bench/bench_scale.py and bench/bench_scale_model.py, which checks the whole-model
 prediction against a run). The peak is this process's resident memory (what ``create`` holds
@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from skillhub.compress.delta import BLOCK_ELEMENTS, check_compatible, read_in_blocks
 from skillhub.compress.recipe import ModulePlan
 from skillhub.compress.roles import CALIBRATED_ROLES
 from skillhub.io.checkpoint import Checkpoint
@@ -40,6 +41,10 @@ from skillhub.operators.builtin.svd import resolve_rank_groups
 # decoded copy that measures the error. Measured: 20.1 B on a 128256 x 4096 embedding at keep 0.5
 # (bench/bench_scale_model.py, the embedding-and-head stage less the process before it).
 _PRUNE_BYTES_PER_ELEMENT = 20
+# Resident bytes of a module encoded from row blocks, beyond what it stores: a few blocks in their
+# dtypes and the selections made from them. Measured: 244 MiB on a 128256 x 4096 embedding at keep 0.5
+# (437 MiB above the process, 193 MiB of it the stored mask and codes).
+_STREAM_WORKING_BYTES = 64 * BLOCK_ELEMENTS
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,7 @@ class MachineRates:
     eigh_per_cube: float  # seconds per n^3 of a symmetric eigendecomposition
     gptq_column: float  # seconds per column GPTQ visits: its Python loop, nearly flat in the rows
     prune_element: float  # seconds per element of magnitude-prune's encode, decode and error
+    stream_element: float  # the same from row blocks of a bfloat16 pair (three passes)
     floor_bytes: int  # this process's resident memory: what create holds before its first tensor
     svd_element: float = 0.0  # seconds per matrix element a real svd-mixed module takes beyond its flops
 
@@ -85,7 +91,13 @@ class MachineRates:
         encode_module(prune, delta, resolve_params(prune, {"keep": 0.5, "bits": 4}, where="estimate"),
                       EncodeContext(name="estimate", role="embedding"))
         prune_element = (time.perf_counter() - start) / delta.numel()
-        rates = cls(matmul, eigh, column, prune_element, psutil.Process().memory_info().rss)
+        base = torch.randn(2048, 4096, generator=generator).to(torch.bfloat16)
+        tuned = (base.float() + 0.01 * delta).to(torch.bfloat16)
+        start = time.perf_counter()
+        prune.encode_blocks(_BlocksInMemory(base, tuned), resolve_params(prune, {"keep": 0.5, "bits": 4}, where="estimate"),
+                            EncodeContext(name="estimate", role="embedding"))
+        stream_element = (time.perf_counter() - start) / delta.numel()
+        rates = cls(matmul, eigh, column, prune_element, stream_element, psutil.Process().memory_info().rss)
         # The flops count the SVD and the decode; quantizing, bit packing and the error pass come on
         # top, in passes over the matrix. One real module (a quarter of an 8B MLP matrix, a
         # fine-tune-like decaying spectrum, the paper's ranks) says how long per element here.
@@ -100,6 +112,18 @@ class MachineRates:
         modeled = _svd_seconds(1024, 4096, sum(size for size, _ in resolve_rank_groups(params["groups"], 1024, 4096)),
                                rates)
         return replace(rates, svd_element=max(0.0, measured - modeled) / matrix.numel())
+
+
+class _BlocksInMemory:
+    """A bfloat16 base and tune held in memory, read in row blocks as :class:`RowBlocks` reads files."""
+
+    def __init__(self, base: torch.Tensor, tuned: torch.Tensor) -> None:
+        self.base, self.tuned, self.shape = base, tuned, tuple(base.shape)
+        self._rows = max(1, BLOCK_ELEMENTS // base.shape[1])
+
+    def __iter__(self):
+        for start in range(0, self.shape[0], self._rows):
+            yield self.tuned[start:start + self._rows].float().sub_(self.base[start:start + self._rows]).reshape(-1)
 
 
 @dataclass(frozen=True)
@@ -156,11 +180,15 @@ def _svd_seconds(rows: int, cols: int, rank: int, rates: MachineRates) -> float:
 
 
 def _seconds_and_peak(plan: ModulePlan, shape: tuple[int, ...], groups: list[list[int]] | None,
-                      rates: MachineRates, calibrated: bool, shared_hessian: bool) -> tuple[float, int]:
+                      rates: MachineRates, calibrated: bool, shared_hessian: bool, *, streamed: bool = False,
+                      stored: int | None = None) -> tuple[float, int]:
     """Predicted seconds and working memory of one part: the Gram SVD, the quantization, the decode
     that measures the error, and with calibration GPTQ's factorization and column loop (on a
-    Hessian another module shares, a copy: an exclusive one is factored in its own storage)."""
+    Hessian another module shares, a copy: an exclusive one is factored in its own storage); or,
+    ``streamed`` from row blocks, a few blocks and the ``stored`` bytes."""
     numel = math.prod(shape)
+    if streamed:
+        return rates.stream_element * numel, _STREAM_WORKING_BYTES + (stored or 0)
     if plan.operator.name == "magnitude-prune":
         return rates.prune_element * numel, _PRUNE_BYTES_PER_ELEMENT * numel
     peak = 3 * 4 * numel  # the float32 delta, its decoded copy, the tensor being read
@@ -192,10 +220,10 @@ def _inputs_of_layers(checkpoint: Checkpoint, plans: dict[str, ModulePlan]) -> d
 
 
 def estimate_modules(checkpoint: Checkpoint, plans: dict[str, ModulePlan], *, calibrated: bool,
-                     rates: MachineRates) -> list[ModuleEstimate]:
+                     rates: MachineRates, tuned: Checkpoint | None = None) -> list[ModuleEstimate]:
     """Every module's estimate, in the order ``create`` visits them (nothing but headers is read).
     With calibration a module's peak includes its layer's Hessians, all held while the layer is
-    encoded."""
+    encoded. ``tuned`` (default: ``checkpoint``) decides, with it, which modules are streamed."""
     from skillhub.compress.calibrate import layer_index, layer_order
 
     inputs = _inputs_of_layers(checkpoint, plans) if calibrated else {}
@@ -206,10 +234,12 @@ def estimate_modules(checkpoint: Checkpoint, plans: dict[str, ModulePlan], *, ca
         layer = inputs.get(layer_index(name), Counter())
         shared = layer[plan.role, shape[-1]] > 1
         total, exact, seconds, peak, groups = 0, True, 0.0, 0, None
+        streamed = read_in_blocks(plan, checkpoint, tuned or checkpoint, name)
         for part in parts:
             stored, part_exact, groups = _stored_bytes(plan, tuple(part))
             part_seconds, part_peak = _seconds_and_peak(plan, tuple(part), groups, rates,
-                                                        calibrated and plan.role in CALIBRATED_ROLES, shared)
+                                                        calibrated and plan.role in CALIBRATED_ROLES, shared,
+                                                        streamed=streamed, stored=stored)
             total = None if stored is None or total is None else total + stored
             exact, seconds, peak = exact and part_exact, seconds + part_seconds, max(peak, part_peak)
         peak += sum(4 * width**2 for _, width in layer)
@@ -279,7 +309,6 @@ def estimate_pack(base: str | os.PathLike[str], tuned: str | os.PathLike[str], *
             choices come from the data.
     """
     from skillhub import config
-    from skillhub.compress.delta import check_compatible
     from skillhub.compress.pipeline import plan_every_parameter
     from skillhub.compress.recipe import Recipe
     from skillhub.errors import SkillhubError
@@ -290,11 +319,13 @@ def estimate_pack(base: str | os.PathLike[str], tuned: str | os.PathLike[str], *
                             "leave out --ratio")
     plans_recipe = Recipe(recipe)
     base_checkpoint = open_checkpoint(base, revision=base_revision)
-    check_compatible(base_checkpoint, open_checkpoint(tuned, revision=tuned_revision))
+    tuned_checkpoint = open_checkpoint(tuned, revision=tuned_revision)
+    check_compatible(base_checkpoint, tuned_checkpoint)
     plans = plan_every_parameter(plans_recipe, base_checkpoint)
     torch_device = torch.device(device or config.default_device())
     rates = MachineRates.measure(torch_device)
-    estimates = estimate_modules(base_checkpoint, plans, calibrated=calib is not None, rates=rates)
+    estimates = estimate_modules(base_checkpoint, plans, calibrated=calib is not None, rates=rates,
+                                 tuned=tuned_checkpoint)
     calibration = calibration_cost(base_checkpoint, plans, rates, samples=calib_samples,
                                    seqlen=calib_seqlen) if calib else None
     return {"recipe": plans_recipe.document.get("name"), "quantizer": "gptq" if calib else "rtn",

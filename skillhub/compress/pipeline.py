@@ -37,13 +37,14 @@ from skillhub.compress.workers import (
     ProcessExecutor,
     check_workers,
     run_in_order,
+    run_streamed,
 )
 from skillhub.pack.card import render_card
-from skillhub.compress.delta import check_compatible, iter_deltas, read_delta
+from skillhub.compress.delta import RowBlocks, check_compatible, iter_deltas, read_delta, read_in_blocks
 from skillhub.errors import SkillhubError
 from skillhub.pack.manifest import FORMAT_VERSION, check_pack_identity, totals
 from skillhub.io.checkpoint import Checkpoint, Fingerprint, open_checkpoint
-from skillhub.operators import LayerStatistics, Split, provenance
+from skillhub.operators import EncodeContext, LayerStatistics, Split, provenance
 from skillhub.operators.parts import part_statistics
 from skillhub.io.outputs import check_output, staged_directory
 from skillhub.pack.format import PackWriter, SkillPack, load_pack
@@ -195,6 +196,7 @@ def create_pack(
     if ratio is not None:
         check_ratio(ratio)
     check_workers(workers)
+    config.stream_above_bytes()  # a bad $SKILLHUB_STREAM_ABOVE_MIB is refused before anything is read
     plan_recipe = Recipe(recipe)
     inputs = _Inputs.open(base, tuned, base_revision=base_revision, tuned_revision=tuned_revision)
     protect = [inputs.base.path, inputs.tuned.path, parent, calib,
@@ -331,18 +333,26 @@ def _encode_all(inputs: _Inputs, plans: dict[str, ModulePlan], writer: PackWrite
 
     def job(name: str) -> Callable[[], EncodeJob | None]:
         def make() -> EncodeJob | None:  # called when a slot is free: one delta per slot in memory
-            item = read_delta(base, inputs.tuned, name, fingerprint)
-            encoded.parameters += item.delta.numel()
-            if not torch.any(item.delta):
+            plan = plans[name]
+            encoded.parameters += math.prod(base.shape(name))
+            if read_in_blocks(plan, base, inputs.tuned, name):
+                delta: torch.Tensor | RowBlocks = RowBlocks(base, inputs.tuned, name, fingerprint=fingerprint)
+                changed = delta.changed()
+            else:
+                delta = read_delta(base, inputs.tuned, name, fingerprint).delta
+                changed = bool(torch.any(delta))
+            if not changed:
                 encoded.unchanged.append(name)
                 progress("compress", next(done), len(plans))
                 return None
-            plan = plans[name]
             statistics = cursor.get(name) if cursor else None
             if cursor is not None and plan.role in CALIBRATED_ROLES:
                 encoded.uncalibrated.extend(_without_statistics(name, statistics, plan.split))
+            if isinstance(delta, RowBlocks):  # encoded here and now, whatever the executor
+                finished(run_streamed(plan.operator, plan.params, delta, EncodeContext(name, plan.role, seed=seed)))
+                return None
             return EncodeJob(name=name, role=plan.role, operator=plan.operator.name, params=plan.params,
-                             delta=item.delta, statistics=statistics, split=plan.split, seed=seed, device=str(device))
+                             delta=delta, statistics=statistics, split=plan.split, seed=seed, device=str(device))
         return make
 
     def finished(result: EncodeResult) -> None:

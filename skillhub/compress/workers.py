@@ -4,7 +4,9 @@ or on a Ray cluster (``create --executor ray``).
 Every executor takes the same :class:`EncodeJob` (one module's delta, its plan and its layer
 statistics) and gives back the same :class:`EncodeResult`; ``create_pack`` submits a layer's modules
 largest first, keeps at most as many deltas in flight as there are workers (memory stays flat), and
-writes results in the serial order, so a pack's bytes never depend on the executor.
+writes results in the serial order, so a pack's bytes never depend on the executor. A module whose
+delta is too large to hold whole is encoded in this process instead, a row block at a time
+(:func:`run_streamed`), with the same result.
 
 Bit-identity needs more than the write order: LAPACK's eigh and Cholesky give different last bits
 with different thread counts (measured), so every worker computes with the thread count of the
@@ -27,8 +29,9 @@ from typing import Any
 
 import torch
 
-from skillhub.errors import SkillhubError
-from skillhub.operators import EncodeContext, LayerStatistics, Split, encode_module, get_operator
+from skillhub.compress.delta import RowBlocks
+from skillhub.errors import OperatorError, SkillhubError
+from skillhub.operators import EncodeContext, LayerStatistics, Operator, Split, encode_module, get_operator
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,23 @@ def run_job(job: EncodeJob) -> EncodeResult:
     ctx = EncodeContext(name=job.name, role=job.role, device=device, seed=job.seed, calibration=job.statistics)
     result = encode_module(operator, job.delta, job.params, ctx, device=device, split=job.split)
     return EncodeResult(job.name, result.encoded.tensors, result.encoded.meta, result.error_norm, result.delta_norm)
+
+
+def run_streamed(operator: Operator, params: dict[str, Any], blocks: RowBlocks, ctx: EncodeContext) -> EncodeResult:
+    """Encode one module from its delta's row blocks (``encode_blocks``), in this process whatever the
+    executor: the module is streamed because it is too large to hold whole, let alone to ship.
+
+    Raises:
+        OperatorError: The operator refused the input, or did not read the whole delta.
+    """
+    try:
+        result = operator.encode_blocks(blocks, params, ctx)
+    except ValueError as exc:  # operators' documented way to refuse an input
+        raise OperatorError(f"operator {operator.name} cannot encode {ctx.name}: {exc}") from exc
+    if blocks.squared_norm is None:
+        raise OperatorError(f"operator {operator.name} returned before reading all of {ctx.name}'s delta")
+    return EncodeResult(ctx.name, result.encoded.tensors, result.encoded.meta, result.squared_error**0.5,
+                        blocks.squared_norm**0.5)
 
 
 def check_workers(workers: int) -> None:

@@ -154,6 +154,14 @@ class Checkpoint:
         """Load only ``rows`` (along the first axis) of tensor ``name``."""
         return self._where[name].read_rows(name, rows)
 
+    def read_block(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Load rows ``start:stop`` of tensor ``name`` (what a streamed delta reads)."""
+        return self._where[name].read_block(name, start, stop)
+
+    def reads_blocks(self, name: str) -> bool:
+        """Whether reading ``name`` a row block at a time costs no more than reading it whole."""
+        return True
+
     def dominant_dtype(self) -> str:
         """The dtype most parameters are stored in, e.g. ``"bfloat16"``."""
         counts: dict[str, int] = {}
@@ -201,6 +209,14 @@ class PatchedCheckpoint(Checkpoint):
             return super().read_rows(name, rows)
         return self.read(name)[rows]
 
+    def read_block(self, name: str, start: int, stop: int) -> torch.Tensor:
+        if name not in self._deltas:
+            return super().read_block(name, start, stop)
+        return self.read(name)[start:stop].clone()
+
+    def reads_blocks(self, name: str) -> bool:
+        return name not in self._deltas  # a patched tensor's delta is made whole, from its factors
+
 
 class Fingerprint:
     """Content hash of a checkpoint's weights, independent of sharding and file layout.
@@ -216,10 +232,12 @@ class Fingerprint:
     def update(self, name: str, tensor: torch.Tensor) -> None:
         """Hash one tensor's name, dtype, shape and raw bytes."""
         digest = hashlib.sha256()
-        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-        if flat.numel():
-            digest.update(memoryview(flat.view(torch.uint8).numpy()))
-        self._lines[name] = f"{name} {dtype_name(tensor.dtype)} {list(tensor.shape)} {digest.hexdigest()}\n"
+        hash_bytes(digest, tensor)
+        self.record(name, tensor.dtype, tuple(tensor.shape), digest)
+
+    def record(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], digest: Any) -> None:
+        """Take a tensor's hash made elsewhere (by :func:`hash_bytes`, a block at a time)."""
+        self._lines[name] = f"{name} {dtype_name(dtype)} {list(shape)} {digest.hexdigest()}\n"
 
     def hexdigest(self) -> str:
         """``sha256:<hex>`` over every tensor fed so far."""
@@ -227,6 +245,13 @@ class Fingerprint:
         for name in sorted(self._lines):
             combined.update(self._lines[name].encode("utf-8"))
         return "sha256:" + combined.hexdigest()
+
+
+def hash_bytes(digest: Any, tensor: torch.Tensor) -> None:
+    """Feed ``tensor``'s raw bytes to a hashlib ``digest`` (consecutive row blocks hash as the whole)."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    if flat.numel():
+        digest.update(memoryview(flat.view(torch.uint8).numpy()))
 
 
 def fingerprint(checkpoint: Checkpoint) -> str:

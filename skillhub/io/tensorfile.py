@@ -158,6 +158,21 @@ class TensorFile:
             return torch.empty(shape, dtype=dtype)
         return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
 
+    def read_block(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Read rows ``start:stop`` (along the first axis) of tensor ``name``, in one read."""
+        dtype, shape, begin, end = self._entries[name]
+        if not shape or not 0 <= start <= stop <= shape[0]:
+            raise ValueError(f"tensor {name!r} of shape {list(shape)} has no rows {start}:{stop}")
+        row_bytes = (end - begin) // shape[0] if shape[0] else 0
+        buffer = bytearray(row_bytes * (stop - start))
+        with open(self.path, "rb") as handle:
+            handle.seek(self._data_start + begin + start * row_bytes)
+            if handle.readinto(buffer) != len(buffer):
+                raise self._broken(f"tensor {name!r} is cut short")
+        if not buffer:
+            return torch.empty((stop - start, *shape[1:]), dtype=dtype)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(stop - start, *shape[1:])
+
     def read_rows(self, name: str, rows: list[int]) -> torch.Tensor:
         """Read only ``rows`` (indices along the first axis) of tensor ``name``: the vocabulary
         rows a calibration set uses, say, out of a 128k-row embedding."""

@@ -116,3 +116,50 @@ def _unpack_words(data: np.ndarray, bits: int, count: int) -> np.ndarray:
 def _check_bits(bits: int) -> None:
     if not 1 <= bits <= 32:
         raise ValueError(f"bits must be between 1 and 32, got {bits}")
+
+
+class PackedStream:
+    """``count`` codes packed as they arrive, into one buffer of ``packed_nbytes(count, bits)`` bytes:
+    the bytes :func:`pack_codes` gives for all of them at once, without ever holding them all.
+
+    Up to seven codes wait for the next call, so that every write starts on a byte boundary.
+    """
+
+    def __init__(self, count: int, bits: int) -> None:
+        _check_bits(bits)
+        self.count, self.bits = count, bits
+        self.packed = torch.empty(packed_nbytes(count, bits), dtype=torch.uint8)
+        self._written = 0
+        self._waiting: torch.Tensor | None = None
+
+    def add(self, codes: torch.Tensor) -> None:
+        """Append ``codes`` (any shape, flattened in order)."""
+        flat = codes.reshape(-1)
+        if self._waiting is not None:
+            flat = torch.cat([self._waiting.to(flat.dtype), flat])
+        aligned = flat.numel() // 8 * 8
+        self._write(flat[:aligned])
+        self._waiting = flat[aligned:].clone() if aligned < flat.numel() else None
+
+    def finish(self) -> torch.Tensor:
+        """The packed bytes.
+
+        Raises:
+            ValueError: Fewer or more than ``count`` codes were added.
+        """
+        if self._waiting is not None:
+            self._write(self._waiting)
+            self._waiting = None
+        if self._written != self.count:
+            raise ValueError(f"{self._written} codes were packed where {self.count} were announced")
+        return self.packed
+
+    def _write(self, codes: torch.Tensor) -> None:
+        if not codes.numel():
+            return
+        if self._written + codes.numel() > self.count:
+            raise ValueError(f"more than the {self.count} codes announced")
+        chunk = pack_codes(codes, self.bits)
+        offset = self._written * self.bits // 8  # a multiple of 8 codes fill whole bytes
+        self.packed[offset:offset + chunk.numel()] = chunk
+        self._written += codes.numel()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from skillhub.numerics.bitpack import pack_codes, packed_nbytes, unpack_codes
+from skillhub.numerics.bitpack import PackedStream, pack_codes, packed_nbytes, unpack_codes
 
 QUANT_BITS = (2, 3, 4, 8)
 
@@ -159,3 +159,56 @@ def quantize_rtn(matrix: torch.Tensor, *, bits: int, group_size: int) -> Quantiz
         bits=bits,
         group_size=group_size,
     )
+
+
+class StreamingQuantizer:
+    """Round-to-nearest of one row of ``count`` values that arrive a piece at a time: the bytes of
+    ``quantize_rtn(row, ...).packed()`` for the whole (1, count) row, and the squared error of their
+    dequantization, holding about a million values at a time (a pruned 128k-vocabulary
+    embedding keeps 262 million).
+    """
+
+    def __init__(self, count: int, *, bits: int, group_size: int, step: int = 1 << 20) -> None:
+        if bits not in QUANT_BITS:
+            raise ValueError(f"bits must be one of {QUANT_BITS}, got {bits}")
+        self.bits = bits
+        self.group_size = max(1, min(group_size, count))  # as quantize_rtn clips it to the row
+        groups = num_groups(count, self.group_size)
+        self._codes, self._zeros = PackedStream(count, bits), PackedStream(groups, bits)
+        self._scales = torch.empty(groups, dtype=torch.float16)
+        self._groups = 0
+        self._step = self.group_size * max(1, step // self.group_size)  # whole groups at a time
+        self._waiting = torch.empty(0)
+        self.squared_error = 0.0
+
+    def add(self, values: torch.Tensor) -> None:
+        """Append ``values`` (flattened, in order)."""
+        waiting = torch.cat([self._waiting, values.reshape(-1).to(torch.float32)])
+        ready = waiting.numel() // self._step * self._step
+        if ready:
+            self._quantize(waiting[:ready])
+        self._waiting = waiting[ready:].clone()
+
+    def finish(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(bit-packed codes, float16 scales, bit-packed zeros), as :meth:`QuantizedMatrix.packed`.
+
+        Raises:
+            ValueError: Fewer or more than ``count`` values were added.
+        """
+        if self._waiting.numel():
+            # A last group shorter than group_size: quantize_rtn pads it with its last value, which
+            # changes neither its minimum nor its maximum, so it quantizes the same on its own.
+            self._quantize(self._waiting)
+        return self._codes.finish(), self._scales, self._zeros.finish()
+
+    def _quantize(self, values: torch.Tensor) -> None:
+        quantized = quantize_rtn(values.reshape(1, -1), bits=self.bits, group_size=self.group_size)
+        difference = values - quantized.dequantize().reshape(-1)
+        self.squared_error += float(torch.linalg.vector_norm(difference, dtype=torch.float64)) ** 2
+        self._codes.add(quantized.codes)
+        self._zeros.add(quantized.zeros)
+        groups = quantized.scales.numel()
+        if self._groups + groups > self._scales.numel():
+            raise ValueError("more values than the count announced")
+        self._scales[self._groups:self._groups + groups] = quantized.scales.reshape(-1)
+        self._groups += groups

@@ -7,6 +7,8 @@ Layer 2: imports layers 0-1 (errors, config, io, numerics).
 """
 
 from skillhub.operators.protocol import (
+    BlockEncoded,
+    DeltaBlocks,
     EncodeContext,
     Encoded,
     FieldLayout,
@@ -28,7 +30,7 @@ from skillhub.operators.discovery import (  # noqa: E402,I001  (discovery needs 
 )
 
 __all__ = [
-    "ENTRY_POINT_GROUP", "EncodeContext", "Encoded", "EncodedModule", "FieldLayout", "LayerStatistics", "Operator",
+    "BlockEncoded", "DeltaBlocks", "ENTRY_POINT_GROUP", "EncodeContext", "Encoded", "EncodedModule", "FieldLayout", "LayerStatistics", "Operator",
     "Split", "catalog", "decode_split", "decoder_for", "encode_module", "expected_fields", "expected_split_fields", "get_operator", "meta_int", "operator_names", "provenance",
     "resolve_params", "stored_bytes",
 ]

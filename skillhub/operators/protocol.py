@@ -13,7 +13,7 @@ own pyproject entry points, exactly like third-party ones; discovery lives in
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -72,6 +72,24 @@ class Encoded:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+class DeltaBlocks(Protocol):
+    """A delta too large to hold whole (a 128k-vocabulary embedding: 2 GB in float32), seen as
+    consecutive flat float32 blocks of whole rows, in order. Each iteration reads it again."""
+
+    shape: tuple[int, ...]
+
+    def __iter__(self) -> Iterator[torch.Tensor]: ...
+
+
+@dataclass
+class BlockEncoded:
+    """Output of ``encode_blocks``: what ``encode`` returns for the whole delta, and the squared
+    Frobenius distance between the delta and what those tensors decode to."""
+
+    encoded: Encoded
+    squared_error: float
+
+
 @runtime_checkable
 class Operator(Protocol):
     """A compression operator.
@@ -111,6 +129,12 @@ class Operator(Protocol):
     # shape, computed without touching the tensors. It raises ValueError when the meta does not
     # fit (a missing key, a rank larger than the matrix, bits out of range...). Without it, a pack
     # is still decoded once and checked when it is added to a registry.
+    #
+    #   def encode_blocks(self, delta: DeltaBlocks, params, ctx) -> BlockEncoded
+    #
+    # For a delta streamed a row block at a time (see DeltaBlocks): the same tensors and meta that
+    # encode returns for the whole delta, byte for byte, holding no more than a few blocks and its
+    # output. create uses it for deltas above $SKILLHUB_STREAM_ABOVE_MIB (magnitude-prune has it).
     #
     #   def factors(self, tensors, meta, params, shape, *, version) -> tuple[torch.Tensor, torch.Tensor]
     #
