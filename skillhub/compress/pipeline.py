@@ -335,6 +335,9 @@ def _encode_all(inputs: _Inputs, plans: dict[str, ModulePlan], writer: PackWrite
         def make() -> EncodeJob | None:  # called when a slot is free: one delta per slot in memory
             plan = plans[name]
             encoded.parameters += math.prod(base.shape(name))
+            # First: a layer's first module makes the cursor capture that layer, which holds the most
+            # memory of the whole run (a layer, its Hessians, the activations); no delta waits meanwhile.
+            statistics = cursor.get(name) if cursor else None
             if read_in_blocks(plan, base, inputs.tuned, name):
                 delta: torch.Tensor | RowBlocks = RowBlocks(base, inputs.tuned, name, fingerprint=fingerprint)
                 changed = delta.changed()
@@ -345,7 +348,6 @@ def _encode_all(inputs: _Inputs, plans: dict[str, ModulePlan], writer: PackWrite
                 encoded.unchanged.append(name)
                 progress("compress", next(done), len(plans))
                 return None
-            statistics = cursor.get(name) if cursor else None
             if cursor is not None and plan.role in CALIBRATED_ROLES:
                 encoded.uncalibrated.extend(_without_statistics(name, statistics, plan.split))
             if isinstance(delta, RowBlocks):  # encoded here and now, whatever the executor
