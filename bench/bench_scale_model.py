@@ -23,8 +23,8 @@ calibration, the embedding and head, writing).
     python bench/bench_scale_model.py [--layers 1 4 32] [--root DIR] [--keep DIR] [--no-workers]
                                       [--floor-layers 4] [--no-gptq 32]
 
-About 2 hours on 2 cores and 35 GB of free disk under --root (default: the system's temporary
-directory).
+About 80 minutes on 2 cores without the 32-layer GPTQ run (--no-gptq 32 leaves it out; it adds
+about an hour), and 35 GB of free disk under --root (default: the system's temporary directory).
 """
 
 from __future__ import annotations

@@ -20,8 +20,10 @@ finite, input untouched, JSON-able meta, optional error bound), determinism unde
 whatever the global RNG state, byte accounting through a real pack written and read
 back with its sha256 and sizes verified, and ``expected_fields``: it must name exactly the
 stored tensors with their dtypes and shapes, and refuse impossible meta (none at all, or a
-whole number in it set to -1 or 10**12: whole numbers in meta are counts, ranks and widths).
-Failures are ``AssertionError`` naming the check.
+whole number in it set to -1 or 10**12: whole numbers in meta are counts, ranks and widths);
+for an operator with ``factors``, that they multiply to what decode returns, and with
+``encode_blocks``, that row blocks give encode's bytes. Failures are ``AssertionError`` naming
+the check.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import copy
 import json
 import math
 import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +41,9 @@ import jsonschema
 import torch
 
 from skillhub.errors import OperatorError
-from skillhub.operators import EncodeContext, Encoded, Operator, encode_module, expected_fields, resolve_params
+from skillhub.operators import (
+    BlockEncoded, EncodeContext, Encoded, Operator, encode_module, expected_fields, resolve_params,
+)
 from skillhub.operators.discovery import catalog, contract_problems, load
 
 DEFAULT_SHAPES: tuple[tuple[int, ...], ...] = ((64, 96), (96, 40))
@@ -103,6 +107,8 @@ def conformance_checks(
     ]
     if hasattr(operator, "factors"):
         checks.append(Check("factors", lambda: _check_factors(operator, cases, shapes, seed)))
+    if hasattr(operator, "encode_blocks"):
+        checks.append(Check("row-blocks", lambda: _check_row_blocks(operator, cases, shapes, seed)))
     return checks
 
 
@@ -237,6 +243,39 @@ def _check_factors(operator: Operator, cases: list[dict[str, Any]], shapes: Sequ
         decoded = operator.decode(encoded.tensors, encoded.meta, params, tuple(shape), version=operator.version)
         error = relative_error(decoded.reshape(rows, cols), b.float() @ a.float())
         assert error <= 1e-5, f"{where}: B @ A differs from decode by {error:.2e} (relative)"
+
+
+def _check_row_blocks(operator: Operator, cases: list[dict[str, Any]], shapes: Sequence[tuple[int, ...]],
+                      seed: int) -> None:
+    """``encode_blocks`` (optional) stores what ``encode`` stores, byte for byte, from the delta's row
+    blocks, and reports the squared error decode will have."""
+    for given, shape in _grid(cases, shapes):
+        params = resolve_params(operator, given, where="conformance")
+        delta = sample_delta(shape, seed=seed)
+        whole = encode_module(operator, delta, copy.deepcopy(params), _context(seed))
+        streamed = operator.encode_blocks(RowsInMemory(delta, rows=3), copy.deepcopy(params), _context(seed))
+        where = f"params {given}, shape {shape}"
+        assert isinstance(streamed, BlockEncoded), f"{where}: encode_blocks returned {type(streamed).__name__}"
+        assert streamed.encoded.meta == whole.encoded.meta, f"{where}: encode_blocks' meta differs from encode's"
+        assert list(streamed.encoded.tensors) == list(whole.encoded.tensors), f"{where}: the fields differ"
+        for name, tensor in whole.encoded.tensors.items():
+            got = streamed.encoded.tensors[name]
+            assert got.dtype == tensor.dtype and torch.equal(got, tensor), f"{where}: field {name} differs"
+        error = streamed.squared_error**0.5
+        assert abs(error - whole.error_norm) <= 1e-5 * (whole.delta_norm + whole.error_norm), (
+            f"{where}: encode_blocks reports an error of {error:.6g}, decoding gives {whole.error_norm:.6g}")
+
+
+class RowsInMemory:
+    """A delta held in memory, handed out as :class:`skillhub.operators.DeltaBlocks`: flat blocks of
+    ``rows`` rows each."""
+
+    def __init__(self, delta: torch.Tensor, *, rows: int) -> None:
+        self.delta, self.rows, self.shape = delta, rows, tuple(delta.shape)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for start in range(0, self.shape[0], self.rows):
+            yield self.delta[start:start + self.rows].reshape(-1)
 
 
 def _check_encoded(encoded: Any, where: str) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import json
+import shutil
 import weakref
 from pathlib import Path
 
@@ -164,6 +166,18 @@ def test_bad_calibration_writes_nothing(finetuned: FineTune, tmp_path: Path) -> 
     with pytest.raises(CalibrationError, match="is empty"):
         create_pack(finetuned.base, finetuned.tuned, tmp_path / "pack", calib=empty)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl"]
+
+
+def test_a_tokenizer_beyond_the_embedding_is_refused_before_anything_is_written(finetuned: FineTune,
+                                                                              tmp_path: Path) -> None:
+    """A tokenizer of another model gives ids the embedding has no row for: one line, nothing written."""
+    tuned = tmp_path / "tuned"
+    shutil.copytree(finetuned.tuned, tuned)
+    config = json.loads((tuned / "config.json").read_text())
+    (tuned / "config.json").write_text(json.dumps({**config, "vocab_size": 10}))
+    with pytest.raises(CalibrationError, match=r"into token id \d+, but its embedding has 10 rows"):
+        create_pack(finetuned.base, tuned, tmp_path / "pack", calib=finetuned.calib, calib_samples=8, calib_seqlen=32)
+    assert not (tmp_path / "pack").exists()
 
 
 def test_an_abandoned_capture_leaves_autograd_on(finetuned: FineTune) -> None:

@@ -22,7 +22,7 @@ from click.testing import CliRunner
 from skillhub import create_pack
 from skillhub.cli import main
 from skillhub.errors import OperatorError, RecipeError
-from skillhub.operators import Encoded, get_operator, operator_names
+from skillhub.operators import BlockEncoded, Encoded, get_operator, operator_names
 from skillhub.operators.discovery import catalog, refresh
 from skillhub.pack.format import load_pack
 from skillhub.testing import DEFAULT_SHAPES, check_operator, conformance_checks
@@ -404,8 +404,18 @@ class _WrongFactors(_Base):
         return torch.ones(rows, 1), torch.ones(1, tensors["values"].numel() // rows)
 
 
+class _BlockByBlock(_Base):
+    """Encodes row blocks each on its own: float16 of every block but the last, which it drops."""
+
+    def encode_blocks(self, delta, params, ctx):
+        blocks = list(delta)
+        values = torch.cat([*blocks[:-1], torch.zeros_like(blocks[-1])]).to(torch.float16).reshape(delta.shape)
+        return BlockEncoded(Encoded(tensors={"values": values}), squared_error=0.0)
+
+
 @pytest.mark.parametrize("operator,check,message", [
     (_GlobalRandom(), "determinism", "differs between two encodes"),
+    (_BlockByBlock(), "row-blocks", "field values differs"),
     (_WrongFactors(), "factors", "B @ A differs from decode"),
     (_InPlace(), "round-trip", "encode modified its input delta"),
     (_WrongDtype(), "round-trip", "not torch.float32"),

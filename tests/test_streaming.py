@@ -4,7 +4,6 @@ float32, so ``magnitude-prune`` encodes it from row blocks, with the bytes of th
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -17,10 +16,12 @@ from skillhub.compress.delta import RowBlocks, read_delta
 from skillhub.errors import DeltaError, SkillhubError
 from skillhub.io.checkpoint import Checkpoint, Fingerprint
 from skillhub.io.tensorfile import TensorFile
+from skillhub.pack.format import SkillPack
 from skillhub.numerics.bitpack import PackedStream, pack_codes
 from skillhub.numerics.quantize import StreamingQuantizer, quantize_rtn
 from skillhub.numerics.selection import magnitude_threshold
 from skillhub.operators import EncodeContext, encode_module, get_operator, resolve_params
+from skillhub.testing import RowsInMemory
 
 from conftest import FineTune
 from test_scale import _pack_bytes
@@ -76,17 +77,6 @@ def test_the_radix_threshold_is_kthvalue_exactly() -> None:
         magnitude_threshold(blocks, 20001)
 
 
-class _Rows:
-    """A delta held in memory, handed out in row blocks (a DeltaBlocks)."""
-
-    def __init__(self, delta: torch.Tensor, rows: int) -> None:
-        self.delta, self.rows, self.shape = delta, rows, tuple(delta.shape)
-
-    def __iter__(self):
-        for start in range(0, self.shape[0], self.rows):
-            yield self.delta[start:start + self.rows].reshape(-1)
-
-
 @pytest.mark.parametrize("params", [
     {"keep": 0.5, "bits": 4}, {"keep": 0.03, "bits": 3, "group_size": 100}, {"keep": 0.2, "bits": 16},
     {"keep": 1.0, "bits": 4}, {"keep": 0.01, "bits": 8, "index": "bitmask"}, {"keep": 0.4, "bits": 2, "index": "gaps"},
@@ -100,7 +90,7 @@ def test_magnitude_prune_from_row_blocks_writes_the_whole_encode_byte_for_byte(p
     resolved = resolve_params(operator, params, where="test")
     ctx = EncodeContext(name="model.embed_tokens.weight", role="embedding")
     whole = encode_module(operator, delta, resolved, ctx)
-    streamed = operator.encode_blocks(_Rows(delta, 13), resolved, ctx)
+    streamed = operator.encode_blocks(RowsInMemory(delta, rows=13), resolved, ctx)
     assert streamed.encoded.meta == whole.encoded.meta
     assert list(streamed.encoded.tensors) == list(whole.encoded.tensors)
     for field, tensor in whole.encoded.tensors.items():
@@ -148,10 +138,15 @@ def _errors_apart(content: dict) -> tuple[dict, list[float]]:
     return content, errors
 
 
+@pytest.fixture(scope="module")
+def whole(finetuned: FineTune, tmp_path_factory: pytest.TempPathFactory) -> SkillPack:
+    """The tiny fine-tune's pack, every delta held whole."""
+    return create_pack(finetuned.base, finetuned.tuned, tmp_path_factory.mktemp("whole") / "p", name="p", task="shift")
+
+
 @pytest.mark.parametrize("workers", [1, 2])
-def test_create_streams_large_deltas_into_the_same_pack(finetuned: FineTune, tmp_path: Path,
+def test_create_streams_large_deltas_into_the_same_pack(finetuned: FineTune, whole: SkillPack, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch, workers: int) -> None:
-    whole = create_pack(finetuned.base, finetuned.tuned, tmp_path / "whole", name="p", task="shift")
     read_whole: list[str] = []
     real_read = TensorFile.read
 

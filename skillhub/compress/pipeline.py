@@ -73,8 +73,7 @@ def tied_embedding(recipe: Recipe, checkpoint: Checkpoint) -> str | None:
     one embedding matrix with a row per vocabulary entry (not GPT-2's position embeddings)."""
     if not checkpoint.tie_word_embeddings:
         return None
-    config = checkpoint.config
-    vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    vocab = checkpoint.vocab_size
     roles = {n: recipe.role(n, model_type=checkpoint.model_type, ndim=len(checkpoint.shape(n)))
              for n in checkpoint.names()}
     if "head" in roles.values():
@@ -267,7 +266,8 @@ class _Calibration:
         if calib is None:
             return cls({"method": "rtn", "note": "no calibration data: factors quantized by round-to-nearest"})
         check_activation_memory(tuned.config, samples=samples, seqlen=seqlen)
-        windows = build_calibration_set(calib, _tokenizer(tuned), samples=samples, seqlen=seqlen)
+        windows = build_calibration_set(calib, _tokenizer(tuned), samples=samples, seqlen=seqlen,
+                                        vocab_size=tuned.vocab_size)
         _log.info("calibration: %d windows of %d tokens from %s", samples, seqlen, calib)
         return cls({"method": "gptq", "calibration": windows.source}, windows,
                    load_for_calibration(tuned, device=str(device)))

@@ -70,11 +70,13 @@ def read_calibration_records(path: str | os.PathLike[str]) -> list[dict[str, str
     return records
 
 
-def build_calibration_set(path: str | os.PathLike[str], tokenizer: Any, *, samples: int, seqlen: int) -> CalibrationSet:
+def build_calibration_set(path: str | os.PathLike[str], tokenizer: Any, *, samples: int, seqlen: int,
+                          vocab_size: int | None = None) -> CalibrationSet:
     """Tokenize a calibration file into ``samples`` windows of ``seqlen`` tokens.
 
     Raises:
-        CalibrationError: The file yields fewer than ``samples * seqlen`` tokens.
+        CalibrationError: The file yields fewer than ``samples * seqlen`` tokens, or a token id
+            the model's ``vocab_size`` embedding rows do not hold (a tokenizer of another model).
     """
     if samples < 1 or seqlen < 2:
         raise CalibrationError("--calib-samples must be >= 1 and --calib-seqlen >= 2")
@@ -86,6 +88,11 @@ def build_calibration_set(path: str | os.PathLike[str], tokenizer: Any, *, sampl
             f"need {needed}: give more text or lower --calib-samples/--calib-seqlen"
         )
     input_ids = torch.tensor(stream[:needed]).reshape(samples, seqlen)
+    if vocab_size is not None and int(input_ids.max()) >= vocab_size:
+        raise CalibrationError(
+            f"the model's tokenizer turns {path} into token id {int(input_ids.max())}, but its embedding has "
+            f"{vocab_size} rows (config.json vocab_size): put the tokenizer the model was trained with next to it"
+        )
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     return CalibrationSet(
         input_ids=input_ids,

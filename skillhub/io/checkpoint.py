@@ -131,6 +131,11 @@ class Checkpoint:
         text_config = self.config.get("text_config") or {}
         return bool(self.config.get("tie_word_embeddings", text_config.get("tie_word_embeddings", True)))
 
+    @property
+    def vocab_size(self) -> int | None:
+        """``vocab_size`` from config.json (or its ``text_config``): the word embedding's rows."""
+        return self.config.get("vocab_size") or (self.config.get("text_config") or {}).get("vocab_size")
+
     def names(self) -> list[str]:
         """Every tensor name, sorted."""
         return sorted(self._where)
