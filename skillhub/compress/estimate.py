@@ -65,16 +65,16 @@ class MachineRates:
 
         from skillhub.operators import EncodeContext, encode_module, get_operator, resolve_params
 
+        floor = psutil.Process().memory_info().rss  # before the measurements below allocate their own
         generator = torch.Generator().manual_seed(0)
         a = torch.randn(1024, 1024, generator=generator).to(device)
         symmetric = a @ a.T
-        a @ a  # warm-up
-        start = time.perf_counter()
-        for _ in range(3):
-            a @ a
-        matmul = 3 * 2 * 1024**3 / (time.perf_counter() - start)
         big = torch.randn(2048, 2048, generator=generator).to(device)
-        big = big @ big.T
+        big = big @ big.T  # also the warm-up
+        start = time.perf_counter()
+        for _ in range(2):  # at 2048: 1024 ran 20-50% below the rate of an 8B model's products, and varied
+            big @ big
+        matmul = 2 * 2 * 2048**3 / (time.perf_counter() - start)
         start = time.perf_counter()
         torch.linalg.eigh(big)  # at 2048: smaller ones carry fixed costs that inflate the n^3 rate
         eigh = (time.perf_counter() - start) / 2048**3
@@ -97,15 +97,20 @@ class MachineRates:
         prune.encode_blocks(_BlocksInMemory(base, tuned), resolve_params(prune, {"keep": 0.5, "bits": 4}, where="estimate"),
                             EncodeContext(name="estimate", role="embedding"))
         stream_element = (time.perf_counter() - start) / delta.numel()
-        rates = cls(matmul, eigh, column, prune_element, stream_element, psutil.Process().memory_info().rss)
+        rates = cls(matmul, eigh, column, prune_element, stream_element, floor)
         # The flops count the SVD and the decode; quantizing, bit packing and the error pass come on
         # top, in passes over the matrix. One real module (a quarter of an 8B MLP matrix, a
         # fine-tune-like decaying spectrum, the paper's ranks) says how long per element here.
         svd = get_operator("svd-mixed")
         params = resolve_params(svd, {"groups": [[20, 8], [180, 3], [1200, 2]], "reference_dim": 4096},
                                 where="estimate")
-        left = torch.randn(1024, 256, generator=generator) * torch.arange(1, 257).pow(-0.5)
-        matrix = left @ torch.randn(256, 4096, generator=generator) + 0.1 * torch.randn(1024, 4096, generator=generator)
+        # A fine-tune's slowly decaying spectrum (sigma_i ~ i^-0.5, noise at a tenth of its energy), whose
+        # kept singular values the float32 Gram resolves: a steeper one sends svd-mixed down its float64
+        # path, and every module's prediction would pay for that (1.5x the time of a whole 8B model).
+        left = torch.randn(1024, 1024, generator=generator) * torch.arange(1, 1025).pow(-0.5)
+        matrix = left @ torch.randn(1024, 4096, generator=generator)
+        noise = torch.randn(1024, 4096, generator=generator)
+        matrix += noise.mul_(0.1**0.5 * matrix.norm() / noise.norm())
         start = time.perf_counter()
         encode_module(svd, matrix, params, EncodeContext(name="estimate", role="mlp"))
         measured = time.perf_counter() - start
@@ -252,24 +257,29 @@ def calibration_cost(checkpoint: Checkpoint, plans: dict[str, ModulePlan], rates
                      seqlen: int) -> tuple[float, int]:
     """Seconds and peak bytes of calibration itself: every layer's forward pass over the windows
     and the X^T X of each of its distinct inputs (one triangle: syrk), and at its peak the largest
-    layer as stored, its Hessians in float32 and one layer's activations in and out."""
-    from skillhub.compress.calibrate import layer_index
+    layer as stored, its Hessians in float32, one layer's activations in and out, and within one
+    batch of windows its widest matrix widened to float32 and the MLP's intermediate activations."""
+    from skillhub.compress.calibrate import _BATCH_TOKENS, layer_index
 
     tokens = samples * seqlen
     stored: Counter[int] = Counter()
     params: Counter[int] = Counter()
+    widest = 0
     for name in checkpoint.names():
         index = layer_index(name)
         if index is not None:
             numel = math.prod(checkpoint.shape(name))
             params[index] += numel
             stored[index] += numel * checkpoint.dtype(name).itemsize
+            widest = max(widest, numel)
     hessians = {index: sum(4 * width**2 for _, width in layer)
                 for index, layer in _inputs_of_layers(checkpoint, plans).items()}
     flops = sum(2 * tokens * params[index] + tokens * hessians.get(index, 0) / 4 for index in params)
     config = checkpoint.config
     width = config.get("hidden_size") or config.get("n_embd") or (config.get("text_config") or {}).get("hidden_size")
-    activations = 2 * tokens * (width or 0) * 4
+    intermediate = config.get("intermediate_size") or (config.get("text_config") or {}).get("intermediate_size") or 0
+    batch_tokens = min(tokens, max(1, _BATCH_TOKENS // seqlen) * seqlen)
+    activations = 2 * tokens * (width or 0) * 4 + 4 * widest + 3 * batch_tokens * intermediate * 4
     peak = max((stored[index] + hessians.get(index, 0) for index in stored), default=0) + activations
     return flops / rates.matmul_flops, peak
 
