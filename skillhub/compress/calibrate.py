@@ -103,7 +103,7 @@ def capture_statistics(
     layers = _decoder_layers(model)
     layer_prefix = next(name for name, module in model.named_modules() if module is layers) + "."
     seqlen = calibration.input_ids.shape[1]
-    batches = list(calibration.input_ids.split(batch_size or max(1, _BATCH_TOKENS // seqlen)))
+    batches = list(calibration.input_ids.split(batch_size or max(1, BATCH_TOKENS // seqlen)))
     outside = [name for name in lazy.names() if not name.startswith(layer_prefix)]
     vocabulary = _embedding_names(lazy)
     # Norms and position tables: read for each pass that needs them and released after it, never
@@ -153,7 +153,7 @@ def _embedding_names(lazy: LazyModel) -> set[str]:
                                                  for module in modules)}
 
 
-_BATCH_TOKENS = 2048
+BATCH_TOKENS = 2048
 
 
 class _Stop(Exception):

@@ -259,7 +259,7 @@ def calibration_cost(checkpoint: Checkpoint, plans: dict[str, ModulePlan], rates
     and the X^T X of each of its distinct inputs (one triangle: syrk), and at its peak the largest
     layer as stored, its Hessians in float32, one layer's activations in and out, and within one
     batch of windows its widest matrix widened to float32 and the MLP's intermediate activations."""
-    from skillhub.compress.calibrate import _BATCH_TOKENS, layer_index
+    from skillhub.compress.calibrate import BATCH_TOKENS, layer_index
 
     tokens = samples * seqlen
     stored: Counter[int] = Counter()
@@ -278,7 +278,7 @@ def calibration_cost(checkpoint: Checkpoint, plans: dict[str, ModulePlan], rates
     config = checkpoint.config
     width = config.get("hidden_size") or config.get("n_embd") or (config.get("text_config") or {}).get("hidden_size")
     intermediate = config.get("intermediate_size") or (config.get("text_config") or {}).get("intermediate_size") or 0
-    batch_tokens = min(tokens, max(1, _BATCH_TOKENS // seqlen) * seqlen)
+    batch_tokens = min(tokens, max(1, BATCH_TOKENS // seqlen) * seqlen)
     activations = 2 * tokens * (width or 0) * 4 + 4 * widest + 3 * batch_tokens * intermediate * 4
     peak = max((stored[index] + hessians.get(index, 0) for index in stored), default=0) + activations
     return flops / rates.matmul_flops, peak
