@@ -26,7 +26,7 @@ import torch
 from skillhub.compress.input_statistics import InputStatistics, Use, as_saved
 from skillhub.compress.windows import CalibrationSet
 from skillhub.errors import CalibrationError
-from skillhub.io.checkpoint import Checkpoint
+from skillhub.io.checkpoint import Checkpoint, config_value
 from skillhub.io.lazy_model import LazyModel
 from skillhub.operators import LayerStatistics
 from skillhub.progress import ProgressCallback, no_progress
@@ -50,8 +50,7 @@ def check_activation_memory(config: dict[str, Any], *, samples: int, seqlen: int
     """
     import psutil
 
-    text = config.get("text_config") or {}
-    width = config.get("hidden_size") or config.get("n_embd") or text.get("hidden_size") or 0
+    width = config_value(config, "hidden_size", "n_embd") or 0
     needed = 2 * samples * seqlen * width * 4
     available = psutil.virtual_memory().available
     if needed > available / 2:

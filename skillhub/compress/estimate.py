@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 
-from skillhub.compress.delta import BLOCK_ELEMENTS, check_compatible, read_in_blocks
+from skillhub.compress.delta import BLOCK_ELEMENTS, RowBlocks, check_compatible, read_in_blocks
 from skillhub.compress.recipe import ModulePlan
 from skillhub.compress.roles import CALIBRATED_ROLES
-from skillhub.io.checkpoint import Checkpoint
+from skillhub.io.checkpoint import Checkpoint, config_value
 from skillhub.numerics.gptq import gptq_quantize
 from skillhub.numerics.quantize import packed_sizes
 from skillhub.operators.builtin.rtn import as_matrix
@@ -86,15 +86,15 @@ class MachineRates:
         column = (time.perf_counter() - start) / 512
         # Pruning is memory-bound: measured on 32 MB, past the caches, with the paper's settings.
         prune = get_operator("magnitude-prune")
+        prune_params = resolve_params(prune, {"keep": 0.5, "bits": 4}, where="estimate")
         delta = torch.randn(2048, 4096, generator=generator)
         start = time.perf_counter()
-        encode_module(prune, delta, resolve_params(prune, {"keep": 0.5, "bits": 4}, where="estimate"),
-                      EncodeContext(name="estimate", role="embedding"))
+        encode_module(prune, delta, prune_params, EncodeContext(name="estimate", role="embedding"))
         prune_element = (time.perf_counter() - start) / delta.numel()
         base = torch.randn(2048, 4096, generator=generator).to(torch.bfloat16)
-        tuned = (base.float() + 0.01 * delta).to(torch.bfloat16)
+        tuned = _InMemory((base.float() + 0.01 * delta).to(torch.bfloat16))
         start = time.perf_counter()
-        prune.encode_blocks(_BlocksInMemory(base, tuned), resolve_params(prune, {"keep": 0.5, "bits": 4}, where="estimate"),
+        prune.encode_blocks(RowBlocks(_InMemory(base), tuned, "estimate"), prune_params,  # type: ignore[arg-type]
                             EncodeContext(name="estimate", role="embedding"))
         stream_element = (time.perf_counter() - start) / delta.numel()
         rates = cls(matmul, eigh, column, prune_element, stream_element, floor)
@@ -119,16 +119,20 @@ class MachineRates:
         return replace(rates, svd_element=max(0.0, measured - modeled) / matrix.numel())
 
 
-class _BlocksInMemory:
-    """A bfloat16 base and tune held in memory, read in row blocks as :class:`RowBlocks` reads files."""
+class _InMemory:
+    """One tensor held in memory, read as :class:`RowBlocks` reads a checkpoint's (a copy per block)."""
 
-    def __init__(self, base: torch.Tensor, tuned: torch.Tensor) -> None:
-        self.base, self.tuned, self.shape = base, tuned, tuple(base.shape)
-        self._rows = max(1, BLOCK_ELEMENTS // base.shape[1])
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
 
-    def __iter__(self):
-        for start in range(0, self.shape[0], self._rows):
-            yield self.tuned[start:start + self._rows].float().sub_(self.base[start:start + self._rows]).reshape(-1)
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.tensor.shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.tensor.dtype
+
+    def read_block(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self.tensor[start:stop].clone()
 
 
 @dataclass(frozen=True)
@@ -275,9 +279,8 @@ def calibration_cost(checkpoint: Checkpoint, plans: dict[str, ModulePlan], rates
     hessians = {index: sum(4 * width**2 for _, width in layer)
                 for index, layer in _inputs_of_layers(checkpoint, plans).items()}
     flops = sum(2 * tokens * params[index] + tokens * hessians.get(index, 0) / 4 for index in params)
-    config = checkpoint.config
-    width = config.get("hidden_size") or config.get("n_embd") or (config.get("text_config") or {}).get("hidden_size")
-    intermediate = config.get("intermediate_size") or (config.get("text_config") or {}).get("intermediate_size") or 0
+    width = config_value(checkpoint.config, "hidden_size", "n_embd")
+    intermediate = config_value(checkpoint.config, "intermediate_size") or 0
     batch_tokens = min(tokens, max(1, BATCH_TOKENS // seqlen) * seqlen)
     activations = 2 * tokens * (width or 0) * 4 + 4 * widest + 3 * batch_tokens * intermediate * 4
     peak = max((stored[index] + hessians.get(index, 0) for index in stored), default=0) + activations

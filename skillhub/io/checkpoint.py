@@ -134,7 +134,7 @@ class Checkpoint:
     @property
     def vocab_size(self) -> int | None:
         """``vocab_size`` from config.json (or its ``text_config``): the word embedding's rows."""
-        return self.config.get("vocab_size") or (self.config.get("text_config") or {}).get("vocab_size")
+        return config_value(self.config, "vocab_size")
 
     def names(self) -> list[str]:
         """Every tensor name, sorted."""
@@ -250,6 +250,17 @@ class Fingerprint:
         for name in sorted(self._lines):
             combined.update(self._lines[name].encode("utf-8"))
         return "sha256:" + combined.hexdigest()
+
+
+def config_value(config: Mapping[str, Any], *keys: str) -> Any:
+    """The first of ``keys`` that config.json sets, else that its ``text_config`` sets (where
+    multimodal models keep their language model's sizes); None if neither does."""
+    text_config = config.get("text_config") or {}
+    for scope in (config, text_config):
+        for key in keys:
+            if scope.get(key):
+                return scope[key]
+    return None
 
 
 def hash_bytes(digest: Any, tensor: torch.Tensor) -> None:

@@ -108,9 +108,9 @@ class MagnitudePruneOperator:
                     ties -= tied.numel()
             mask.add(chosen.to(torch.uint8))
             positions = torch.nonzero(chosen).squeeze(1)
-            if positions.numel():
-                widest_gap = max(widest_gap, int(positions[0]) + offset - last - 1,
-                                 int(torch.diff(positions).max()) - 1 if positions.numel() > 1 else 0)
+            if positions.numel():  # the gaps encode would store, the first one from the previous block's last
+                gaps = torch.diff(positions, prepend=torch.tensor([last - offset])) - 1
+                widest_gap = max(widest_gap, int(gaps.max()))
                 last = int(positions[-1]) + offset
             values.add(flat[chosen])
             dropped_squares += float(torch.linalg.vector_norm(flat[~chosen], dtype=torch.float64)) ** 2
