@@ -322,3 +322,49 @@ def test_experts_fused_on_disk_are_calibrated(family: str, tmp_path: Path) -> No
     quantizers = _svd_quantizers(pack)
     experts = {n: q for n, q in quantizers.items() if ".experts.gate_up_proj#" in n or ".experts.down_proj#" in n}
     assert experts and set(experts.values()) == {"gptq"}, sorted(n for n, q in experts.items() if q != "gptq")
+
+
+# Families whose matrices carry the names --dry-run knows: q, k and v read one input, gate and up
+# another, every other matrix its own. Its count of the Hessians calibration holds is exact for them
+# and an over-count for the rest: GPT-2's Conv1D stores the input axis first, multi-head latent and
+# linear attention share an input under other names, Cohere's attention and MLP read one normed
+# input side by side, and an expert no token reaches has none.
+_NAMED_INPUTS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt_neox")
+
+
+@pytest.mark.parametrize("family", sorted(MATRIX))
+def test_dry_run_counts_the_hessians_calibration_holds(family: str, tmp_path: Path) -> None:
+    """--dry-run's memory for a calibrated layer counts its Hessians from names and shapes alone:
+    as many bytes as calibration holds for each layer, and the same matrices sharing one (GPTQ
+    factors a copy of a shared Hessian). It once counted o_proj as sharing q/k/v's (one input width)."""
+    from collections import Counter
+
+    from skillhub.compress.calibrate import CalibrationSet, capture_statistics, load_for_calibration
+    from skillhub.compress.estimate import _hessian_key, _hessians_of_layers
+    from skillhub.compress.pipeline import plan_every_parameter
+    from skillhub.compress.recipe import Recipe
+
+    config = AutoConfig.for_model(family, **{**_COMMON, **MATRIX[family]})
+    torch.manual_seed(0)
+    with quiet_transformers():
+        AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    checkpoint = open_checkpoint(tmp_path)
+    predicted = _hessians_of_layers(checkpoint, plan_every_parameter(Recipe("paper"), checkpoint))
+    windows = torch.randint(3, 64, (4, 24), generator=torch.Generator().manual_seed(1))
+    layers = 0
+    for index, statistics in capture_statistics(load_for_calibration(tmp_path, device="cpu"),
+                                                CalibrationSet(windows, {})):
+        if index is None:
+            continue
+        layers += 1
+        storages = {name: stats.hessian.untyped_storage() for name, stats in statistics.items()}
+        held = {storage.data_ptr(): storage.nbytes() for storage in storages.values()}
+        counted = sum(hessian.bytes for hessian in predicted[index].values())
+        if family not in _NAMED_INPUTS:
+            assert counted >= sum(held.values()), (index, counted, sum(held.values()))
+            continue
+        assert counted == sum(held.values()), (index, counted, sum(held.values()))
+        readers = Counter(storage.data_ptr() for storage in storages.values())
+        assert ({name for name in statistics if predicted[index][_hessian_key(name)].readers > 1}
+                == {name for name, storage in storages.items() if readers[storage.data_ptr()] > 1})
+    assert layers == config.num_hidden_layers

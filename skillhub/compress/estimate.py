@@ -8,11 +8,12 @@ magnitude prune, whole and from row blocks, and one real ``svd-mixed`` module: i
 plus calibration's forward passes and Hessians by their flops: the operations ``create`` spends its
 time in (see bench/bench_scale.py and bench/bench_scale_model.py, which checks the whole-model
 prediction against a run). The peak is this process's resident memory (what ``create`` holds
-before its first tensor) plus the largest working set: a module's (with calibration, with its
-layer's Hessians) or calibration's. Bytes are exact for ``svd-mixed``, ``lowrank``, ``rtn`` and
-``raw``, an upper bound for ``magnitude-prune`` (its index is the smaller of a bitmask and gap
-codes, whose width depends on the data), and unknown for ``svd`` (its rank follows the spectrum)
-and for plugins.
+before its first tensor: with calibration, the tokenizer and the model built without weights, made
+here as ``create`` makes them) plus the largest working set: a module's (with calibration, with its
+layer's Hessians, counted from the matrices' names) or calibration's. Bytes are exact for
+``svd-mixed``, ``lowrank``, ``rtn`` and ``raw``, an upper bound for ``magnitude-prune`` (its index
+is the smaller of a bitmask and gap codes, whose width depends on the data), and unknown for
+``svd`` (its rank follows the spectrum) and for plugins.
 """
 
 from __future__ import annotations
@@ -215,17 +216,46 @@ def _seconds_and_peak(plan: ModulePlan, shape: tuple[int, ...], groups: list[lis
     return seconds, peak
 
 
-def _inputs_of_layers(checkpoint: Checkpoint, plans: dict[str, ModulePlan]) -> dict[int, Counter[tuple[str, int]]]:
-    """Per decoder layer, the calibrated matrices by (role, input width): matrices of one role that
-    read inputs of one width share one Hessian (q, k and v; gate and up), as calibration makes them."""
+# Leaf names of matrices that read one input tensor in transformers' modeling code, by group: q, k
+# and v read the attention's normed input; gate and up (Mixtral's w1 and w3) the MLP's. Calibration
+# keeps one Hessian for such a group (InputStatistics: one sum per input tensor). Every other matrix
+# reads an input of its own (o_proj the attention's output, down_proj the MLP's activations), and so
+# does a name not listed here: the count errs towards more Hessians, never fewer.
+_SHARED_INPUT = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "query": "qkv", "key": "qkv", "value": "qkv",
+                 "wq": "qkv", "wk": "qkv", "wv": "qkv",
+                 "gate_proj": "gate_up", "up_proj": "gate_up", "w1": "gate_up", "w3": "gate_up"}
+
+
+def _hessian_key(name: str) -> tuple[str, str]:
+    """Which Hessian calibration gives the matrix ``name``: its module's parent and its input group."""
+    parent, _, leaf = name.removesuffix(".weight").rpartition(".")
+    return parent, _SHARED_INPUT.get(leaf, leaf)
+
+
+@dataclass(frozen=True)
+class _Hessian:
+    bytes: int
+    readers: int  # matrices that read it: above one, GPTQ factors a copy
+
+
+def _hessians_of_layers(checkpoint: Checkpoint, plans: dict[str, ModulePlan]
+                        ) -> dict[int, dict[tuple[str, str], _Hessian]]:
+    """Per decoder layer, the Hessians calibration holds for it: one per distinct input of its
+    matrices (routers' included), float32 over the input features (a matrix's last axis, as
+    ``F.linear`` applies it), one per expert for experts stored as one 3-D tensor."""
     from skillhub.compress.calibrate import layer_index
 
-    inputs: dict[int, Counter[tuple[str, int]]] = {}
+    found: dict[int, dict[tuple[str, str], _Hessian]] = {}
     for name, plan in plans.items():
         index, shape = layer_index(name), checkpoint.shape(name)
-        if index is not None and plan.role in CALIBRATED_ROLES and len(shape) >= 2:
-            inputs.setdefault(index, Counter())[plan.role, shape[-1]] += 1
-    return inputs
+        if index is None or plan.role not in (*CALIBRATED_ROLES, "router") or len(shape) < 2:
+            continue
+        experts = shape[0] if len(shape) == 3 else 1
+        layer, key = found.setdefault(index, {}), _hessian_key(name)
+        held = layer.get(key)
+        layer[key] = _Hessian(max(held.bytes if held else 0, experts * 4 * shape[-1]**2),
+                              (held.readers if held else 0) + 1)
+    return found
 
 
 def estimate_modules(checkpoint: Checkpoint, plans: dict[str, ModulePlan], *, calibrated: bool,
@@ -235,13 +265,14 @@ def estimate_modules(checkpoint: Checkpoint, plans: dict[str, ModulePlan], *, ca
     encoded. ``tuned`` (default: ``checkpoint``) decides, with it, which modules are streamed."""
     from skillhub.compress.calibrate import layer_index, layer_order
 
-    inputs = _inputs_of_layers(checkpoint, plans) if calibrated else {}
+    hessians = _hessians_of_layers(checkpoint, plans) if calibrated else {}
     estimates = []
     for name in layer_order(list(plans)):
         plan, shape = plans[name], tuple(checkpoint.shape(name))
         parts = plan.split.part_shapes(shape) if plan.split else [shape]
-        layer = inputs.get(layer_index(name), Counter())
-        shared = layer[plan.role, shape[-1]] > 1
+        layer = hessians.get(layer_index(name), {})
+        held = layer.get(_hessian_key(name))
+        shared = held is not None and held.readers > 1
         total, exact, seconds, peak, groups = 0, True, 0.0, 0, None
         streamed = read_in_blocks(plan, checkpoint, tuned or checkpoint, name)
         for part in parts:
@@ -251,7 +282,7 @@ def estimate_modules(checkpoint: Checkpoint, plans: dict[str, ModulePlan], *, ca
                                                         streamed=streamed, stored=stored)
             total = None if stored is None or total is None else total + stored
             exact, seconds, peak = exact and part_exact, seconds + part_seconds, max(peak, part_peak)
-        peak += sum(4 * width**2 for _, width in layer)
+        peak += sum(hessian.bytes for hessian in layer.values())
         estimates.append(ModuleEstimate(name, plan.role, plan.operator.name, list(shape), len(parts), groups, total,
                                         exact and total is not None, seconds, peak))
     return estimates
@@ -276,8 +307,8 @@ def calibration_cost(checkpoint: Checkpoint, plans: dict[str, ModulePlan], rates
             params[index] += numel
             stored[index] += numel * checkpoint.dtype(name).itemsize
             widest = max(widest, numel)
-    hessians = {index: sum(4 * width**2 for _, width in layer)
-                for index, layer in _inputs_of_layers(checkpoint, plans).items()}
+    hessians = {index: sum(hessian.bytes for hessian in layer.values())
+                for index, layer in _hessians_of_layers(checkpoint, plans).items()}
     flops = sum(2 * tokens * params[index] + tokens * hessians.get(index, 0) / 4 for index in params)
     width = config_value(checkpoint.config, "hidden_size", "n_embd")
     intermediate = config_value(checkpoint.config, "intermediate_size") or 0
@@ -315,14 +346,15 @@ def estimate_pack(base: str | os.PathLike[str], tuned: str | os.PathLike[str], *
                   device: str | None = None, base_revision: str | None = None, tuned_revision: str | None = None,
                   **_: Any) -> dict[str, Any]:
     """What ``create_pack`` with these arguments would do and cost (see the module docstring);
-    reads the checkpoints' headers, never their weights, and writes nothing.
+    reads the checkpoints' headers, never their weights, and writes nothing. With ``calib``, the
+    calibration text is tokenized and checked as ``create`` checks it.
 
     Raises:
         SkillhubError: The inputs ``create_pack`` would refuse, or budget mode (``ratio``), whose
             choices come from the data.
     """
     from skillhub import config
-    from skillhub.compress.pipeline import plan_every_parameter
+    from skillhub.compress.pipeline import Calibration, plan_every_parameter
     from skillhub.compress.recipe import Recipe
     from skillhub.errors import SkillhubError
     from skillhub.io.checkpoint import open_checkpoint
@@ -336,7 +368,13 @@ def estimate_pack(base: str | os.PathLike[str], tuned: str | os.PathLike[str], *
     check_compatible(base_checkpoint, tuned_checkpoint)
     plans = plan_every_parameter(plans_recipe, base_checkpoint)
     torch_device = torch.device(device or config.default_device())
+    # What create prepares before its first module, so that the calibration file gets create's
+    # checks and the process floor measured next includes what create holds through every layer:
+    # the tokenizer and the model built without weights (0.15 GiB at Llama-3-8B's size).
+    prepared = Calibration.prepare(tuned_checkpoint, calib, samples=calib_samples, seqlen=calib_seqlen,
+                                   device=torch_device)
     rates = MachineRates.measure(torch_device)
+    del prepared
     estimates = estimate_modules(base_checkpoint, plans, calibrated=calib is not None, rates=rates,
                                  tuned=tuned_checkpoint)
     calibration = calibration_cost(base_checkpoint, plans, rates, samples=calib_samples,

@@ -208,7 +208,7 @@ def create_pack(
     identity = {"name": name, "task": task, "version": version, "parent": _parent_reference(parent),
                 "provenance": provenance}
     torch_device = _device(device or config.default_device())
-    calibration = _Calibration.prepare(inputs.tuned, calib, samples=calib_samples, seqlen=calib_seqlen,
+    calibration = Calibration.prepare(inputs.tuned, calib, samples=calib_samples, seqlen=calib_seqlen,
                                        device=torch_device)
     if ratio is not None:
         plans, plan_recipe, budget = _plan_budget(inputs, plans, plan_recipe, ratio, calibration, torch_device, seed,
@@ -253,7 +253,7 @@ def _device(device: str) -> torch.device:
 
 
 @dataclass
-class _Calibration:
+class Calibration:
     """Stage 2: the calibration text and the tuned model it runs through (or none: round-to-nearest)."""
 
     quantizer: dict[str, Any]
@@ -262,7 +262,7 @@ class _Calibration:
 
     @classmethod
     def prepare(cls, tuned: Checkpoint, calib: str | os.PathLike[str] | None, *, samples: int, seqlen: int,
-                device: torch.device) -> _Calibration:
+                device: torch.device) -> Calibration:
         if calib is None:
             return cls({"method": "rtn", "note": "no calibration data: factors quantized by round-to-nearest"})
         check_activation_memory(tuned.config, samples=samples, seqlen=seqlen)
@@ -280,7 +280,7 @@ class _Calibration:
 
 
 def _plan_budget(inputs: _Inputs, plans: dict[str, ModulePlan], roles_from: Recipe, ratio: float,
-                 calibration: _Calibration, device: torch.device, seed: int,
+                 calibration: Calibration, device: torch.device, seed: int,
                  progress: ProgressCallback) -> tuple[dict[str, ModulePlan], Recipe, dict[str, Any]]:
     """Stage 3 with --ratio: budget mode chooses every module's settings (the recipe gave the roles)."""
     planning = iter_deltas(inputs.base, inputs.tuned, names=layer_order(list(plans)))
