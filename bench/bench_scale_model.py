@@ -24,7 +24,7 @@ calibration, the embedding and head, writing).
                                       [--floor-layers 4] [--no-gptq 32]
 
 About 80 minutes on 2 cores without the 32-layer GPTQ run (--no-gptq 32 leaves it out; it adds
-about an hour), and 35 GB of free disk under --root (default: the system's temporary directory).
+about 80 minutes), and 35 GB of free disk under --root (default: the system's temporary directory).
 """
 
 from __future__ import annotations
