@@ -209,7 +209,7 @@ def create_pack(
                 "provenance": provenance}
     torch_device = _device(device or config.default_device())
     calibration = Calibration.prepare(inputs.tuned, calib, samples=calib_samples, seqlen=calib_seqlen,
-                                       device=torch_device)
+                                      device=torch_device)
     if ratio is not None:
         plans, plan_recipe, budget = _plan_budget(inputs, plans, plan_recipe, ratio, calibration, torch_device, seed,
                                                    progress)
