@@ -12,9 +12,9 @@ import torch
 
 from skillhub.compress.estimate import MachineRates
 from skillhub.compress.input_statistics import _accumulate_gram
-from skillhub.numerics.gptq import _factor_and_invert
+from skillhub.numerics.gptq import _factor
 
-WIDTH, MLP, TOKENS = 4096, 14336, 2048  # a calibration batch: 2048 tokens
+WIDTH, MLP, TOKENS = 4096, 14336, 1024  # a calibration batch: calibrate.BATCH_TOKENS
 
 
 def timed(function, *args) -> float:
@@ -28,10 +28,10 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     rates = MachineRates.measure(torch.device("cpu"))
     print(f"--dry-run's matrix product rate: {rates.matmul_flops / 1e9:.0f} GFLOPS")
-    for n in (2048, WIDTH):  # GPTQ's factorization: potrf and trtri in place
+    for n in (2048, WIDTH):  # GPTQ's factorization: potrf in place
         a = torch.randn(n, n, generator=generator)
-        seconds = timed(_factor_and_invert, a @ a.T + n * torch.eye(n))
-        print(f"potrf+trtri {n}: {seconds:.2f} s, {2 / 3 * n**3 / seconds / 1e9:.0f} GFLOPS")
+        seconds = timed(_factor, a @ a.T + n * torch.eye(n))
+        print(f"potrf {n}: {seconds:.2f} s, {n**3 / 3 / seconds / 1e9:.0f} GFLOPS")
     for n in (WIDTH, MLP):  # a batch's inputs into a Hessian: syrk
         seconds = timed(_accumulate_gram, torch.zeros(n, n), torch.randn(TOKENS, n, generator=generator))
         print(f"syrk {TOKENS} x {n}: {seconds:.2f} s, {TOKENS * n * n / seconds / 1e9:.0f} GFLOPS")

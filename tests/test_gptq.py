@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from skillhub.numerics.gptq import gptq_quantize, gptq_quantize_stacked, output_error, prepare_hessian
-from skillhub.numerics.quantize import QUANT_BITS, quantize_rtn
+from skillhub.numerics.quantize import QUANT_BITS, fit_scale_zero, quantize_rtn
 
 
 def _problem(rows: int = 48, cols: int = 160, samples: int = 600, seed: int = 0):
@@ -82,10 +82,21 @@ def test_a_prepared_hessian_quantizes_every_matrix_as_the_hessian_itself_does(ac
     assert torch.all(shared.dequantize()[:, 7] == 0)
 
 
+def _upper_factor(hessian: torch.Tensor) -> torch.Tensor:
+    """R upper triangular with R R^T = hessian: the reversed lower Cholesky factor of it reversed."""
+    return torch.linalg.cholesky(hessian.flip(0, 1)).flip(0, 1)
+
+
+def _unit_factor(hessian: torch.Tensor) -> torch.Tensor:
+    """A = R diag(R)^-1: H = A D A^T, A unit upper triangular."""
+    factor = _upper_factor(hessian)
+    return factor / torch.diagonal(factor)
+
+
 @pytest.mark.parametrize("act_order", [False, True])
-def test_the_prepared_factor_is_the_upper_cholesky_factor_of_the_damped_inverse(act_order: bool) -> None:
-    """R^T R = (H + damp)^-1, with R read back block by block as GPTQ reads it (its upper
-    triangle: below it, the buffer keeps the Hessian's other triangle)."""
+def test_the_prepared_factor_is_the_unit_upper_factor_of_the_damped_hessian(act_order: bool) -> None:
+    """H + damp = A D A^T, with A read back block by block as GPTQ reads it (its upper triangle:
+    below it, the buffer keeps the Hessian's other triangle)."""
     _, hessian = _problem(cols=200)
     hessian = hessian.double()
     hessian[11, :] = 0
@@ -97,11 +108,46 @@ def test_the_prepared_factor_is_the_upper_cholesky_factor_of_the_damped_inverse(
         assert torch.equal(prepared.perm, torch.argsort(torch.diag(reference), descending=True))
         reference = reference[prepared.perm][:, prepared.perm]
     reference += 0.01 * torch.diag(reference).mean() * torch.eye(200, dtype=torch.float64)
-    expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(reference)), upper=True)
+    expected = _unit_factor(reference)
     for start, stop in ((0, 64), (64, 128), (128, 200)):
-        block = prepared.rows(start, stop).double().triu()
-        assert torch.allclose(block, expected[start:stop, start:], rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+        block = prepared.unit_columns(start, stop).double()
+        assert torch.allclose(block, expected[:stop, start:stop], rtol=1e-4, atol=1e-5)
     assert prepared.dead.tolist() == [j == 11 for j in range(200)]
+
+
+def _textbook_gptq(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_size: int) -> torch.Tensor:
+    """GPTQ as its paper's Algorithm 1 and reference code write it (float64, columns one by one):
+    U = chol((H + damp)^-1, upper); each column's error (w - q) / U_jj is subtracted from the later
+    columns along U's row; a group's scale is fitted from the weights as the earlier blocks of 128
+    columns left them. The codes."""
+    W = weight.double().clone()
+    cols = W.shape[1]
+    H = hessian.double() + 0.01 * torch.diag(hessian.double()).mean() * torch.eye(cols, dtype=torch.float64)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    stale = W.clone()  # W as of the start of the current block
+    codes = torch.zeros_like(W)
+    for j in range(cols):
+        if j % 128 == 0:
+            stale = W.clone()
+        if j % group_size == 0:
+            scale, zero = fit_scale_zero(stale[:, j:j + group_size].float(), bits)
+            scale, zero = scale.double(), zero.double()
+        q = torch.clamp(torch.round(W[:, j] / scale) + zero, 0, 2**bits - 1)
+        codes[:, j] = q
+        error = (W[:, j] - (q - zero) * scale) / U[j, j]
+        W[:, j:] -= torch.outer(error, U[j, j:])
+    return codes
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [32, 128, 200])
+def test_the_ldl_form_gives_the_codes_of_textbook_gptq(bits: int, group_size: int) -> None:
+    """QuIP's LDL form (no inverse of H) is GPTQ: the same codes as Algorithm 1 with chol(H^-1),
+    groups that start inside a block and groups that run past one included."""
+    weight, hessian = _problem(rows=40, cols=320)
+    ours = gptq_quantize(weight, hessian, bits=bits, group_size=group_size)
+    expected = _textbook_gptq(weight, hessian, bits=bits, group_size=group_size)
+    assert torch.equal(ours.codes.double(), expected)
 
 
 @pytest.mark.parametrize("act_order", [False, True])
@@ -124,8 +170,8 @@ def test_an_exclusive_hessian_is_factored_in_its_own_storage() -> None:
     copied = prepare_hessian(hessian, damp=0.01)
     own = hessian.clone()
     in_place = prepare_hessian(own, damp=0.01, overwrite=True)
-    assert in_place.reversed_inverse.data_ptr() == own.data_ptr()
-    assert torch.equal(in_place.reversed_inverse, copied.reversed_inverse)
+    assert in_place.reversed_factor.data_ptr() == own.data_ptr()
+    assert torch.equal(in_place.reversed_factor, copied.reversed_factor)
     ours, theirs = (gptq_quantize(weight, p, bits=3, group_size=32) for p in (in_place, copied))
     assert all(torch.equal(a, b) for a, b in zip(ours.packed(), theirs.packed()))
     assert torch.equal(in_place.quadratic_form(weight), copied.quadratic_form(weight))
@@ -141,9 +187,8 @@ def test_a_failed_factorization_is_retried_from_the_kept_triangle(overwrite: boo
     hessian = (vectors * values) @ vectors.T
     prepared = prepare_hessian(hessian.float(), damp=0.01, overwrite=overwrite)
     reference = hessian + 0.1 * torch.diag(hessian).mean() * torch.eye(120, dtype=torch.float64)
-    expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(reference)), upper=True)
-    assert torch.allclose(prepared.rows(0, 120).double().triu(), expected, rtol=1e-3,
-                          atol=1e-4 * float(expected.abs().max()))
+    expected = _unit_factor(reference)
+    assert torch.allclose(prepared.unit_columns(0, 120).double(), expected, rtol=1e-3, atol=1e-4)
     projection = torch.randn(8, 120, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     wanted = projection @ hessian @ projection.T
     assert torch.allclose(prepared.quadratic_form(projection).double(), wanted, rtol=1e-3,

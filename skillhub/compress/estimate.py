@@ -210,7 +210,7 @@ def _seconds_and_peak(plan: ModulePlan, shape: tuple[int, ...], groups: list[lis
     peak += 4 * min(rows, cols)**2 * 2  # the Gram matrix and its eigenvectors
     if calibrated:
         inputs = cols  # the Hessian is over the matrix's input features
-        seconds += (2 / 3 * inputs**3 + rank * inputs**2) / rates.matmul_flops  # potrf+trtri, U's Hessians
+        seconds += (inputs**3 / 3 + rank * inputs**2) / rates.matmul_flops  # potrf, U's Hessians
         seconds += rates.gptq_column * (inputs + rank)  # V's columns (every group at once), then U's
         peak += 4 * inputs**2 if shared_hessian else 0
     return seconds, peak
