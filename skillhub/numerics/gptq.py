@@ -10,10 +10,10 @@ Given W (rows x cols) and H = 2 X X^T (cols x cols) of the inputs X it multiplie
    A = R diag(R)^-1 unit upper triangular;
 4. columns are visited in order, and column j is rounded from X_j = W_j + sum_{i<j} (W_i - Q_i) A_ij:
    the original weights plus the rounding errors so far, weighted by A. This is the LDL form of
-   GPTQ (Chee et al. 2023, "QuIP", Theorem 6: the same X_j, hence the same codes, as GPTQ's
-   updates with the rows of chol(H^-1)), and it needs no inverse of H: one n^3/3 factorization
-   instead of GPTQ's n^3/3 Cholesky plus n^3/3 triangular inverse, 1.0 TFLOP less per layer at an
-   8B model's 14336-wide MLP. Columns are processed in blocks of ``block_size``: a block starts
+   GPTQ (Chee et al. 2023, "QuIP", which shows it equivalent to OPTQ: the same X_j, hence the
+   same codes, as GPTQ's updates along the rows of chol(H^-1)), and it needs no inverse of H: one
+   n^3/3 factorization where the factor of H^-1 takes at best 2n^3/3 (a Cholesky and a triangular
+   inverse), 1.0 TFLOP less per layer at an 8B model's 14336-wide MLP. Columns are processed in blocks of ``block_size``: a block starts
    from the errors of every earlier block by one matrix product, then each column's error reaches
    the block's later columns by a rank-one update.
 
@@ -31,8 +31,8 @@ Scales and zero points are asymmetric min/max over groups, with the range always
   columns are singular directions: the result is stored as the quantized transpose, the same
   per-singular-vector layout round-to-nearest uses.
 
-With H = I no error is propagated and the result equals round-to-nearest exactly (tested); on
-the same matrix and Hessian the codes are gptqmodel's (tests/test_gptq_oracle.py).
+With H = I no error is propagated and the result equals round-to-nearest exactly; the codes are
+those of GPTQ's Algorithm 1 (tests/test_gptq.py) and of gptqmodel (tests/test_gptq_oracle.py).
 """
 
 from __future__ import annotations
