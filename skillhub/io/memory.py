@@ -41,8 +41,8 @@ def large_blocks_mapped(threshold: int = 4 << 20) -> Iterator[None]:
     returns to the OS at once, instead of heap space that stays with the process.
 
     For a calibrated layer, whose forward batches and GPTQ passes free 4-32 MB tensors by the
-    hundred while the layer's Hessians are held: measured 0.19-0.26 GiB lower peaks at an 8B
-    model's width. Not for streaming, whose row blocks are fresh mappings (page faults) every time
+    hundred while the layer's Hessians are held: with down_proj encoded first, 0.18-0.26 GiB
+    lower peaks per phase at an 8B model's width (bench/bench_calibrated_peaks.py). Not for streaming, whose row blocks are fresh mappings (page faults) every time
     under it: the embedding and head took 2.5x as long. On exit the threshold is set to where
     glibc's own adjustment tops out (which setting it ends for the process).
     """
