@@ -82,14 +82,10 @@ def test_a_prepared_hessian_quantizes_every_matrix_as_the_hessian_itself_does(ac
     assert torch.all(shared.dequantize()[:, 7] == 0)
 
 
-def _upper_factor(hessian: torch.Tensor) -> torch.Tensor:
-    """R upper triangular with R R^T = hessian: the reversed lower Cholesky factor of it reversed."""
-    return torch.linalg.cholesky(hessian.flip(0, 1)).flip(0, 1)
-
-
 def _unit_factor(hessian: torch.Tensor) -> torch.Tensor:
-    """A = R diag(R)^-1: H = A D A^T, A unit upper triangular."""
-    factor = _upper_factor(hessian)
+    """A = R diag(R)^-1, so H = A D A^T with A unit upper triangular: R is upper triangular with
+    R R^T = H, the lower Cholesky factor of H reversed, reversed."""
+    factor = torch.linalg.cholesky(hessian.flip(0, 1)).flip(0, 1)
     return factor / torch.diagonal(factor)
 
 
