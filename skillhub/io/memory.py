@@ -38,13 +38,15 @@ def return_freed_memory() -> None:
 @contextmanager
 def large_blocks_mapped(threshold: int = 4 << 20) -> Iterator[None]:
     """Within: every allocation of ``threshold`` bytes or more gets its own mapping, which freeing
-    returns to the OS at once, instead of heap space that stays with the process.
+    returns to the OS at once, instead of heap space that stays with the process. Free chunks
+    already in the heap are still reused first (malloc looks there before it maps anything).
 
     For a calibrated layer, whose forward batches and GPTQ passes free 4-32 MB tensors by the
     hundred while the layer's Hessians are held: with down_proj encoded first, 0.18-0.26 GiB
-    lower peaks per phase at an 8B model's width (bench/bench_calibrated_peaks.py). Not for streaming, whose row blocks are fresh mappings (page faults) every time
-    under it: the embedding and head took 2.5x as long. On exit the threshold is set to where
-    glibc's own adjustment tops out (which setting it ends for the process).
+    lower peaks per phase at an 8B model's width (bench/bench_calibrated_peaks.py). Not for
+    streaming, whose row blocks are fresh mappings (page faults) every time under it: the
+    embedding and head took 2.5x as long. On exit the threshold is set to where glibc's own
+    adjustment tops out (which setting it ends for the process).
     """
     mallopt = _libc("mallopt")
     if mallopt is None:
