@@ -218,6 +218,13 @@ def run(directory: Path, output: Path, **options: object) -> dict:
     return json.loads(child.stdout.strip().splitlines()[-1])
 
 
+def planned_run(directory: Path, output: Path, **options: object) -> dict:
+    """``run``, with the ``--dry-run`` plan of the same call made just before it: this machine's
+    speed drifts by 20-40% within an hour, and a plan sees the speed at its own start."""
+    plan = run(directory, output.with_name("unused"), dry_run=True, **options)
+    return {**run(directory, output, **options), "plan": plan}
+
+
 def _quantizers(directory: Path, layers: int, no_gptq: list[int]) -> list[tuple[str, dict]]:
     """(label, create options) of the runs on ``directory``: RTN, and GPTQ unless left out."""
     calibrated = {"calib": str(directory / "calib.txt"), **CALIB}
@@ -281,7 +288,7 @@ def measure(root: Path, args: argparse.Namespace) -> None:
     for layers in sorted(args.layers):
         directory = checkpoint(root, layers)
         for label, options in _quantizers(directory, layers, args.no_gptq):
-            result = once(f"{layers}/{label}", lambda: run(directory, root / "pack", **options))
+            result = once(f"{layers}/{label}", lambda: planned_run(directory, root / "pack", **options))
             shutil.rmtree(root / "pack", ignore_errors=True)
             print(f"| {layers} | {label} | {result['seconds']:.1f} | {result['seconds'] / layers:.1f} | "
                   f"{result['peak_gb']:.2f} | {_stages(result)} |", flush=True)
@@ -304,9 +311,10 @@ def measure(root: Path, args: argparse.Namespace) -> None:
     print("\n| --dry-run | predicted s | measured s | ratio | predicted peak GiB | measured peak GiB | ratio |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for label, options in _quantizers(directory, most, []):
-        plan = run(directory, root / "unused", dry_run=True, **options)  # never kept: the estimator may change
-        predicted_peak = plan["peak_bytes"] / 2**30
         real = measured.get(f"{most}/{label}")
+        # The plan made just before the run; for runs recorded without one, a plan made now.
+        plan = (real or {}).get("plan") or run(directory, root / "unused", dry_run=True, **options)
+        predicted_peak = plan["peak_bytes"] / 2**30
         if real is None:
             print(f"| {label} | {plan['seconds']:.0f} | not run | | {predicted_peak:.2f} | not run | |", flush=True)
             continue
