@@ -13,9 +13,9 @@ Given W (rows x cols) and H = 2 X X^T (cols x cols) of the inputs X it multiplie
    GPTQ (Chee et al. 2023, "QuIP", which shows it equivalent to OPTQ: the same X_j, hence the
    same codes, as GPTQ's updates along the rows of chol(H^-1)), and it needs no inverse of H: one
    n^3/3 factorization where the factor of H^-1 takes at best 2n^3/3 (a Cholesky and a triangular
-   inverse), 1.0 TFLOP less per layer at an 8B model's 14336-wide MLP. Columns are processed in blocks of ``block_size``: a block starts
-   from the errors of every earlier block by one matrix product, then each column's error reaches
-   the block's later columns by a rank-one update.
+   inverse), 1.0 TFLOP less per layer at an 8B model's 14336-wide MLP. Columns are processed in
+   blocks of ``block_size``: a block starts from the errors of every earlier block by one matrix
+   product, then each column's error reaches the block's later columns by a rank-one update.
 
 Scales and zero points are asymmetric min/max over groups, with the range always including
 0 (:func:`skillhub.numerics.quantize.fit_scale_zero`). Two layouts:
