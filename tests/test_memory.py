@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import platform
@@ -39,9 +40,7 @@ def _measure(mapped: bool) -> int:
     block = torch.ones(7 << 20)  # 28 MB, mapped: freeing it raises glibc's threshold to 28 MB
     del block
     return_freed_memory()
-    if not mapped:
-        return _resident_after_freeing_blocks_between_live_ones()
-    with large_blocks_mapped():
+    with large_blocks_mapped() if mapped else contextlib.nullcontext():
         return _resident_after_freeing_blocks_between_live_ones()
 
 
