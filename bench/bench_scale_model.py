@@ -18,7 +18,10 @@ nearest and with calibration (16 windows x 256 tokens of text through SmolLM2's 
 on 32 layers ``--dry-run``'s predictions against what was measured, and on 4 layers ``--workers 2``
 against the serial run (bytes compared). Resident memory is sampled every 20 ms in the child and
 attributed to the stage ``create`` reports (reading and planning, the decoder layers with their
-calibration, the embedding and head, writing).
+calibration, the embedding and head, writing). Each run's ``--dry-run`` plan is made just before
+it, and a profile compares them by quarter of the layers: measured and predicted seconds, the
+process's CPU use, the machine's steal, and the bytes read from storage with the seconds waited
+for them (``sysctl kernel.task_delayacct=1`` as root makes the kernel count those; else 0).
 
     python bench/bench_scale_model.py [--layers 1 4 32] [--root DIR] [--keep DIR] [--no-workers]
                                       [--floor-layers 4] [--no-gptq 32]
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -165,16 +169,35 @@ def _header(path: Path) -> dict:
 # create reports (start: reading headers, planning, the first module; then layers / embedding and
 # head / write).
 _CHILD = r"""
-import json, sys, threading, time, torch
+import json, os, sys, threading, time, torch
 from skillhub import create_pack
+from skillhub.compress.calibrate import layer_index
 from skillhub.compress.estimate import estimate_pack
+TICK = os.sysconf("SC_CLK_TCK")
+def counters():
+    # This process's wall and CPU seconds, the machine's steal (CPU time the hypervisor gave other
+    # guests, all cores), this process's seconds waiting on block I/O (0 unless the kernel's
+    # task_delayacct is on) and its bytes read from storage (page-cache hits are not counted).
+    with open("/proc/stat") as stat:
+        steal = int(stat.readline().split()[8]) / TICK
+    with open("/proc/self/stat") as stat:
+        blkio = int(stat.read().rpartition(")")[2].split()[39]) / TICK
+    with open("/proc/self/io") as io:
+        read = next(int(line.split()[1]) for line in io if line.startswith("read_bytes:"))
+    return (time.perf_counter(), time.process_time(), steal, blkio, read)
 if __name__ == "__main__":
     torch.set_num_threads(2)
     directory, output, options = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     if options.pop("dry_run", False):
         plan = estimate_pack(directory + "/base", directory + "/tuned", **options)
-        print(json.dumps(plan["totals"]))
+        by_layer = {}
+        for module in plan["modules"]:
+            by_layer[layer_index(module["name"])] = by_layer.get(layer_index(module["name"]), 0) + module["seconds"]
+        layers = sorted(index for index in by_layer if index is not None)
+        print(json.dumps({**plan["totals"], "layer_seconds": [by_layer[index] for index in layers],
+                          "outside_seconds": by_layer.get(None, 0.0)}))
         sys.exit()
+    marks = []  # counters() after each module create reports
     page = 4096
     stage = {"name": "start"}
     peaks = {}
@@ -191,8 +214,10 @@ if __name__ == "__main__":
             stage["name"] = "layers"
         elif name == "compress":
             stage["name"] = "layers" if count < total - 3 else ("embedding+head" if count < total else "write")
+            marks.append(counters())
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
+    initial = counters()
     start = time.perf_counter()
     create_pack(directory + "/base", directory + "/tuned", output, name="scale", task="scale", force=True,
                 progress=progress, **options)
@@ -200,7 +225,19 @@ if __name__ == "__main__":
     done.set(); sampler.join()
     peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
     stages = {k: v / 2**30 for k, v in peaks.items()}
-    print(json.dumps({"seconds": seconds, "peak_gb": peak_kb / 2**20, "stages": stages}))
+    # Per decoder layer (create finishes one layer's modules before the next's), then the rest.
+    with open(directory + "/base/model.safetensors.index.json") as index:
+        names = json.load(index)["weight_map"]
+    counts = {}
+    for name in names:
+        counts[layer_index(name)] = counts.get(layer_index(name), 0) + 1
+    ends, modules = [], 0
+    for key in [*sorted(key for key in counts if key is not None), None]:
+        modules += counts.get(key, 0)
+        ends.append(marks[modules - 1])
+    spans = [[b - a for a, b in zip(before, after)] for before, after in zip([initial] + ends, ends)]
+    print(json.dumps({"seconds": seconds, "peak_gb": peak_kb / 2**20, "stages": stages,
+                      "layer_spans": spans[:-1], "outside_span": spans[-1]}))
 """
 
 
@@ -234,6 +271,28 @@ def _quantizers(directory: Path, layers: int, no_gptq: list[int]) -> list[tuple[
 def _stages(result: dict) -> str:
     stages = result["stages"]
     return " | ".join(f"{stages.get(name, 0):.2f}" for name in ("start", "layers", "embedding+head", "write"))
+
+
+def _profile(key: str, result: dict) -> list[str]:
+    """Rows of where a run's time went against its plan: the decoder layers by quarter (the first
+    quarter includes create's start), then the embedding, head and final norm; with the process's
+    CPU time per wall second (2 threads: up to 2), the machine's steal (CPU time the hypervisor
+    gave other guests) per core-second, the bytes read from storage (not the page cache) and the
+    seconds spent waiting for them (with the kernel's task_delayacct on; else 0)."""
+    plan, spans = result["plan"], result["layer_spans"]
+    calibration = (plan.get("calibration_seconds") or 0.0) / len(spans)  # every layer has the same shapes
+    predicted = [seconds + calibration for seconds in plan["layer_seconds"]]
+    quarter = max(1, len(spans) // 4)
+    parts = [(f"layers {first + 1}-{min(first + quarter, len(spans))}", spans[first:first + quarter],
+              predicted[first:first + quarter]) for first in range(0, len(spans), quarter)]
+    parts.append(("embedding, head, norm", [result["outside_span"]], [plan["outside_seconds"]]))
+    rows = []
+    for where, measured, planned in parts:
+        wall, cpu, steal, blkio, read = (sum(span[i] for span in measured) for i in range(5))
+        rows.append(f"| {key} | {where} | {wall:.1f} | {sum(planned):.1f} | {sum(planned) / wall:.2f} | "
+                    f"{cpu / wall:.2f} | {steal / (wall * (os.cpu_count() or 1)):.1%} | {read / 1e9:.1f} | "
+                    f"{blkio:.1f} |")
+    return rows
 
 
 def main() -> None:
@@ -320,6 +379,12 @@ def measure(root: Path, args: argparse.Namespace) -> None:
             continue
         print(f"| {label} | {plan['seconds']:.0f} | {real['seconds']:.0f} | {plan['seconds'] / real['seconds']:.2f} | "
               f"{predicted_peak:.2f} | {real['peak_gb']:.2f} | {predicted_peak / real['peak_gb']:.2f} |", flush=True)
+    profiled = [key for key in runs if "layer_spans" in measured[key]]
+    if profiled:
+        print("\n| run | where | measured s | predicted s | ratio | CPU s per s | steal | read GB | I/O wait s |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+        for key in sorted(profiled, key=lambda key: (int(key.split("/")[0]), key)):
+            print("\n".join(_profile(key, measured[key])), flush=True)
     if not args.no_workers:
         few = sorted(args.layers)[len(args.layers) // 2]  # 4 of 1, 4, 32: the whole model's pattern in a few minutes
         directory = checkpoint(root, few)
