@@ -20,7 +20,7 @@ against the serial run (bytes compared). Resident memory is sampled every 20 ms 
 attributed to the stage ``create`` reports (reading and planning, the decoder layers with their
 calibration, the embedding and head, writing). Each run's ``--dry-run`` plan is made just before
 it, and a profile compares them by quarter of the layers: measured and predicted seconds, the
-process's CPU use, the machine's steal, and the bytes read from storage with the seconds waited
+process's CPU use and its share in the kernel, the machine's steal, and the bytes read from storage with the seconds waited
 for them (``sysctl kernel.task_delayacct=1`` as root makes the kernel count those; else 0).
 
     python bench/bench_scale_model.py [--layers 1 4 32] [--root DIR] [--keep DIR] [--no-workers]
@@ -177,14 +177,15 @@ TICK = os.sysconf("SC_CLK_TCK")
 def counters():
     # This process's wall and CPU seconds, the machine's steal (CPU time the hypervisor gave other
     # guests, all cores), this process's seconds waiting on block I/O (0 unless the kernel's
-    # task_delayacct is on) and its bytes read from storage (page-cache hits are not counted).
+    # task_delayacct is on), its bytes read from storage (page-cache hits are not counted) and its
+    # CPU seconds in the kernel (page faults, reclaiming the page cache to make room, reads).
     with open("/proc/stat") as stat:
         steal = int(stat.readline().split()[8]) / TICK
     with open("/proc/self/stat") as stat:
         blkio = int(stat.read().rpartition(")")[2].split()[39]) / TICK
     with open("/proc/self/io") as io:
         read = next(int(line.split()[1]) for line in io if line.startswith("read_bytes:"))
-    return (time.perf_counter(), time.process_time(), steal, blkio, read)
+    return (time.perf_counter(), time.process_time(), steal, blkio, read, os.times().system)
 if __name__ == "__main__":
     torch.set_num_threads(2)
     directory, output, options = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
@@ -276,7 +277,7 @@ def _stages(result: dict) -> str:
 def _profile(key: str, result: dict) -> list[str]:
     """Rows of where a run's time went against its plan: the decoder layers by quarter (the first
     quarter includes create's start), then the embedding, head and final norm; with the process's
-    CPU time per wall second (2 threads: up to 2), the machine's steal (CPU time the hypervisor
+    CPU time per wall second (2 threads: up to 2) and its share in the kernel, the machine's steal (CPU time the hypervisor
     gave other guests) per core-second, the bytes read from storage (not the page cache) and the
     seconds spent waiting for them (with the kernel's task_delayacct on; else 0)."""
     plan, spans = result["plan"], result["layer_spans"]
@@ -288,10 +289,10 @@ def _profile(key: str, result: dict) -> list[str]:
     parts.append(("embedding, head, norm", [result["outside_span"]], [plan["outside_seconds"]]))
     rows = []
     for where, measured, planned in parts:
-        wall, cpu, steal, blkio, read = (sum(span[i] for span in measured) for i in range(5))
+        wall, cpu, steal, blkio, read, system = (sum(span[i] for span in measured) for i in range(6))
         rows.append(f"| {key} | {where} | {wall:.1f} | {sum(planned):.1f} | {sum(planned) / wall:.2f} | "
-                    f"{cpu / wall:.2f} | {steal / (wall * (os.cpu_count() or 1)):.1%} | {read / 1e9:.1f} | "
-                    f"{blkio:.1f} |")
+                    f"{cpu / wall:.2f} | {system / cpu:.1%} | {steal / (wall * (os.cpu_count() or 1)):.1%} | "
+                    f"{read / 1e9:.1f} | {blkio:.1f} |")
     return rows
 
 
@@ -381,8 +382,9 @@ def measure(root: Path, args: argparse.Namespace) -> None:
               f"{predicted_peak:.2f} | {real['peak_gb']:.2f} | {predicted_peak / real['peak_gb']:.2f} |", flush=True)
     profiled = [key for key in runs if "layer_spans" in measured[key]]
     if profiled:
-        print("\n| run | where | measured s | predicted s | ratio | CPU s per s | steal | read GB | I/O wait s |")
-        print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+        print("\n| run | where | measured s | predicted s | ratio | CPU s per s | of it kernel | steal | read GB "
+              "| I/O wait s |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for key in sorted(profiled, key=lambda key: (int(key.split("/")[0]), key)):
             print("\n".join(_profile(key, measured[key])), flush=True)
     if not args.no_workers:
