@@ -20,8 +20,9 @@ against the serial run (bytes compared). Resident memory is sampled every 20 ms 
 attributed to the stage ``create`` reports (reading and planning, the decoder layers with their
 calibration, the embedding and head, writing). Each run's ``--dry-run`` plan is made just before
 it, and a profile compares them by quarter of the layers: measured and predicted seconds, the
-process's CPU use and its share in the kernel, the machine's steal, and the bytes read from storage with the seconds waited
-for them (``sysctl kernel.task_delayacct=1`` as root makes the kernel count those; else 0).
+process's CPU use and its share in the kernel, the machine's steal, and the bytes read from
+storage with the seconds waited for them (``sysctl kernel.task_delayacct=1`` as root makes the
+kernel count those; else 0).
 
     python bench/bench_scale_model.py [--layers 1 4 32] [--root DIR] [--keep DIR] [--no-workers]
                                       [--floor-layers 4] [--no-gptq 32]
@@ -277,9 +278,10 @@ def _stages(result: dict) -> str:
 def _profile(key: str, result: dict) -> list[str]:
     """Rows of where a run's time went against its plan: the decoder layers by quarter (the first
     quarter includes create's start), then the embedding, head and final norm; with the process's
-    CPU time per wall second (2 threads: up to 2) and its share in the kernel, the machine's steal (CPU time the hypervisor
-    gave other guests) per core-second, the bytes read from storage (not the page cache) and the
-    seconds spent waiting for them (with the kernel's task_delayacct on; else 0)."""
+    CPU time per wall second (2 threads: up to 2) and its share in the kernel, the machine's steal
+    (CPU time the hypervisor gave other guests) per core-second, the bytes read from storage (not
+    the page cache) and the seconds spent waiting for them (with the kernel's task_delayacct on;
+    else 0)."""
     plan, spans = result["plan"], result["layer_spans"]
     calibration = (plan.get("calibration_seconds") or 0.0) / len(spans)  # every layer has the same shapes
     predicted = [seconds + calibration for seconds in plan["layer_seconds"]]
@@ -364,9 +366,9 @@ def measure(root: Path, args: argparse.Namespace) -> None:
           f"peak {max(measured[key]['peak_gb'] for key in runs):.2f} GiB (goal <= 3 GB = 2.79 GiB)")
     for label in ("RTN", "GPTQ"):
         peaks = {key: measured[key]["peak_gb"] for key in runs if key.endswith(label)}
-        print(f"{label}: peak from {min(peaks.values()):.2f} to {max(peaks.values()):.2f} GiB over "
-              f"{sorted(int(key.split('/')[0]) for key in peaks)} layers ({max(peaks.values()) / min(peaks.values()) - 1:+.1%}; "
-              "goal: within 10%)")
+        low, high = min(peaks.values()), max(peaks.values())
+        print(f"{label}: peak from {low:.2f} to {high:.2f} GiB over "
+              f"{sorted(int(key.split('/')[0]) for key in peaks)} layers ({high / low - 1:+.1%}; goal: within 10%)")
     directory = root / f"layers{most}"
     print("\n| --dry-run | predicted s | measured s | ratio | predicted peak GiB | measured peak GiB | ratio |")
     print("|---|---:|---:|---:|---:|---:|---:|")
