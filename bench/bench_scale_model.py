@@ -171,6 +171,7 @@ def _header(path: Path) -> dict:
 # head / write).
 _CHILD = r"""
 import json, os, sys, threading, time, torch
+from collections import Counter
 from skillhub import create_pack
 from skillhub.compress.calibrate import layer_index
 from skillhub.compress.estimate import estimate_pack
@@ -194,7 +195,8 @@ if __name__ == "__main__":
         plan = estimate_pack(directory + "/base", directory + "/tuned", **options)
         by_layer = {}
         for module in plan["modules"]:
-            by_layer[layer_index(module["name"])] = by_layer.get(layer_index(module["name"]), 0) + module["seconds"]
+            index = layer_index(module["name"])
+            by_layer[index] = by_layer.get(index, 0.0) + module["seconds"]
         layers = sorted(index for index in by_layer if index is not None)
         print(json.dumps({**plan["totals"], "layer_seconds": [by_layer[index] for index in layers],
                           "outside_seconds": by_layer.get(None, 0.0)}))
@@ -230,9 +232,7 @@ if __name__ == "__main__":
     # Per decoder layer (create finishes one layer's modules before the next's), then the rest.
     with open(directory + "/base/model.safetensors.index.json") as index:
         names = json.load(index)["weight_map"]
-    counts = {}
-    for name in names:
-        counts[layer_index(name)] = counts.get(layer_index(name), 0) + 1
+    counts = Counter(layer_index(name) for name in names)
     ends, modules = [], 0
     for key in [*sorted(key for key in counts if key is not None), None]:
         modules += counts.get(key, 0)
