@@ -221,11 +221,10 @@ if __name__ == "__main__":
             marks.append(counters())
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    initial = counters()
-    start = time.perf_counter()
+    initial = counters()  # its first field is the start of the run
     create_pack(directory + "/base", directory + "/tuned", output, name="scale", task="scale", force=True,
                 progress=progress, **options)
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - initial[0]
     done.set(); sampler.join()
     peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
     stages = {k: v / 2**30 for k, v in peaks.items()}
@@ -235,7 +234,7 @@ if __name__ == "__main__":
     counts = Counter(layer_index(name) for name in names)
     ends, modules = [], 0
     for key in [*sorted(key for key in counts if key is not None), None]:
-        modules += counts.get(key, 0)
+        modules += counts[key]
         ends.append(marks[modules - 1])
     spans = [[b - a for a, b in zip(before, after)] for before, after in zip([initial] + ends, ends)]
     print(json.dumps({"seconds": seconds, "peak_gb": peak_kb / 2**20, "stages": stages,
