@@ -193,6 +193,7 @@ def test_the_page_is_read_only_and_needs_the_key_when_it_has_one(scored: Path, p
     import http.client
 
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
 
     with running(create_browser_app(Registry(scored), api_key="k3y")) as url:
         port = int(url.rsplit(":", 1)[1])
@@ -206,6 +207,8 @@ def test_the_page_is_read_only_and_needs_the_key_when_it_has_one(scored: Path, p
         page.get(url + "/packs")
         assert page.current_url.endswith("/login")  # a page without the key goes to the form
         page.find_element(By.NAME, "key").send_keys("k3y\n")
+        # The form's POST sets the cookie and redirects to "/": wait for it, or the next get races it.
+        WebDriverWait(page, 30).until(lambda p: not p.current_url.endswith("/login"))
         page.get(url + "/packs")
         assert page.find_elements(By.CSS_SELECTOR, "#packs tbody tr")
     refused = CliRunner().invoke(main, ["--registry", str(scored), "ui", "--host", "0.0.0.0"])
